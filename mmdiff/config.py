@@ -1,0 +1,505 @@
+"""Typed experiment configs: YAML + ``base:`` files + ``key=value`` overrides, checked early.
+
+Every experiment is one YAML file validated against :class:`ExperimentConfig` (OmegaConf
+structured configs). Unknown keys and wrong types fail before any model is built or any data is
+read, with one line that names the key, the file it came from and the closest valid key.
+"""
+from __future__ import annotations
+
+import difflib
+import enum
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from mmdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- enums
+class Crop(str, enum.Enum):
+    center = "center"
+    random = "random"
+
+
+class LoggerKind(str, enum.Enum):
+    wandb = "wandb"
+    csv = "csv"
+    none = "none"
+
+
+class WandbMode(str, enum.Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class LRSchedule(str, enum.Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class BetaSchedule(str, enum.Enum):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    cosine = "cosine"
+    sigmoid = "sigmoid"
+    custom = "custom"
+
+
+class PredictionType(str, enum.Enum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
+class LossWeighting(str, enum.Enum):
+    uniform = "uniform"
+    min_snr = "min_snr"
+
+
+class TimestepSampling(str, enum.Enum):
+    uniform = "uniform"
+    low_discrepancy = "low_discrepancy"
+
+
+class VarianceType(str, enum.Enum):
+    fixed_small = "fixed_small"
+    fixed_large = "fixed_large"
+    learned_range = "learned_range"
+
+
+class TimestepSpacing(str, enum.Enum):
+    linspace = "linspace"
+    leading = "leading"
+    trailing = "trailing"
+
+
+class TextLayer(str, enum.Enum):
+    last = "last"
+    penultimate = "penultimate"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ReconLoss(str, enum.Enum):
+    l1 = "l1"
+    l2 = "l2"
+
+
+# ------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Webdataset shards and the image/caption pipeline."""
+
+    train_shards: List[str] = field(default_factory=list)
+    val_shards: List[str] = field(default_factory=list)
+    image_size: int = 32
+    crop: Crop = Crop.center
+    random_flip: bool = False
+    # "txt" reads the caption member; "json:FIELD" reads FIELD of the json member.
+    caption_key: str = "txt"
+    batch_size: int = 32
+    val_batch_size: int = 64
+    num_workers: int = 2
+    # Training reads resampled shards: an epoch is this many batches per rank.
+    steps_per_epoch: int = 1000
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments for ``lightning.Trainer`` plus checkpoint cadence."""
+
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    val_every_n_steps: int = 500
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 500
+    keep_last_n: int = 3
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases (offline by default), CSV, or nothing."""
+
+    kind: LoggerKind = LoggerKind.wandb
+    project: str = "mmdiff"
+    mode: WandbMode = WandbMode.offline
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then constant or cosine decay."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: LRSchedule = LRSchedule.cosine
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion process and its training objective (see mmdiff.diffusion)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = BetaSchedule.scaled_linear
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    betas: List[float] = field(default_factory=list)
+    zero_terminal_snr: bool = False
+    prediction_type: PredictionType = PredictionType.epsilon
+    loss_weighting: LossWeighting = LossWeighting.uniform
+    snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    variance_type: VarianceType = VarianceType.fixed_small
+    vlb_weight: float = 0.001
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler defaults for validation grids and ``mmdiff sample``."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 4.0
+    guidance_rescale: float = 0.0
+    eta: float = 0.0
+    temperature: float = 1.0
+    timestep_spacing: TimestepSpacing = TimestepSpacing.leading
+    prompts: List[str] = field(default_factory=list)
+    seed: int = 0
+    every_n_steps: int = 500
+
+
+@dataclass
+class VAEConfig:
+    """diffusers ``AutoencoderKL``: built from these fields, or loaded from ``pretrained``."""
+
+    # A local diffusers folder, a .safetensors file, or an mmdiff autoencoder .ckpt; None = build.
+    pretrained: Optional[str] = None
+    in_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    # None: estimate 1/std from the first `scale_estimate_batches` training batches.
+    scaling_factor: Optional[float] = None
+    scale_estimate_batches: int = 4
+    precision: Precision = Precision.fp32
+    recon_loss: ReconLoss = ReconLoss.l1
+    kl_weight: float = 1e-6
+    use_discriminator: bool = False
+    disc_start_step: int = 2000
+    disc_weight: float = 0.5
+
+
+@dataclass
+class ClipVisionConfig:
+    image_size: int = 32
+    layers: int = 2
+    width: int = 64
+    patch_size: int = 8
+    head_width: int = 32
+
+
+@dataclass
+class ClipTextConfig:
+    context_length: int = 32
+    vocab_size: int = 49408
+    width: int = 64
+    heads: int = 2
+    layers: int = 2
+
+
+@dataclass
+class ClipArchConfig:
+    """A custom open_clip architecture (tiny ones for tests and the demo)."""
+
+    embed_dim: int = 64
+    vision: ClipVisionConfig = field(default_factory=ClipVisionConfig)
+    text: ClipTextConfig = field(default_factory=ClipTextConfig)
+
+
+@dataclass
+class ClipConfig:
+    """open_clip text/image encoder."""
+
+    # An open_clip model name (e.g. ViT-H-14), or "custom" to build from `arch`.
+    name: str = "custom"
+    # An open_clip pretrained tag, a local checkpoint file, or None for random init.
+    pretrained: Optional[str] = None
+    arch: ClipArchConfig = field(default_factory=ClipArchConfig)
+    text_layer: TextLayer = TextLayer.last
+    freeze: bool = True
+    precision: Precision = Precision.fp32
+
+
+@dataclass
+class UNetConfig:
+    """diffusers ``UNet2DConditionModel``; in/out channels follow the VAE latent channels."""
+
+    pretrained: Optional[str] = None
+    block_out_channels: List[int] = field(default_factory=lambda: [64, 128])
+    down_block_types: List[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: List[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+    # None: the text encoder's width.
+    cross_attention_dim: Optional[int] = None
+    use_pooled_text: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Networks; each system uses the sub-sections it needs."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.9999
+    use_ema: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: what to train, on what, how, and where to write it."""
+
+    name: str = "experiment"
+    system: str = "text_to_image"
+    seed: int = 0
+    run_dir: str = "runs/${name}"
+    base: List[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# Keys whose YAML value may be a single string that means a one-element list.
+_STRING_OR_LIST = ("data.train_shards", "data.val_shards", "sampling.prompts", "base")
+
+
+# ------------------------------------------------------------------------------------- loading
+def schema() -> DictConfig:
+    """The empty, typed config every experiment is merged into."""
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def _closest_key(cfg: DictConfig, full_key: str) -> Optional[str]:
+    parent_path, _, leaf = str(full_key).rpartition(".")
+    node = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    if not isinstance(node, DictConfig):
+        return None
+    matches = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _wrap_merge_error(err: OmegaConfBaseException, cfg: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        hint = _closest_key(cfg, key)
+        more = f" — did you mean '{hint}'?" if hint else ""
+        return ConfigError(f"unknown key '{key}' in {source}{more}")
+    if isinstance(err, ValidationError):
+        first = str(getattr(err, "msg", err)).splitlines()[0]
+        return ConfigError(f"bad value for '{key}' in {source}: {first}")
+    return ConfigError(f"cannot read '{key}' in {source}: {str(err).splitlines()[0]}")
+
+
+def _normalise_lists(raw: DictConfig) -> None:
+    for dotted in _STRING_OR_LIST:
+        value = OmegaConf.select(raw, dotted, default=None)
+        if isinstance(value, str):
+            OmegaConf.update(raw, dotted, [value], merge=False)
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file.")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report the first line only
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}")
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level.")
+    _normalise_lists(raw)
+    return raw
+
+
+def _merge_file(cfg: DictConfig, path: Path, seen: tuple[Path, ...]) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base:'.")
+    raw = _read_yaml(path)
+    for base in raw.get("base", None) or []:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        cfg = _merge_file(cfg, base_path, seen + (path,))
+    try:
+        return OmegaConf.merge(cfg, raw)
+    except OmegaConfBaseException as err:
+        raise _wrap_merge_error(err, cfg, str(_display(path))) from None
+
+
+def _display(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Merge ``key=value`` command-line overrides into a typed config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value.")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse override '{item}': {str(err).splitlines()[0]}")
+        _normalise_lists(update)
+        try:
+            cfg = OmegaConf.merge(cfg, update)
+        except OmegaConfBaseException as err:
+            raise _wrap_merge_error(err, cfg, "the command line") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load, merge, override, resolve and check an experiment config.
+
+    Raises :class:`ConfigError` (exit code 2) naming the key and file on any problem; reads no
+    data and builds no model.
+    """
+    cfg = _merge_file(schema(), Path(path), ())
+    cfg = apply_overrides(cfg, overrides)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "?")
+        raise ConfigError(
+            f"cannot resolve '{key}' in {_display(Path(path))}: {str(err).splitlines()[0]}"
+        ) from None
+    cfg.base = []
+    check_values(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    from mmdiff.systems.registry import system_names
+
+    _require(
+        cfg.system in system_names(),
+        f"unknown system '{cfg.system}'; choose one of: {', '.join(sorted(system_names()))}.",
+    )
+    d, t, o = cfg.data, cfg.trainer, cfg.optim
+    _require(d.image_size > 0, f"data.image_size must be positive, got {d.image_size}.")
+    _require(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}.")
+    _require(d.val_batch_size > 0, f"data.val_batch_size must be positive, got {d.val_batch_size}.")
+    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}.")
+    _require(d.steps_per_epoch > 0, f"data.steps_per_epoch must be positive, got {d.steps_per_epoch}.")
+    _require(
+        d.caption_key == "txt" or d.caption_key.startswith("json:"),
+        f"data.caption_key must be 'txt' or 'json:FIELD', got '{d.caption_key}'.",
+    )
+    _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
+    _require(len(o.betas) == 2, f"optim.betas must hold two numbers, got {list(o.betas)}.")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
+    _require(0.0 <= cfg.model.caption_dropout <= 1.0, "model.caption_dropout must be in [0, 1].")
+    _require(0.0 < cfg.model.ema_decay < 1.0, "model.ema_decay must be in (0, 1).")
+    diff = cfg.diffusion
+    _require(diff.num_train_timesteps > 1, "diffusion.num_train_timesteps must be > 1.")
+    _require(
+        diff.beta_schedule != BetaSchedule.custom or len(diff.betas) > 1,
+        "diffusion.beta_schedule is 'custom' but diffusion.betas lists no values.",
+    )
+    s = cfg.sampling
+    _require(s.steps > 0, f"sampling.steps must be positive, got {s.steps}.")
+    _require(s.guidance_scale >= 0, "sampling.guidance_scale must be >= 0.")
+    _require(s.temperature >= 0, "sampling.temperature must be >= 0.")
+    vae = cfg.model.vae
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    _require(
+        cfg.system == "autoencoder" or vae.pretrained is not None or d.image_size % factor == 0,
+        f"data.image_size {d.image_size} is not divisible by the VAE's down-sampling factor {factor}.",
+    )
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (enums as their names)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``RUN_DIR/config.yaml`` and return the path."""
+    out = Path(run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(out)
+    return out
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    """A plain dict of the resolved config (for loggers and checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def from_container(data: Dict[str, Any]) -> DictConfig:
+    """Rebuild a typed config from :func:`to_container` output (e.g. from a checkpoint)."""
+    cfg = OmegaConf.merge(schema(), OmegaConf.create(data))
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+__all__ = [
+    "ExperimentConfig",
+    "load_config",
+    "apply_overrides",
+    "save_config",
+    "to_yaml",
+    "to_container",
+    "from_container",
+    "schema",
+]

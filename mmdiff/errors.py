@@ -1,0 +1,32 @@
+"""Errors a user can cause. Each carries one sentence that says what is wrong and how to fix it.
+
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``; library callers
+catch :class:`MmdiffError` and never see a traceback from deep inside a dependency.
+"""
+from __future__ import annotations
+
+
+class MmdiffError(Exception):
+    """Base class for user-facing errors (exit code 1)."""
+
+    exit_code = 1
+
+
+class ConfigError(MmdiffError):
+    """A config file, key, value or override is wrong (exit code 2, before anything runs)."""
+
+    exit_code = 2
+
+
+class DataError(MmdiffError):
+    """A shard, image or caption source cannot be used."""
+
+
+class CheckpointError(MmdiffError):
+    """A checkpoint or weights file is missing, unreadable, unsafe or of the wrong kind."""
+
+
+class UsageError(MmdiffError):
+    """A command-line argument is wrong (exit code 2)."""
+
+    exit_code = 2

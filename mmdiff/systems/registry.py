@@ -1,0 +1,41 @@
+"""Name → LightningModule registry: the ``system:`` key of a config picks one.
+
+Systems register themselves with :func:`register_system`; :func:`system_names` lists them without
+importing torch-heavy modules, so config checks stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Type
+
+# Built-in systems: name → module that registers it when imported.
+_BUILTIN: Dict[str, str] = {
+    "autoencoder": "mmdiff.systems.autoencoder",
+    "text_to_image": "mmdiff.systems.text_to_image",
+}
+_REGISTRY: Dict[str, type] = {}
+
+
+def register_system(name: str) -> Callable[[Type], Type]:
+    """Class decorator: make a LightningModule buildable as ``system: NAME``."""
+
+    def wrap(cls: Type) -> Type:
+        _REGISTRY[name] = cls
+        cls.system_name = name
+        return cls
+
+    return wrap
+
+
+def system_names() -> set[str]:
+    """All known system names (built-in and registered)."""
+    return set(_BUILTIN) | set(_REGISTRY)
+
+
+def get_system(name: str) -> type:
+    """The LightningModule class registered as ``name``."""
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    return _REGISTRY[name]
