@@ -1,2 +1,11 @@
 """mmdiff: training framework for multimodal diffusion models on PyTorch Lightning."""
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def load(ckpt_path: Any, **kwargs: Any) -> Any:
+    """Rebuild a trained system from a checkpoint (see :func:`mmdiff.api.load`)."""
+    from mmdiff.api import load as _load
+
+    return _load(ckpt_path, **kwargs)

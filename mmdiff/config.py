@@ -113,7 +113,14 @@ class DataConfig:
     num_workers: int = 2
     # Training reads resampled shards: an epoch is this many batches per rank.
     steps_per_epoch: int = 1000
+    # Raw (undecoded) samples each training worker shuffles through; 0 or 1 = no shuffling.
     shuffle_buffer: int = 1000
+    # Images whose header announces more pixels are skipped as possible decompression bombs.
+    max_image_pixels: int = 89_478_485
+    # False: do not decode images (batches carry captions and `array_keys` only).
+    load_images: bool = True
+    # Names of NAME.npy members to load into the batch as tensors (e.g. precomputed latents).
+    array_keys: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +185,13 @@ class DiffusionConfig:
     timestep_sampling: TimestepSampling = TimestepSampling.uniform
     variance_type: VarianceType = VarianceType.fixed_small
     vlb_weight: float = 0.001
+    # Resolution shift (simple diffusion): SNR(t) is divided by resolution_shift**2, e.g. 2.0 when
+    # training at twice the resolution the schedule was tuned for. 1.0 leaves the schedule as is.
+    resolution_shift: float = 1.0
+    # EDM preconditioning (Karras et al. 2022): the network output F gives
+    # x0 = c_skip(σ) x + c_out(σ) F(c_in(σ) x). Needs prediction_type 'sample' and fixed variance.
+    edm_preconditioning: bool = False
+    sigma_data: float = 0.5
 
 
 @dataclass
@@ -191,6 +205,15 @@ class SamplingConfig:
     eta: float = 0.0
     temperature: float = 1.0
     timestep_spacing: TimestepSpacing = TimestepSpacing.leading
+    # Added to 'leading' timesteps only (diffusers' steps_offset; Stable Diffusion uses 1).
+    steps_offset: int = 0
+    # Langevin corrector steps after each sampler step (predictor-corrector) and their target SNR.
+    corrector_steps: int = 0
+    snr: float = 0.16
+    # img2img: fraction of the schedule re-run from a noised init image (1.0 = from pure noise).
+    strength: float = 1.0
+    # Clamp the x0 estimate to [-v, v] at every step (pixel-space models); None = no clamping.
+    clip_denoised: Optional[float] = None
     prompts: List[str] = field(default_factory=list)
     seed: int = 0
     every_n_steps: int = 500
@@ -216,6 +239,9 @@ class VAEConfig:
     use_discriminator: bool = False
     disc_start_step: int = 2000
     disc_weight: float = 0.5
+    # PatchGAN discriminator size: base channels and number of stride-2 layers.
+    disc_channels: int = 64
+    disc_layers: int = 3
 
 
 @dataclass
@@ -270,6 +296,8 @@ class UNetConfig:
     )
     up_block_types: List[str] = field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
     layers_per_block: int = 1
+    # Channels per attention head (a block of C channels gets C / attention_head_dim heads);
+    # unlike diffusers' config key of the same name, which is the number of heads.
     attention_head_dim: int = 8
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
@@ -441,6 +469,17 @@ def check_values(cfg: DictConfig) -> None:
         d.caption_key == "txt" or d.caption_key.startswith("json:"),
         f"data.caption_key must be 'txt' or 'json:FIELD', got '{d.caption_key}'.",
     )
+    _require(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}.")
+    _require(d.max_image_pixels > 0, f"data.max_image_pixels must be positive, got {d.max_image_pixels}.")
+    for name in d.array_keys:
+        _require(
+            bool(name) and "/" not in name and not name.endswith(".npy"),
+            f"data.array_keys entries name NAME.npy members without the '.npy', got '{name}'.",
+        )
+    _require(
+        d.load_images or len(d.array_keys) > 0,
+        "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",
+    )
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
@@ -454,16 +493,150 @@ def check_values(cfg: DictConfig) -> None:
         diff.beta_schedule != BetaSchedule.custom or len(diff.betas) > 1,
         "diffusion.beta_schedule is 'custom' but diffusion.betas lists no values.",
     )
+    _require(
+        diff.beta_schedule != BetaSchedule.custom or len(diff.betas) == diff.num_train_timesteps,
+        f"diffusion.betas lists {len(diff.betas)} values but diffusion.num_train_timesteps is "
+        f"{diff.num_train_timesteps}; make them equal.",
+    )
+    _require(
+        all(0.0 < b <= 1.0 for b in diff.betas), "diffusion.betas must all lie in (0, 1]."
+    )
+    _require(
+        0.0 < diff.beta_start <= diff.beta_end < 1.0,
+        "diffusion.beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1.",
+    )
+    _require(diff.snr_gamma > 0, f"diffusion.snr_gamma must be positive, got {diff.snr_gamma}.")
+    _require(diff.noise_offset >= 0, f"diffusion.noise_offset must be >= 0, got {diff.noise_offset}.")
+    _require(diff.vlb_weight >= 0, f"diffusion.vlb_weight must be >= 0, got {diff.vlb_weight}.")
+    _require(
+        diff.resolution_shift > 0,
+        f"diffusion.resolution_shift must be positive, got {diff.resolution_shift}.",
+    )
+    _require(diff.sigma_data > 0, f"diffusion.sigma_data must be positive, got {diff.sigma_data}.")
+    _require(
+        not diff.edm_preconditioning or diff.prediction_type == PredictionType.sample,
+        "diffusion.edm_preconditioning needs diffusion.prediction_type=sample (the preconditioned "
+        "network predicts x0).",
+    )
+    _require(
+        not diff.edm_preconditioning or diff.variance_type != VarianceType.learned_range,
+        "diffusion.edm_preconditioning cannot be combined with variance_type=learned_range.",
+    )
     s = cfg.sampling
+    from mmdiff.diffusion.samplers import SAMPLERS
+
+    _require(
+        s.sampler in SAMPLERS,
+        f"unknown sampling.sampler '{s.sampler}'; choose one of: {', '.join(SAMPLERS)}.",
+    )
     _require(s.steps > 0, f"sampling.steps must be positive, got {s.steps}.")
+    _require(
+        s.steps <= diff.num_train_timesteps,
+        f"sampling.steps ({s.steps}) cannot exceed diffusion.num_train_timesteps "
+        f"({diff.num_train_timesteps}).",
+    )
     _require(s.guidance_scale >= 0, "sampling.guidance_scale must be >= 0.")
+    _require(0.0 <= s.guidance_rescale <= 1.0, "sampling.guidance_rescale must be in [0, 1].")
+    _require(s.eta >= 0, "sampling.eta must be >= 0.")
     _require(s.temperature >= 0, "sampling.temperature must be >= 0.")
+    _require(s.steps_offset >= 0, "sampling.steps_offset must be >= 0.")
+    _require(s.corrector_steps >= 0, "sampling.corrector_steps must be >= 0.")
+    _require(s.snr > 0, "sampling.snr must be positive.")
+    _require(0.0 < s.strength <= 1.0, "sampling.strength must be in (0, 1].")
+    _require(
+        s.clip_denoised is None or s.clip_denoised > 0,
+        "sampling.clip_denoised must be positive or null.",
+    )
     vae = cfg.model.vae
     factor = 2 ** (len(vae.block_out_channels) - 1)
     _require(
         cfg.system == "autoencoder" or vae.pretrained is not None or d.image_size % factor == 0,
         f"data.image_size {d.image_size} is not divisible by the VAE's down-sampling factor {factor}.",
     )
+    _check_models(cfg)
+
+
+def _divides(group: int, channels: Sequence[int]) -> bool:
+    return group > 0 and all(c > 0 and c % group == 0 for c in channels)
+
+
+def _check_models(cfg: DictConfig) -> None:
+    """Architecture checks for model.vae / model.clip / model.unet (the sections a system uses)."""
+    v = cfg.model.vae
+    ch = list(v.block_out_channels)
+    _require(len(ch) > 0, "model.vae.block_out_channels must list at least one width.")
+    if v.pretrained is None:
+        _require(
+            _divides(v.norm_num_groups, ch),
+            f"model.vae.block_out_channels {ch} must all be divisible by model.vae.norm_num_groups "
+            f"{v.norm_num_groups}.",
+        )
+    _require(v.in_channels > 0, "model.vae.in_channels must be positive.")
+    _require(v.latent_channels > 0, "model.vae.latent_channels must be positive.")
+    _require(v.layers_per_block > 0, "model.vae.layers_per_block must be positive.")
+    _require(v.kl_weight >= 0, f"model.vae.kl_weight must be >= 0, got {v.kl_weight}.")
+    _require(
+        v.scaling_factor is None or v.scaling_factor > 0,
+        f"model.vae.scaling_factor must be positive or null, got {v.scaling_factor}.",
+    )
+    _require(v.scale_estimate_batches > 0, "model.vae.scale_estimate_batches must be positive.")
+    _require(v.disc_start_step >= 0, "model.vae.disc_start_step must be >= 0.")
+    _require(v.disc_weight >= 0, "model.vae.disc_weight must be >= 0.")
+    _require(v.disc_channels > 0, "model.vae.disc_channels must be positive.")
+    _require(v.disc_layers > 0, "model.vae.disc_layers must be positive.")
+    if cfg.system == "autoencoder":
+        return
+    c = cfg.model.clip
+    if c.name == "custom":
+        a, vis, txt = c.arch, c.arch.vision, c.arch.text
+        _require(a.embed_dim > 0, "model.clip.arch.embed_dim must be positive.")
+        _require(
+            txt.heads > 0 and txt.width % txt.heads == 0,
+            f"model.clip.arch.text.width {txt.width} must be divisible by text.heads {txt.heads}.",
+        )
+        _require(
+            vis.head_width > 0 and vis.width % vis.head_width == 0,
+            f"model.clip.arch.vision.width {vis.width} must be divisible by vision.head_width "
+            f"{vis.head_width}.",
+        )
+        _require(
+            vis.patch_size > 0 and vis.image_size % vis.patch_size == 0,
+            f"model.clip.arch.vision.image_size {vis.image_size} must be divisible by "
+            f"vision.patch_size {vis.patch_size}.",
+        )
+        _require(txt.context_length > 0, "model.clip.arch.text.context_length must be positive.")
+        _require(vis.layers > 0 and txt.layers > 0, "model.clip.arch layers must be positive.")
+        _require(
+            c.text_layer != TextLayer.penultimate or txt.layers >= 2,
+            "model.clip.text_layer 'penultimate' needs model.clip.arch.text.layers >= 2.",
+        )
+    u = cfg.model.unet
+    if u.pretrained is None:
+        uch = list(u.block_out_channels)
+        _require(
+            len(u.down_block_types) == len(uch) == len(u.up_block_types),
+            f"model.unet.down_block_types, up_block_types and block_out_channels must have the "
+            f"same length, got {len(u.down_block_types)}, {len(u.up_block_types)} and {len(uch)}.",
+        )
+        _require(
+            _divides(u.attention_head_dim, uch),
+            f"model.unet.block_out_channels {uch} must all be divisible by "
+            f"model.unet.attention_head_dim {u.attention_head_dim}.",
+        )
+        _require(
+            _divides(u.norm_num_groups, uch),
+            f"model.unet.block_out_channels {uch} must all be divisible by "
+            f"model.unet.norm_num_groups {u.norm_num_groups}.",
+        )
+        _require(u.layers_per_block > 0, "model.unet.layers_per_block must be positive.")
+        _require(
+            u.transformer_layers_per_block > 0,
+            "model.unet.transformer_layers_per_block must be positive.",
+        )
+        _require(
+            u.cross_attention_dim is None or u.cross_attention_dim > 0,
+            "model.unet.cross_attention_dim must be positive or null.",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

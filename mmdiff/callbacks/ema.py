@@ -1,0 +1,101 @@
+"""Exponential moving average of a system's ``ema_target`` module, kept in the checkpoint.
+
+The shadow weights live in the callback's state (``checkpoint["callbacks"]["EMA"]``), so resuming
+restores them and ``mmdiff sample`` can swap them in without building an optimiser.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+EMA_STATE_KEY = "EMA"
+
+
+class EMACallback(L.Callback):
+    """EMA with the usual warm-up ``min(decay, (1 + n) / (10 + n))`` over optimiser steps."""
+
+    def __init__(self, decay: float = 0.9999) -> None:
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow: Optional[List[torch.Tensor]] = None
+        self._last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        return EMA_STATE_KEY
+
+    @staticmethod
+    def _params(pl_module: L.LightningModule) -> List[nn.Parameter]:
+        return [p for p in pl_module.ema_target.parameters() if p.requires_grad]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = self._params(pl_module)
+        if self.shadow is None:
+            self.shadow = [p.detach().float().clone() for p in params]
+        else:
+            if len(self.shadow) != len(params):
+                raise RuntimeError("EMA state in the checkpoint does not match the model's parameters.")
+            self.shadow = [s.to(p.device) for s, p in zip(self.shadow, params)]
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step or self.shadow is None:
+            return  # gradient accumulation: only after an optimiser step
+        self._last_step = trainer.global_step
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        params = [p.detach().float() for p in self._params(pl_module)]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.decay = state_dict["decay"]
+        self.num_updates = state_dict["num_updates"]
+        self.shadow = state_dict["shadow"]
+
+    @contextlib.contextmanager
+    def applied(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """Temporarily load the EMA weights into the target module."""
+        if self.shadow is None:
+            yield
+            return
+        params = self._params(pl_module)
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+
+def find_ema(trainer: L.Trainer) -> Optional[EMACallback]:
+    """The trainer's EMA callback, if any."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, EMACallback):
+            return cb
+    return None
+
+
+def load_ema_into(module: nn.Module, checkpoint: Dict[str, Any]) -> bool:
+    """Copy EMA weights from a Lightning checkpoint dict into ``module``; False when it has none."""
+    state = checkpoint.get("callbacks", {}).get(EMA_STATE_KEY)
+    if not state or state.get("shadow") is None:
+        return False
+    params = [p for p in module.parameters() if p.requires_grad]
+    if len(params) != len(state["shadow"]):
+        return False
+    with torch.no_grad():
+        for p, s in zip(params, state["shadow"]):
+            p.copy_(s.to(p.dtype))
+    return True

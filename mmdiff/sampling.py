@@ -1,0 +1,45 @@
+"""Write text-to-image samples to disk: one PNG per sample in prompt order, plus a grid."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, List
+
+import torch
+from tqdm import tqdm
+
+from mmdiff.images import grid, save_png, to_pil
+
+log = logging.getLogger(__name__)
+
+
+def generate(system: Any, prompts: List[str], n_per_prompt: int, batch_size: int, seed: int, **options: Any) -> torch.Tensor:
+    """``n_per_prompt`` images for each prompt, prompt-major, in batches; seeded per batch."""
+    expanded = [p for p in prompts for _ in range(n_per_prompt)]
+    chunks = [expanded[i : i + batch_size] for i in range(0, len(expanded), batch_size)]
+    images = [
+        system.sample(chunk, seed=seed + index, **options).cpu()
+        for index, chunk in enumerate(tqdm(chunks, desc="sampling", unit="batch", disable=len(chunks) < 2))
+    ]
+    return torch.cat(images)
+
+
+def write_samples(
+    system: Any,
+    prompts: List[str],
+    *,
+    n_per_prompt: int,
+    out_dir: str | Path,
+    batch_size: int = 64,
+    seed: int = 0,
+    **options: Any,
+) -> Path:
+    """Sample and write ``OUT/0000.png …`` and ``OUT/grid.png`` (a row per prompt); returns OUT."""
+    out = Path(out_dir)
+    options = {k: v for k, v in options.items() if v is not None}
+    images = generate(system, prompts, n_per_prompt, batch_size, seed, **options)
+    for index, picture in enumerate(to_pil(images)):
+        save_png(picture, out / f"{index:04d}.png")
+    save_png(grid(images, nrow=n_per_prompt), out / "grid.png")
+    (out / "prompts.txt").write_text("".join(f"{i:04d}\t{p}\n" for i, p in enumerate(p for p in prompts for _ in range(n_per_prompt))))
+    return out

@@ -1,0 +1,172 @@
+"""Run a config: build the system, data, loggers, callbacks and Trainer, then fit.
+
+``fit(cfg)`` is what ``mmdiff fit`` calls; everything here is a plain function usable from a
+notebook. The run directory holds ``config.yaml``, ``checkpoints/``, ``samples/`` and the logger's
+files, and is the only place a run writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig
+
+from mmdiff.config import LoggerKind, save_config, to_container
+from mmdiff.errors import CheckpointError, ConfigError
+from mmdiff.systems.registry import get_system
+
+log = logging.getLogger(__name__)
+
+
+def build_system(cfg: DictConfig) -> L.LightningModule:
+    """Instantiate the LightningModule named by ``cfg.system``."""
+    return get_system(cfg.system)(cfg)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The webdataset DataModule for ``cfg.data``."""
+    from mmdiff.data.datamodule import ShardDataModule
+
+    return ShardDataModule(cfg.data, seed=cfg.seed)
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """A run id that a resumed or requeued job finds again: SLURM job id, else one kept in the run dir."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm-{job}"
+    id_file = run_dir / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    return run_id
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
+    """W&B (offline unless ``logger.mode: online``), CSV, or none; the resolved config is logged."""
+    kind = LoggerKind(cfg.logger.kind)
+    if kind == LoggerKind.none:
+        return []
+    if kind == LoggerKind.csv:
+        # Versioned folders (csv/version_N): a resumed run must not overwrite the earlier metrics.
+        logger: Logger = CSVLogger(save_dir=str(run_dir), name="csv")
+    else:
+        mode = str(getattr(cfg.logger.mode, "value", cfg.logger.mode))
+        logger = WandbLogger(
+            project=cfg.logger.project,
+            name=cfg.name,
+            save_dir=str(run_dir),
+            id=_wandb_run_id(run_dir),
+            offline=mode == "offline",
+            mode=mode,
+            entity=cfg.logger.entity,
+            tags=list(cfg.logger.tags),
+            resume="allow",
+        )
+    logger.log_hyperparams(to_container(cfg))
+    return [logger]
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -> List[Callback]:
+    """Checkpointing, LR monitor, EMA (when the system has an EMA target) and image logging."""
+    from mmdiff.callbacks.data_stats import DataStatsCallback
+    from mmdiff.callbacks.ema import EMACallback
+    from mmdiff.callbacks.images import ImageLoggingCallback
+
+    t = cfg.trainer
+    callbacks: List[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="step{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.checkpoint_every_n_steps,
+            save_top_k=t.keep_last_n,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        DataStatsCallback(),
+        ImageLoggingCallback(run_dir / "samples", every_n_steps=cfg.sampling.every_n_steps),
+    ]
+    if cfg.logger.kind != LoggerKind.none:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if getattr(system, "ema_target", None) is not None and cfg.model.use_ema:
+        callbacks.append(EMACallback(decay=cfg.model.ema_decay))
+    return callbacks
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if str(value).isdigit() else str(value)
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: List[Callback], loggers: List[Logger]
+) -> L.Trainer:
+    """A Lightning Trainer from ``cfg.trainer``."""
+    t = cfg.trainer
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=min(t.val_every_n_steps, cfg.data.steps_per_epoch),
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        logger=loggers or False,
+    )
+
+
+def resolve_resume(cfg: DictConfig, resume: Optional[str]) -> Optional[str]:
+    """``None``, ``"last"`` (the run's last.ckpt if any) or a checkpoint path that must exist."""
+    if resume is None:
+        return None
+    if resume == "last":
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.warning("no checkpoint at %s; starting from scratch", last)
+        return None
+    if not Path(resume).is_file():
+        raise CheckpointError(f"checkpoint '{resume}' does not exist; pass a .ckpt path or 'last'.")
+    return resume
+
+
+def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
+    """Train ``cfg`` (optionally resuming) and return the run directory."""
+    run_dir = Path(cfg.run_dir)
+    check_precision(cfg)
+    ckpt_path = resolve_resume(cfg, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    system = build_system(cfg)
+    datamodule = build_datamodule(cfg)
+    save_config(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)
+    log.info("run directory: %s", run_dir)
+    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    return run_dir
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """Refuse precisions the chosen accelerator cannot run, before anything is built."""
+    if cfg.trainer.precision.startswith("16") and not torch.cuda.is_available():
+        raise ConfigError("trainer.precision '16-mixed' needs a GPU; use 'bf16-mixed' or '32-true' on CPU.")

@@ -1,0 +1,24 @@
+"""Shared fixtures: offline W&B, few threads, demo digit shards written once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits demo shards at 32×32 (train-*.tar, val-*.tar)."""
+    from mmdiff.data.writers import write_demo_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_demo_shards(out, image_size=32, seed=0)
+    return out

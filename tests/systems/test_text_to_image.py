@@ -1,0 +1,132 @@
+"""The text-to-image system end to end at toy size: train, log to W&B, sample, resume, errors."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmdiff.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wandb_offline import read_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_t2i(tmp_path: Path, shards: Path, **trainer) -> Path:
+    """The demo text-to-image config shrunk to seconds: random VAE, tiny U-Net, 2 prompts."""
+    cfg = {
+        "base": [str(REPO / "configs/demo/text_to_image.yaml")],
+        "run_dir": str(tmp_path / "t2i"),
+        "model": {
+            "vae": {"pretrained": None, "block_out_channels": [32, 32], "scale_estimate_batches": 1},
+            "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8},
+            "ema_decay": 0.9,
+        },
+        "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
+                 "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4, "image_size": 16},
+        "sampling": {"prompts": ["a handwritten digit one", "a handwritten digit two"], "steps": 2,
+                     "every_n_steps": 3},
+        "trainer": {"max_steps": 6, "val_every_n_steps": 3, "limit_val_batches": 1,
+                    "checkpoint_every_n_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    **trainer},
+    }
+    path = tmp_path / "t2i.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("t2i")
+    assert main(["fit", str(tiny_t2i(tmp, demo_shards))]) == 0
+    return tmp / "t2i"
+
+
+def test_wandb_offline_run_holds_config_losses_and_grids(trained: Path) -> None:
+    (run,) = (trained / "wandb").glob("offline-run-*")
+    logged = read_run(run)
+    assert logged["config"]["system"] == "text_to_image"
+    assert logged["config"]["model"]["unet"]["block_out_channels"] == [32, 32]
+    losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
+    assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
+    grids = [h for h in logged["history"] if "images/samples._type" in h]
+    assert len(grids) >= 2
+    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) >= 2
+    assert len(list((trained / "samples").glob("samples_step*.png"))) >= 2
+
+
+def test_checkpoint_holds_ema_and_latent_scale(trained: Path) -> None:
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    ema = ckpt["callbacks"]["EMA"]
+    assert ema["num_updates"] == 6
+    assert float(ckpt["state_dict"]["latent_scale"]) > 0
+    unet = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]
+    assert len(ema["shadow"]) == len(unet)
+
+
+def test_resume_restores_step_ema_and_optimizer(tmp_path: Path, demo_shards: Path) -> None:
+    config = tiny_t2i(tmp_path, demo_shards, max_steps=3)
+    assert main(["fit", str(config)]) == 0
+    first = torch.load(tmp_path / "t2i" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert main(["fit", str(config), "trainer.max_steps=6", "--resume", "last"]) == 0
+    second = torch.load(tmp_path / "t2i" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (first["global_step"], second["global_step"]) == (3, 6)
+    assert second["callbacks"]["EMA"]["num_updates"] == 6  # continued, not restarted
+    assert second["lr_schedulers"][0]["last_epoch"] == 6
+    assert second["optimizer_states"][0]["state"][0]["step"] == 6
+    assert first["state_dict"]["latent_scale"] == second["state_dict"]["latent_scale"]
+
+
+def test_sample_cli_writes_pngs_in_prompt_order(trained: Path, tmp_path: Path) -> None:
+    out = tmp_path / "samples"
+    code = main(["sample", str(trained / "checkpoints" / "last.ckpt"), "--prompt", "a handwritten digit one",
+                 "--prompt", "a handwritten digit two", "--n", "3", "--steps", "2", "--out", str(out),
+                 "--sampler", "ddim"])
+    assert code == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:04d}.png" for i in range(6)]
+    assert (out / "grid.png").is_file()
+
+
+def test_sample_is_seeded(trained: Path) -> None:
+    from mmdiff.api import load
+
+    system = load(trained / "checkpoints" / "last.ckpt", expect="text_to_image", device="cpu")
+    a = system.sample(["a handwritten digit one"], seed=3, steps=2)
+    b = system.sample(["a handwritten digit one"], seed=3, steps=2)
+    assert torch.equal(a, b) and a.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "3"], "no prompts given"),
+        (["--prompt", "x", "--n", "0"], "--n must be a positive number"),
+        (["--prompt", "x", "--steps", "0"], "--steps must be a positive number"),
+    ],
+)
+def test_sample_bad_arguments(trained: Path, args, message, capsys) -> None:
+    assert main(["sample", str(trained / "checkpoints" / "last.ckpt"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_refuses_wrong_system_and_missing_file(tmp_path: Path, capsys) -> None:
+    from mmdiff.config import load_config, to_container
+
+    wrong = tmp_path / "vae.ckpt"
+    cfg = load_config(REPO / "configs/demo/vae.yaml")
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": to_container(cfg)}}, wrong)
+    assert main(["sample", str(wrong), "--prompt", "x"]) == 1
+    assert "is a 'autoencoder' checkpoint; this command needs a 'text_to_image' one" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing.ckpt"), "--prompt", "x"]) == 1
+    assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_missing_vae_checkpoint_is_one_line_error(tmp_path: Path, demo_shards: Path, capsys) -> None:
+    config = tiny_t2i(tmp_path, demo_shards)
+    assert main(["fit", str(config), f"model.vae.pretrained={tmp_path}/no_vae.ckpt"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_vae.ckpt" in err[0]

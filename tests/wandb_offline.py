@@ -1,0 +1,60 @@
+"""Read back what a W&B offline run logged (its ``run-*.wandb`` file), for tests.
+
+wandb ≥ 0.18 keeps no Python reader for this file, so this parses it directly: a 7-byte header
+(``:W&B``, magic, version) then LevelDB-log framing (32 KiB blocks, records with a 7-byte header
+crc32/length/type) around serialized ``wandb_internal_pb2.Record`` messages.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> Iterator[pb.Record]:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = 7, b""
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == FULL:
+            pending = payload
+        elif kind in (FIRST, MIDDLE):
+            pending = (pending if kind == MIDDLE else b"") + payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        record = pb.Record()
+        record.ParseFromString(pending)
+        yield record
+
+
+def read_run(run_dir: Path) -> Dict[str, Any]:
+    """``{"config": {key: value}, "history": [{key: value}, ...]}`` from an offline run folder."""
+    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+    config: Dict[str, Any] = {}
+    history: List[Dict[str, Any]] = []
+    for record in records(wandb_file):
+        kind = record.WhichOneof("record_type")
+        if kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            for item in updates:
+                config[item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            history.append({item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return {"config": config, "history": history}
