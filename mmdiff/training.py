@@ -81,6 +81,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
     from mmdiff.callbacks.data_stats import DataStatsCallback
     from mmdiff.callbacks.ema import EMACallback
     from mmdiff.callbacks.images import ImageLoggingCallback
+    from mmdiff.callbacks.progress import ProgressLogCallback
 
     t = cfg.trainer
     callbacks: List[Callback] = [
@@ -97,6 +98,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
         DataStatsCallback(),
         ImageLoggingCallback(run_dir / "samples", every_n_steps=cfg.sampling.every_n_steps),
     ]
+    if not t.enable_progress_bar:
+        callbacks.append(ProgressLogCallback(every_n_steps=t.log_every_n_steps))
     if cfg.logger.kind != LoggerKind.none:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if getattr(system, "ema_target", None) is not None and cfg.model.use_ema:

@@ -95,3 +95,11 @@ def test_resume_from_missing_path_is_one_line_error(toy_config: Path, capsys) ->
     assert main(["fit", str(toy_config), "--resume", "nowhere.ckpt"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: checkpoint 'nowhere.ckpt' does not exist; pass a .ckpt path or 'last'."]
+
+
+def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="mmdiff.progress"):
+        assert main(["fit", str(toy_config), "trainer.log_every_n_steps=3"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmdiff.progress"]
+    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+    assert all("steps/s" in line and "eta" in line for line in lines)
