@@ -200,6 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they keep their own console handler
+        logging.getLogger(name).propagate = False
     func: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from mmdiff.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError
 from mmdiff.systems.registry import get_system
@@ -154,10 +155,15 @@ def resolve_resume(cfg: DictConfig, resume: Optional[str]) -> Optional[str]:
 
 
 def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
-    """Train ``cfg`` (optionally resuming) and return the run directory."""
+    """Train ``cfg`` (optionally resuming) and return the run directory.
+
+    Under SLURM, ``trainer.num_nodes``/``devices`` come from the allocation, and a requeued job
+    resumes from the newest of its ``hpc_ckpt_N.ckpt`` and ``last.ckpt`` without being asked.
+    """
+    cfg = apply_slurm_allocation(cfg)
     run_dir = Path(cfg.run_dir)
     check_precision(cfg)
-    ckpt_path = resolve_resume(cfg, resume)
+    ckpt_path = resolve_resume(cfg, resume_checkpoint(run_dir, resume))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = build_system(cfg)
     datamodule = build_datamodule(cfg)
@@ -166,6 +172,9 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)
     log.info("run directory: %s", run_dir)
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
+        # A finished run must not be resumed later from a stale requeue checkpoint.
+        prune_hpc_checkpoints(run_dir, keep=0)
     return run_dir
 
 

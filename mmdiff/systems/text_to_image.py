@@ -154,9 +154,15 @@ class TextToImageSystem(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        # The loader pads ranks to equal length with valid=False placeholders; score real ones only.
+        valid = batch.get("valid", torch.ones(len(batch["caption"]), dtype=torch.bool))
+        if not bool(valid.any()):
+            return
+        keep = valid.nonzero().flatten().tolist()
+        batch = {"image": batch["image"][valid], "caption": [batch["caption"][i] for i in keep]}
         # Fixed noise and timesteps per batch index, so validation losses are comparable over time.
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100003 + batch_idx)
-        out = self._loss(batch, list(batch["caption"]), generator=gen, sample=False)
+        out = self._loss(batch, batch["caption"], generator=gen, sample=False)
         bs = batch["image"].shape[0]
         for name, value in out.items():
             self.log(f"val/{name}", value, sync_dist=True, batch_size=bs)
