@@ -74,6 +74,11 @@ class VarianceType(str, enum.Enum):
     learned_range = "learned_range"
 
 
+# The keys of mmdiff.diffusion.SAMPLERS, spelled out so that config checks need not import torch
+# (tests/diffusion keeps the two in step).
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_karras")
+
+
 class TimestepSpacing(str, enum.Enum):
     linspace = "linspace"
     leading = "leading"
@@ -523,11 +528,9 @@ def check_values(cfg: DictConfig) -> None:
         "diffusion.edm_preconditioning cannot be combined with variance_type=learned_range.",
     )
     s = cfg.sampling
-    from mmdiff.diffusion.samplers import SAMPLERS
-
     _require(
-        s.sampler in SAMPLERS,
-        f"unknown sampling.sampler '{s.sampler}'; choose one of: {', '.join(SAMPLERS)}.",
+        s.sampler in SAMPLER_NAMES,
+        f"unknown sampling.sampler '{s.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}.",
     )
     _require(s.steps > 0, f"sampling.steps must be positive, got {s.steps}.")
     _require(

@@ -1,0 +1,276 @@
+"""The image autoencoder: a diffusers ``AutoencoderKL`` built from ``model.vae`` or loaded.
+
+``model.vae.pretrained`` may be
+
+- ``None`` — build a random-init VAE from the config fields (``block_out_channels`` sets the
+  depth: ``len(block_out_channels) - 1`` down-samplings by 2);
+- a local diffusers folder (``save_pretrained`` output, or a pipeline folder with ``vae/``) —
+  architecture and weights come from the folder; nothing is downloaded;
+- a ``.safetensors`` (or ``.pt``/``.pth``/``.bin``) state dict — in diffusers key names, or in the
+  original CompVis/Stable Diffusion layout (``first_stage_model.encoder.down.0…`` or bare
+  ``encoder.down.0…``), which is converted with diffusers' own converter. The architecture comes
+  from the config fields, which must match the file (SD's VAE: ``block_out_channels: [128, 256,
+  512, 512]``, ``layers_per_block: 2``, ``latent_channels: 4``);
+- an mmdiff Lightning ``.ckpt`` (autoencoder, or text_to_image) — weights under ``vae.``,
+  architecture read from the checkpoint's hyper-parameters (the VAE's saved diffusers config,
+  else the saved ``model.vae`` section), so it need not be repeated. A ``.ckpt`` without mmdiff
+  hyper-parameters is read as a plain/CompVis state dict.
+
+Every load is strict: a file that does not fit the architecture is a
+:class:`~mmdiff.errors.CheckpointError` naming a few offending keys.
+
+``vae.config.scaling_factor`` holds ``model.vae.scaling_factor`` when that is set; otherwise a
+freshly built VAE gets 1.0 (meaning "not known yet: estimate it with
+:func:`estimate_scaling_factor`") and a loaded diffusers VAE keeps its own value (SD: 0.18215).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from diffusers import AutoencoderKL
+from omegaconf import DictConfig, OmegaConf
+
+from mmdiff.checkpoints import load_state_dict_file, load_strict, safe_torch_load
+from mmdiff.errors import CheckpointError
+from mmdiff.models.common import diffusers_folder
+
+log = logging.getLogger(__name__)
+
+# Prefix of the VAE's weights in an mmdiff Lightning checkpoint (the systems' attribute name).
+CKPT_PREFIX = "vae."
+
+
+def _missing(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"VAE weights '{path}' do not exist; set model.vae.pretrained to a diffusers folder, "
+        "a .safetensors file or an mmdiff autoencoder checkpoint."
+    )
+
+
+def _block_types(n: int) -> dict[str, tuple[str, ...]]:
+    return {
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+    }
+
+
+def _arch_kwargs(cfg: Any) -> dict[str, Any]:
+    channels = tuple(int(c) for c in cfg.block_out_channels)
+    return dict(
+        in_channels=int(cfg.in_channels),
+        out_channels=int(cfg.in_channels),
+        block_out_channels=channels,
+        layers_per_block=int(cfg.layers_per_block),
+        latent_channels=int(cfg.latent_channels),
+        norm_num_groups=int(cfg.norm_num_groups),
+        scaling_factor=float(cfg.scaling_factor) if cfg.scaling_factor is not None else 1.0,
+        **_block_types(len(channels)),
+    )
+
+
+def _built(cfg: Any) -> AutoencoderKL:
+    return AutoencoderKL(**_arch_kwargs(cfg))
+
+
+# ----------------------------------------------------------------------------- loading paths
+def _from_folder(path: Path, cfg: DictConfig) -> AutoencoderKL:
+    folder, sub = diffusers_folder(path, "vae")
+    try:
+        vae, info = AutoencoderKL.from_pretrained(
+            str(folder), subfolder=sub, local_files_only=True, output_loading_info=True,
+            low_cpu_mem_usage=False,
+        )
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"VAE folder '{path}' is not a loadable diffusers AutoencoderKL folder ({first})."
+        ) from None
+    bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    if bad or info.get("error_msgs"):
+        detail = "; ".join(f"{k}: {', '.join(map(str, v[:4]))}" for k, v in bad.items())
+        raise CheckpointError(f"VAE weights in '{path}' do not fit their config ({detail}).")
+    if cfg.scaling_factor is not None:
+        vae.register_to_config(scaling_factor=float(cfg.scaling_factor))
+    return vae
+
+
+def _is_ldm_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(
+        k.startswith("first_stage_model.") or k.startswith("encoder.down.") for k in state
+    )
+
+
+def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: Any, source: str) -> AutoencoderKL:
+    vae = _built(cfg)
+    if _is_ldm_layout(state):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = convert_ldm_vae_checkpoint(dict(state), _block_types(len(cfg.block_out_channels)))
+    load_strict(vae, state, f"VAE ('{source}')")
+    return vae
+
+
+def _ckpt_vae_config(ckpt: Mapping[str, Any], source: str) -> Optional[DictConfig]:
+    """The ``model.vae`` section saved in an mmdiff checkpoint's hyper-parameters, if any."""
+    from mmdiff.config import VAEConfig
+
+    hp = ckpt.get("hyper_parameters") or {}
+    saved = ((hp.get("config") or {}).get("model") or {}).get("vae")
+    if not isinstance(saved, Mapping):
+        return None
+    schema = OmegaConf.structured(VAEConfig)
+    known = {k: v for k, v in saved.items() if k in schema}
+    try:
+        merged = OmegaConf.merge(schema, known)
+    except Exception as err:  # noqa: BLE001 - report any schema clash in one line
+        raise CheckpointError(
+            f"the VAE config saved in '{source}' cannot be read ({str(err).splitlines()[0]})."
+        ) from None
+    merged.pretrained = None
+    return merged  # type: ignore[return-value]
+
+
+def _from_lightning_ckpt(path: Path, cfg: DictConfig) -> AutoencoderKL:
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise CheckpointError(f"'{path}' holds no state dict; pass an mmdiff autoencoder checkpoint.")
+    state = ckpt["state_dict"]
+    hp = ckpt.get("hyper_parameters") or {}
+    saved_config = hp.get("vae_config")  # the built VAE's own diffusers config, when saved
+    arch = _ckpt_vae_config(ckpt, str(path))
+    if arch is None and not isinstance(saved_config, Mapping):
+        # not an mmdiff checkpoint: a plain or CompVis state dict in a .ckpt file
+        return _from_state_dict(state, cfg, str(path))
+    vae_state = {k[len(CKPT_PREFIX):]: v for k, v in state.items() if k.startswith(CKPT_PREFIX)}
+    if not vae_state:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds no '{CKPT_PREFIX}*' weights; pass an mmdiff autoencoder "
+            "checkpoint."
+        )
+    if isinstance(saved_config, Mapping):
+        vae = AutoencoderKL.from_config(dict(saved_config))
+        if cfg.scaling_factor is not None:
+            vae.register_to_config(scaling_factor=float(cfg.scaling_factor))
+    else:
+        assert arch is not None
+        if cfg.scaling_factor is not None:
+            arch.scaling_factor = cfg.scaling_factor
+        vae = _built(arch)
+    load_strict(vae, vae_state, f"VAE ('{path}')")
+    return vae
+
+
+def build_vae(cfg: DictConfig) -> AutoencoderKL:
+    """An ``AutoencoderKL`` from a ``model.vae`` config section (see the module docstring).
+
+    Returned in fp32 and eval mode (as diffusers' ``from_pretrained`` does, whichever the path);
+    callers freeze it / cast it to ``cfg.precision`` as needed.
+    """
+    if cfg.pretrained is None:
+        return _built(cfg).eval()
+    path = Path(str(cfg.pretrained)).expanduser()
+    if not path.exists():
+        raise _missing(str(cfg.pretrained))
+    if path.is_dir():
+        vae = _from_folder(path, cfg)
+    elif path.suffix == ".ckpt":
+        vae = _from_lightning_ckpt(path, cfg)
+    else:
+        vae = _from_state_dict(load_state_dict_file(path), cfg, str(path))
+    log.info("loaded VAE weights from %s", path)
+    return vae.eval()
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _images(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+@torch.no_grad()
+def estimate_scaling_factor(
+    vae: AutoencoderKL,
+    images_iter: Iterable[Any],
+    n_batches: int = 4,
+    use_mean: bool = False,
+) -> float:
+    """``1 / std`` of the VAE's latents over the first ``n_batches`` batches.
+
+    Batches are image tensors in [-1, 1], ``(images, …)`` tuples or dicts with ``"image"``. The
+    latents are posterior *samples* by default — what the latent diffusion paper and SD did, and
+    what a diffusion model trained on ``latent_dist.sample()`` sees; pass ``use_mean=True`` when
+    the diffusion model is trained on the posterior mean. The std is taken over all latent
+    elements (about their mean), accumulated in float64.
+    """
+    param = next(vae.parameters())
+    was_training = vae.training
+    vae.eval()
+    total = total_sq = 0.0
+    count = 0
+    try:
+        for i, batch in enumerate(images_iter):
+            if i >= n_batches:
+                break
+            x = _images(batch).to(device=param.device, dtype=param.dtype)
+            dist = vae.encode(x).latent_dist
+            z = (dist.mean if use_mean else dist.sample()).double()
+            total += z.sum().item()
+            total_sq += z.square().sum().item()
+            count += z.numel()
+    finally:
+        vae.train(was_training)
+    if count == 0:
+        raise ValueError("estimate_scaling_factor got no batches; pass a non-empty iterable.")
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0)
+    if var <= 0.0:
+        raise ValueError("the VAE's latents have zero variance; cannot estimate a scaling factor.")
+    return 1.0 / math.sqrt(var)
+
+
+def _folder_channels(path: Path) -> Optional[list[int]]:
+    folder, sub = diffusers_folder(path, "vae")
+    config = folder / (sub or "") / "config.json"
+    if config.is_file():
+        return list(json.loads(config.read_text()).get("block_out_channels") or []) or None
+    return None
+
+
+def vae_downsample_factor(cfg: DictConfig | AutoencoderKL) -> int:
+    """How many pixels one latent spans per side: ``2 ** (len(block_out_channels) - 1)``.
+
+    Takes a built VAE, or a ``model.vae`` section; for a pretrained diffusers folder or mmdiff
+    checkpoint the architecture is read from the folder/checkpoint (without building a model).
+    """
+    if isinstance(cfg, AutoencoderKL):
+        return 2 ** (len(cfg.config.block_out_channels) - 1)
+    channels: Optional[list[int]] = None
+    if cfg.pretrained is not None:
+        path = Path(str(cfg.pretrained)).expanduser()
+        if not path.exists():
+            raise _missing(str(cfg.pretrained))
+        if path.is_dir():
+            channels = _folder_channels(path)
+        elif path.suffix == ".ckpt":
+            ckpt = safe_torch_load(path)
+            if isinstance(ckpt, Mapping):
+                saved = (ckpt.get("hyper_parameters") or {}).get("vae_config") or {}
+                arch = _ckpt_vae_config(ckpt, str(path))
+                if saved.get("block_out_channels"):
+                    channels = list(saved["block_out_channels"])
+                elif arch is not None:
+                    channels = list(arch.block_out_channels)
+    if channels is None:
+        channels = list(cfg.block_out_channels)
+    return 2 ** (len(channels) - 1)
+
+
+__all__ = ["build_vae", "estimate_scaling_factor", "vae_downsample_factor", "CKPT_PREFIX"]
