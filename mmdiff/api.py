@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from mmdiff.callbacks.ema import load_ema_into
-from mmdiff.checkpoints import safe_torch_load
+from mmdiff.checkpoints import load_strict, safe_torch_load
 from mmdiff.config import from_container
 from mmdiff.errors import CheckpointError
 from mmdiff.systems.registry import get_system
@@ -52,12 +52,7 @@ def load(
     system = system_cls.from_checkpoint_config(cfg, hparams) if hasattr(
         system_cls, "from_checkpoint_config"
     ) else system_cls(cfg)
-    missing, unexpected = system.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"'{path}' does not match its own config: missing {list(missing)[:3]}, "
-            f"unexpected {list(unexpected)[:3]}."
-        )
+    load_strict(system, checkpoint["state_dict"], what=f"checkpoint '{path}'")
     target = getattr(system, "ema_target", None)
     if use_ema and target is not None and load_ema_into(target, checkpoint):
         log.info("using EMA weights from %s", path)

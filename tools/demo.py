@@ -1,4 +1,7 @@
-"""`make demo`: digits shards → VAE → text-to-image → samples and a digit-accuracy check.
+"""`make demo`: digits shards → VAE → CLIP → text-to-image → samples and a digit-accuracy check.
+
+The CLIP stage trains the tiny open_clip model contrastively on the digits, so the frozen text
+encoder of the text-to-image stage carries meaning (a random-init one does not name digits).
 
 Each stage is skipped when its output already exists (pass --force to redo everything), so an
 interrupted demo continues where it stopped.
@@ -18,7 +21,11 @@ log = logging.getLogger("demo")
 
 DATA = Path("data/digits")
 RUNS = Path("runs/demo")
-STAGES = [("vae", "configs/demo/vae.yaml"), ("t2i", "configs/demo/text_to_image.yaml")]
+STAGES = [
+    ("vae", "configs/demo/vae.yaml"),
+    ("clip", "configs/demo/clip.yaml"),
+    ("t2i", "configs/demo/text_to_image.yaml"),
+]
 
 
 def _stage(name: str, config: str, force: bool) -> Path:

@@ -23,6 +23,7 @@ def tiny_t2i(tmp_path: Path, shards: Path, **trainer) -> Path:
         "run_dir": str(tmp_path / "t2i"),
         "model": {
             "vae": {"pretrained": None, "block_out_channels": [32, 32], "scale_estimate_batches": 1},
+            "clip": {"pretrained": None},
             "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8},
             "ema_decay": 0.9,
         },
