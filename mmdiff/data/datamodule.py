@@ -7,8 +7,13 @@ Usage::
     batch = next(iter(dm.train_dataloader()))   # {"image", "caption", "key", "valid", "skipped", "worker"}
 
 Training is resampled and endless, cut into passes of ``data.steps_per_epoch`` batches per rank
-(the workers persist, so each epoch continues the previous one's streams; the number of passes is
-checkpointed through both this module's and the training loader's ``state_dict``); validation is
+(the workers persist, so each epoch continues the previous one's streams). The rank's batch sequence
+is a deterministic function of the seed, the rank, the number of workers and the shards, and can be
+resumed exactly: :meth:`TrainLoader.position` says where every worker stream stands after the
+first N batches, :meth:`ShardDataModule.restore_position` continues from there
+(:class:`mmdiff.callbacks.data_position.DataPositionCallback` saves it in checkpoints for all ranks);
+the number of passes is checkpointed through both this module's and the training loader's
+``state_dict`` (without a saved position, a resumed run starts fresh streams seeded with it). Validation is
 one finite, deterministic, rank-balanced pass with flagged placeholders (``batch["valid"]``) for
 padding and corrupt samples (see :mod:`mmdiff.data.streams` and :mod:`mmdiff.data.splitting`). Rank and world size come from ``torch.distributed`` when it is
 initialised, else from the ``RANK``/``WORLD_SIZE`` environment, else 0/1 — read when a dataloader
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from dataclasses import is_dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import lightning as L
 import torch
@@ -29,7 +35,7 @@ from torch.utils.data import DataLoader
 from mmdiff.config import Crop, DataConfig
 from mmdiff.data.decode import DecodeSpec
 from mmdiff.data.shards import expand_shards, rank_and_world
-from mmdiff.data.streams import TrainStream, ValStream
+from mmdiff.data.streams import POSITION_KEY, TrainStream, ValStream
 from mmdiff.data.tario import ShardError, list_keys
 from mmdiff.errors import DataError, MmdiffError
 
@@ -93,19 +99,131 @@ class PassLoader(DataLoader):
         return _ErrorsUnwrapped(super().__iter__(), self)
 
 
-class TrainLoader(PassLoader):
-    """The training loader; stateful for Lightning, so a mid-epoch checkpoint resumes cleanly.
+class _InOrder:
+    """Hands out a training pass in the canonical order (batch ``j`` from worker ``j % workers``).
 
-    Its state is the number of passes started: a resumed run starts fresh endless streams seeded
-    with it (statistically a continuation; batches are not replayed or skipped one by one).
+    The DataLoader always starts a pass with worker 0; after an exact resume the first pass starts
+    at batch ``r`` of an interrupted pass, whose worker is ``r % workers``, so batches are held
+    back (at most one per worker) until it is their turn. The stream position each batch carries
+    is removed here and recorded by the loader.
     """
+
+    def __init__(self, it: Iterator[Any], loader: "TrainLoader", start: int, count: int) -> None:
+        self._it = it
+        self._loader = loader
+        self._next = start  # canonical in-pass index of the next batch to hand out
+        self._end = start + count
+        self._held: Dict[int, List[Any]] = {}
+
+    def __iter__(self) -> "_InOrder":
+        return self
+
+    def __next__(self) -> Any:
+        if self._next >= self._end:
+            raise StopIteration
+        workers = max(1, self._loader.num_workers)
+        want = self._next % workers
+        while not self._held.get(want):
+            batch = next(self._it)
+            worker = int(batch["worker"][0]) if "worker" in batch else 0
+            self._held.setdefault(worker, []).append(batch)
+        batch = self._held[want].pop(0)
+        self._next += 1
+        self._loader._handed_out(want, batch.pop(POSITION_KEY, None))
+        return batch
+
+    def __len__(self) -> int:
+        return self._end - self._next
+
+
+class TrainLoader(PassLoader):
+    """The training loader: passes in a fixed order, and resumable exactly (see :meth:`position`).
+
+    ``state_dict`` (saved by Lightning with the fit loop) is the number of passes started; the
+    exact position — what every worker stream has made after the rank's first N batches — comes
+    from :meth:`position` and is checkpointed for all ranks by
+    :class:`mmdiff.callbacks.data_position.DataPositionCallback`, which hands it back through
+    :meth:`ShardDataModule.restore_position` before the loader is built.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        stream: TrainStream = self.dataset  # type: ignore[assignment]
+        self.consumed = stream.resumed_batches  # batches of this rank handed out, over all runs
+        # Per worker, the positions after its last two batches: (rank batch index, position).
+        self._recent: Dict[int, Deque[Tuple[int, Any]]] = {}
+        if stream.resume:
+            for w, pos in enumerate(stream.resume["slots"]):
+                if pos is not None:
+                    self._recent[w] = deque([(-1, pos)], maxlen=2)
+        self._first_pass = True
+
+    def __iter__(self):  # type: ignore[override]
+        stream: TrainStream = self.dataset  # type: ignore[assignment]
+        stream.new_pass()
+        spe = stream.steps_per_epoch
+        start = stream.resumed_batches % spe if self._first_pass else 0
+        self._first_pass = False
+        inner = _ErrorsUnwrapped(DataLoader.__iter__(self), self)
+        return _InOrder(inner, self, start, spe - start)
+
+    def _handed_out(self, worker: int, position: Any) -> None:
+        if position is not None:
+            self._recent.setdefault(worker, deque(maxlen=2)).append((self.consumed, position))
+        self.consumed += 1
+
+    def position(self, consumed: Optional[int] = None) -> Dict[str, Any]:
+        """Where this rank's training data stands after its first ``consumed`` batches.
+
+        ``consumed`` defaults to the batches handed out so far; it may be one less (a checkpoint
+        written while the last batch was still being trained on, which Lightning re-runs).
+        The result — plain ints/lists/tensors — is what ``TrainStream(resume=...)`` takes.
+        """
+        stream: TrainStream = self.dataset  # type: ignore[assignment]
+        if consumed is None or not self.consumed - 1 <= consumed <= self.consumed:
+            if consumed is not None:
+                log.warning("data position asked for batch %d but %d were handed out; saving the latter",
+                            consumed, self.consumed)
+            consumed = self.consumed
+        workers = max(1, self.num_workers)
+        slots: List[Any] = []
+        for w in range(workers):
+            chosen = None
+            for index, pos in self._recent.get(w, ()):
+                if index < consumed:
+                    chosen = pos
+            slots.append(chosen)
+        generation = stream.resume.get("generation", stream.start_epoch) if stream.resume else stream.start_epoch
+        return {
+            "version": 1, "consumed": int(consumed), "rank": stream.rank, "world": stream.world,
+            "num_workers": workers, "steps_per_epoch": stream.steps_per_epoch,
+            "batch_size": stream.batch_size, "shuffle_buffer": stream.shuffle_buffer,
+            "seed": stream.seed, "num_shards": len(stream.urls), "generation": int(generation),
+            "slots": slots,
+        }
 
     def state_dict(self) -> Dict[str, Any]:
         return {"next_train_epoch": int(self.dataset.next_epoch)}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         epoch = int(state_dict.get("next_train_epoch", 0))
-        self.dataset.next_epoch = self.dataset.start_epoch = epoch  # type: ignore[attr-defined]
+        stream: TrainStream = self.dataset  # type: ignore[assignment]
+        stream.next_epoch = epoch
+        if not stream.resume:  # no exact position: fresh streams seeded with the pass count
+            stream.start_epoch = epoch
+
+
+def position_mismatch(position: Mapping[str, Any], stream: TrainStream) -> Optional[str]:
+    """Why a saved data position does not fit ``stream`` (None when it does)."""
+    expected = {
+        "rank": stream.rank, "world": stream.world, "num_workers": max(1, stream.num_workers),
+        "steps_per_epoch": stream.steps_per_epoch, "batch_size": stream.batch_size,
+        "shuffle_buffer": stream.shuffle_buffer, "seed": stream.seed, "num_shards": len(stream.urls),
+    }
+    for key, value in expected.items():
+        if int(position.get(key, -1)) != int(value):
+            return f"{key} was {position.get(key)} and is now {value}"
+    return None
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -120,6 +238,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_sizes: Optional[List[int]] = None
         self._next_epoch = 0
         self._train_stream: Optional[TrainStream] = None
+        self._resume_position: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------ setup
     def decode_spec(self) -> DecodeSpec:
@@ -202,6 +321,16 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=int(c.num_workers),
             epoch=epoch,
         )
+        position, self._resume_position = self._resume_position, None  # used by one loader only
+        if position is not None:
+            problem = position_mismatch(position, self._train_stream)
+            if problem:
+                log.warning("rank %d: cannot resume the training data exactly (%s); starting fresh "
+                            "streams instead", rank, problem)
+            else:
+                self._train_stream.resume = position
+                log.info("rank %d: training data resumes exactly after batch %d", rank,
+                         int(position["consumed"]))
         slot = self._train_stream.slot(0, int(c.num_workers))
         log.info("rank %d/%d: training shards split by %s", rank, world, slot.mode)
         if slot.mode == "samples" and world > 1:
@@ -235,6 +364,14 @@ class ShardDataModule(L.LightningDataModule):
     def next_train_epoch(self) -> int:
         """Training passes (epochs) started so far: a new training stream is seeded with it."""
         return self._train_stream.next_epoch if self._train_stream is not None else self._next_epoch
+
+    def restore_position(self, position: Optional[Mapping[str, Any]]) -> None:
+        """Resume the next training loader exactly at ``position`` (from :meth:`TrainLoader.position`
+        on this rank): its worker streams continue where they stood, its first pass is the rest of
+        the interrupted one. A position that no longer fits (other world size, workers, batch size,
+        shards, seed) is ignored with a warning. ``None`` clears it.
+        """
+        self._resume_position = dict(position) if position is not None else None
 
     def state_dict(self) -> Dict[str, Any]:
         return {"next_train_epoch": int(self.next_train_epoch)}

@@ -157,6 +157,7 @@ def _fit_overrides(run_dir: Path, shards: Path, max_steps: int) -> List[str]:
         "data.num_workers=0",
         f"data.steps_per_epoch={max_steps}",
         "model.vae.pretrained=null",
+        "model.clip.pretrained=null",
         "trainer.accelerator=cpu",
         "trainer.strategy=ddp",
         f"trainer.max_steps={max_steps}",
@@ -191,10 +192,14 @@ def test_sbatch_fit_two_ranks(cluster: None, tmp_path: Path, demo_shards: Path) 
     out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=900), job_id, tmp_path)
 
     # Both ranks joined one DDP world and trained to the end (rank 1 missing would hang rank 0).
-    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in out and "GLOBAL_RANK: 1, MEMBER: 2/2" in out, out[-4000:]
+    assert "rank 0/2: training shards" in out and "rank 1/2: training shards" in out, out[-4000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file(), out[-4000:]
     assert _global_step(last) == max_steps
+    import torch
+
+    positions = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["DataPosition"]["ranks"]
+    assert [(p["rank"], p["world"]) for p in positions] == [(0, 2), (1, 2)]  # both ranks saved
 
     # One checkpoint directory, written once (not once per rank), and no stray Lightning dirs.
     ckpt_dirs = sorted(p for p in tmp_path.rglob("checkpoints") if p.is_dir())
@@ -208,17 +213,37 @@ def test_sbatch_fit_two_ranks(cluster: None, tmp_path: Path, demo_shards: Path) 
     assert runs[0].endswith(f"slurm-{job_id}")
 
 
+def _logged_losses(run_dir: Path) -> List[Dict[int, float]]:
+    """{global step: train/loss} of each start of the job (one W&B offline run folder per start)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from wandb_offline import read_run
+
+    starts = []
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):  # named by start time
+        rows = read_run(folder)["history"]
+        starts.append({int(r["trainer/global_step"]): float(r["train/loss"]) for r in rows if "train/loss" in r})
+    return starts
+
+
 def test_sbatch_fit_requeue_resumes_from_hpc_checkpoint(
     cluster: None, tmp_path: Path, demo_shards: Path
 ) -> None:
-    """SIGUSR1 (what --signal=SIGUSR1@90 sends) → hpc_ckpt_1.ckpt, requeue, resume, finish."""
+    """SIGUSR1 (what --signal=SIGUSR1@90 sends) → hpc_ckpt_1.ckpt, requeue, resume, finish.
+
+    mmdiff handles the signal itself (mmdiff.callbacks.requeue): all ranks save the checkpoint at
+    the end of the batch in progress, stop, and rank 0 requeues. So the logged global steps of the
+    two starts join without a gap or a repeat: the first start logs 0..s-1 and stops, the
+    requeued one logs s..max_steps-1 (Lightning's own handler saves mid-step, and a resume from
+    such a checkpoint re-runs that step and logs from s+1: a gap).
+    """
     run_dir = tmp_path / "run"
     max_steps = 40
     overrides = _fit_overrides(run_dir, demo_shards, max_steps)
-    overrides = [o for o in overrides if not o.startswith("trainer.checkpoint_every_n_steps")]
+    overrides = [o for o in overrides
+                 if not o.startswith(("trainer.checkpoint_every_n_steps", "trainer.log_every_n_steps"))]
     job_id = submit(
         [str(REPO / "configs" / "demo" / "text_to_image.yaml"), *overrides,
-         "trainer.checkpoint_every_n_steps=10"],
+         "trainer.checkpoint_every_n_steps=10", "trainer.log_every_n_steps=1", "data.steps_per_epoch=7"],
         tmp_path,
         env={"WANDB_SILENT": "true"},
         sbatch_opts=["--time=20"],
@@ -230,13 +255,22 @@ def test_sbatch_fit_requeue_resumes_from_hpc_checkpoint(
             subprocess.run(["scancel", job_id], timeout=20)
             pytest.fail(f"job {job_id} never reached step 10; output:\n{output_of(tmp_path, job_id)[-4000:]}")
         time.sleep(1)
+    time.sleep(3)  # a few steps past the periodic checkpoint, so the hpc checkpoint is mid-epoch
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, timeout=20)
 
     out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=900), job_id, tmp_path)
     assert f"job {job_id} restart 1" in out, "the job was not requeued"
-    assert "Handling auto-requeue signal" in out
-    assert re.search(r"Restor\w+ .*checkpoint.*hpc_ckpt_1\.ckpt", out), "did not resume from hpc_ckpt_1.ckpt"
+    assert "requeue signal: saving" in out and "requeued SLURM job" in out, out[-4000:]
+    assert re.search(r"resuming from \S*/hpc_ckpt_1\.ckpt", out), "did not resume from hpc_ckpt_1.ckpt"
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "a finished run keeps no stale requeue checkpoint"
     # The requeued job keeps its id, so W&B resumes the same run id (one offline dir per start).
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert runs and all(r.endswith(f"slurm-{job_id}") for r in runs), runs
+    assert len(runs) == 2 and all(r.endswith(f"slurm-{job_id}") for r in runs), runs
+
+    first, second = _logged_losses(run_dir)
+    resumed_at = min(second)
+    assert 10 <= resumed_at < max_steps, resumed_at
+    # no gap, no repeat: every step logged exactly once over the two starts
+    assert sorted(first) == list(range(resumed_at)), (sorted(first), resumed_at)
+    assert sorted(second) == list(range(resumed_at, max_steps)), sorted(second)

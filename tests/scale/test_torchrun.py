@@ -1,0 +1,56 @@
+"""Two "nodes" on localhost with torchrun (one process each), the way docs/scale_out.md shows it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import clean_env, free_port, tiny_t2i_config
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_nodes_one_process_each(tmp_path: Path, digits16: Path, strategy: str) -> None:
+    config = tiny_t2i_config(tmp_path, digits16, trainer={"max_steps": 4, "checkpoint_every_n_steps": 2},
+                             sampling={"prompts": []}, model={"use_ema": strategy != "fsdp"})
+    first = _torchrun(config, strategy)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    ranks = ckpt["callbacks"]["DataPosition"]["ranks"]  # one world of two ranks trained
+    assert [(p["rank"], p["world"], p["consumed"]) for p in ranks] == [(0, 2, 4), (1, 2, 4)]
+    if strategy == "fsdp":
+        assert "FSDP2: sharded unet over a (2,) mesh" in first
+        # resume (full-state checkpoint loaded into the sharded U-Net and its optimiser) and go on
+        _torchrun(config, strategy, "trainer.max_steps=6", "--resume", "last")
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 6
+        adam = ckpt["optimizer_states"][0]["state"]  # keyed by parameter id over the whole system
+        assert adam and all(int(state["step"]) == 6 for state in adam.values())  # continued, not restarted
+        assert [p["consumed"] for p in ckpt["callbacks"]["DataPosition"]["ranks"]] == [6, 6]
+
+
+def _torchrun(config: Path, strategy: str, *extra: str) -> str:
+    """Both "nodes" of ``mmdiff fit CONFIG`` under torchrun; returns their output."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                          "--master-addr", "127.0.0.1", "--master-port", port, "--no-python",
+                          str(Path(sys.executable).parent / "mmdiff"), "fit", str(config),
+                          f"trainer.strategy={strategy}", "trainer.num_nodes=2", "trainer.devices=1", *extra],
+                         env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return logs[0] + logs[1]
