@@ -120,6 +120,87 @@ def cmd_eval_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    for name in ("steps", "beam_size", "top_k", "batch_size"):
+        value = getattr(args, name)
+        if value is not None:
+            _positive(name.replace("_", "-"), value)
+    from mmdiff.api import load
+    from mmdiff.captioning import caption_files
+
+    system = load(args.ckpt, expect="captioning", use_ema=not args.no_ema, device=args.device)
+    try:
+        results = caption_files(
+            system, args.images, batch_size=args.batch_size, seed=args.seed, decoding=args.decoding,
+            steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            beam_size=args.beam_size, complete=args.complete, denoise=args.denoise, strength=args.strength,
+        )
+    except ValueError as err:  # an option the checkpoint's head cannot use (e.g. beam for masked)
+        raise UsageError(str(err)) from None
+    for result in results:
+        if result.ok:
+            sys.stdout.write(f"{result.path}\t{result.caption}\n")
+        else:
+            sys.stderr.write(f"error: {result.error}\n")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
+    _positive("n", args.n)
+    from mmdiff.api import load
+    from mmdiff.eval.caption_metrics import roundtrip_digits
+
+    t2i = load(args.t2i_ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
+    captioner = load(args.caption_ckpt, expect="captioning", use_ema=not args.no_ema, device=args.device)
+    result = roundtrip_digits(
+        t2i, captioner, n_per_digit=args.n, seed=args.seed, out=args.out,
+        sample_options={"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg},
+        caption_options={"decoding": args.decoding, "steps": args.caption_steps},
+    )
+    sys.stdout.write(result.summary() + "\n")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from mmdiff.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from mmdiff.precompute import FRAGMENT, fragment_overrides, precompute
+
+    result = precompute(cfg, args.out, splits=args.split or ("train", "val"), batch_size=args.batch_size,
+                        device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
+    if result.rank == 0:
+        log.info("train from them: add %s to your config's base: list, or pass\n  %s",
+                 result.out_dir / FRAGMENT,
+                 " ".join(fragment_overrides(result.out_dir, str(getattr(
+                     cfg.model.precompute_latents, "value", cfg.model.precompute_latents)), list(result.samples))))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mmdiff.config import load_config
+
+    _positive("steps", args.steps)
+    presets = []
+    if args.preset:
+        from mmdiff.bench import PRESETS
+
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown --preset '{args.preset}'; choose one of: {', '.join(PRESETS)}.")
+        presets = PRESETS[args.preset]
+    cfg = load_config(args.config, [*presets, *args.overrides])
+    from mmdiff.bench import format_table, run_bench, write_json
+
+    sections = args.only.split(",") if args.only else ("train", "fit", "loader", "flops", "sampling")
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, sections=sections,
+                       device=args.device, peak_tflops=args.peak_tflops, threads=args.threads,
+                       precomputed_dir=args.precomputed)
+    sys.stdout.write(format_table(result) + "\n")
+    if args.json:
+        log.info("wrote %s", write_json(result, args.json))
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -189,6 +270,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
     _sampling_options(p)
     p.set_defaults(func=cmd_eval_digits)
+    p = evals.add_parser("roundtrip", help="text → image → caption: does the caption name the prompted digit?")
+    p.add_argument("t2i_ckpt", help="text_to_image checkpoint trained on the digits demo")
+    p.add_argument("caption_ckpt", help="captioning checkpoint")
+    p.add_argument("--n", type=int, default=10, help="samples per digit (default 10)")
+    p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
+    p.add_argument("--decoding", default=None, help="caption decoding: greedy, beam, topk, topp")
+    p.add_argument("--caption-steps", type=int, default=None, help="masked caption head steps")
+    _sampling_options(p)
+    p.set_defaults(func=cmd_eval_roundtrip)
+
+    p = sub.add_parser("caption", help="caption image files with a captioning checkpoint (path<TAB>caption)")
+    p.add_argument("ckpt", help="captioning checkpoint (.ckpt)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--decoding", choices=["greedy", "beam", "topk", "topp"], default=None,
+                   help="default: the config's (beam is for the ar head)")
+    p.add_argument("--steps", type=int, default=None, help="masked head: denoising steps")
+    p.add_argument("--complete", default=None, metavar="TEXT", help="continue this caption start")
+    p.add_argument("--denoise", default=None, metavar="TEXT", help="masked head: re-noise and denoise this caption")
+    p.add_argument("--strength", type=float, default=None, help="with --denoise: share re-masked (default 0.5)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (topk/topp)")
+    p.add_argument("--top-k", type=int, default=None, help="topk: tokens kept")
+    p.add_argument("--top-p", type=float, default=None, help="topp: probability mass kept")
+    p.add_argument("--beam-size", type=int, default=None, help="beam: beams kept")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("precompute", help="encode a text-to-image config's shards once into latent/text-state shards")
+    p.add_argument("config", help="experiment YAML file (the image-shard config)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.precompute_dtype=fp32")
+    p.add_argument("--out", required=True, help="output folder for the precomputed shards")
+    p.add_argument("--split", action="append", choices=["train", "val"], help="only this split (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default data.val_batch_size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: this rank's GPU)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite existing output shards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("bench", help="measure training, loader, FLOPs, memory and sampling speed of a config")
+    p.add_argument("config", help="text_to_image experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.precision=bf16-mixed")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (default 2)")
+    p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling")
+    p.add_argument("--precomputed", default=None, metavar="DIR",
+                   help="an `mmdiff precompute` folder of this config: also time fit from its shards")
+    p.add_argument("--preset", default=None, help="extra overrides by name, e.g. random-weights-sd")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: the config's accelerator)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: torch's)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

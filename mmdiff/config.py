@@ -101,6 +101,34 @@ class ReconLoss(str, enum.Enum):
     l2 = "l2"
 
 
+class FSDPSharding(str, enum.Enum):
+    full = "full"
+    hybrid = "hybrid"
+
+
+# The names trainer.strategy accepts (mmdiff.strategies.STRATEGY_NAMES; tests keep the two in step).
+STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
+
+
+class PrecomputeLatents(str, enum.Enum):
+    """What ``mmdiff precompute`` stores of the VAE posterior (see mmdiff.precompute)."""
+
+    distribution = "distribution"  # mean + log-variance: a fresh latent is drawn every step
+    mean = "mean"
+    sample = "sample"  # one posterior draw, fixed for all epochs
+
+
+class ArrayDtype(str, enum.Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class UNetCompile(str, enum.Enum):
+    off = "off"
+    full = "full"  # torch.compile of the whole U-Net
+    regional = "regional"  # torch.compile of each down/mid/up block (much shorter compile times)
+
+
 # ------------------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -147,6 +175,16 @@ class TrainerConfig:
     keep_last_n: int = 3
     deterministic: bool = False
     enable_progress_bar: bool = True
+    # strategy 'fsdp' (FSDP2 on the trainable modules): 'full' shards over all ranks, 'hybrid'
+    # shards within a node and replicates across nodes.
+    fsdp_sharding: FSDPSharding = FSDPSharding.full
+    # Reseed torch's RNG per training batch from (seed, rank, batch index) and checkpoint every
+    # rank's data position, so a resumed run repeats exactly what an uninterrupted one does.
+    exact_resume: bool = True
+    # Fused AdamW kernel; null = on when the parameters are on a CUDA device.
+    fused_adamw: Optional[bool] = None
+    # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
+    tf32: bool = True
 
 
 @dataclass
@@ -309,6 +347,67 @@ class UNetConfig:
     # None: the text encoder's width.
     cross_attention_dim: Optional[int] = None
     use_pooled_text: bool = False
+    # Speed switches (docs/performance.md). channels_last: null = on when training on a GPU.
+    channels_last: Optional[bool] = None
+    compile: UNetCompile = UNetCompile.off
+    # Recompute activations in the backward pass: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+
+
+class CaptionHeadKind(str, enum.Enum):
+    ar = "ar"
+    masked = "masked"
+
+
+class CaptionDecoding(str, enum.Enum):
+    greedy = "greedy"
+    beam = "beam"
+    topk = "topk"
+    topp = "topp"
+
+
+@dataclass
+class CaptionConfig:
+    """Caption head over CLIP image features (``system: captioning``; see docs/captioning.md)."""
+
+    # ar: autoregressive decoder; masked: masked (absorbing-state) diffusion denoiser.
+    head: CaptionHeadKind = CaptionHeadKind.ar
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    # Caption length in tokens, start and end tokens included (longer captions are cut).
+    max_length: int = 32
+    # 0: predict over the whole open_clip vocabulary; N > 0: over the N most frequent tokens of the
+    # first `vocab_scan_captions` training captions (a much smaller softmax; stored in checkpoints).
+    vocab_limit: int = 0
+    vocab_scan_captions: int = 100_000
+    label_smoothing: float = 0.0
+    # Decoding defaults for validation and `mmdiff caption` (each can be overridden per call).
+    decoding: CaptionDecoding = CaptionDecoding.greedy
+    temperature: float = 1.0
+    top_k: int = 10
+    top_p: float = 0.9
+    beam_size: int = 4
+    length_penalty: float = 0.0
+    # Masked head: denoising steps of the sampler.
+    steps: int = 16
+    # Validation: rows of the W&B caption table; CLIP score of generated captions (null: only
+    # when model.clip.pretrained is set, i.e. when the CLIP is more than random weights).
+    table_rows: int = 16
+    clip_score: Optional[bool] = None
+
+
+@dataclass
+class ContrastiveConfig:
+    """CLIP training on image–caption pairs (``system: contrastive``)."""
+
+    # Zero-shot digit classification prompt at validation ({word} → "seven").
+    digit_prompt: str = "a handwritten digit {word}"
+    # open_clip ClipLoss options for multi-GPU runs.
+    local_loss: bool = False
+    gather_with_grad: bool = True
 
 
 @dataclass
@@ -318,9 +417,17 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     caption_dropout: float = 0.1
     ema_decay: float = 0.9999
     use_ema: bool = True
+    # Train from `mmdiff precompute` shards: batches carry `latent` (+ `latent_logvar`), `context`
+    # and `pooled` arrays and the frozen encoders are skipped in the training step.
+    precomputed: bool = False
+    # What `mmdiff precompute` stores of the VAE posterior, and in which dtype.
+    precompute_latents: PrecomputeLatents = PrecomputeLatents.distribution
+    precompute_dtype: ArrayDtype = ArrayDtype.fp16
 
 
 @dataclass
@@ -486,6 +593,10 @@ def check_values(cfg: DictConfig) -> None:
         "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",
     )
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
+    _require(
+        str(t.strategy) in STRATEGY_NAMES,
+        f"unknown trainer.strategy '{t.strategy}'; choose one of: {', '.join(STRATEGY_NAMES)}.",
+    )
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
     _require(len(o.betas) == 2, f"optim.betas must hold two numbers, got {list(o.betas)}.")
@@ -557,6 +668,75 @@ def check_values(cfg: DictConfig) -> None:
         f"data.image_size {d.image_size} is not divisible by the VAE's down-sampling factor {factor}.",
     )
     _check_models(cfg)
+    _check_caption(cfg)
+    _check_precomputed(cfg)
+
+
+# The arrays a batch of `mmdiff precompute` shards must carry (mmdiff.precompute writes them).
+PRECOMPUTED_KEYS = ("latent", "context")
+
+
+def _check_precomputed(cfg: DictConfig) -> None:
+    m, d = cfg.model, cfg.data
+    if not m.precomputed:
+        return
+    _require(
+        cfg.system == "text_to_image",
+        f"model.precomputed is only for the text_to_image system, not '{cfg.system}'.",
+    )
+    _require(
+        not d.load_images,
+        "model.precomputed is true but data.load_images is too; precomputed shards hold no images "
+        "(set data.load_images=false, or add the precompute folder's precomputed.yaml to base:).",
+    )
+    needed = list(PRECOMPUTED_KEYS) + (["pooled"] if m.unet.use_pooled_text else [])
+    missing = [k for k in needed if k not in d.array_keys]
+    _require(
+        not missing,
+        f"model.precomputed is true but data.array_keys lacks {missing}; use e.g. "
+        "data.array_keys=[latent,latent_logvar,context,pooled] (see the precompute folder's "
+        "precomputed.yaml).",
+    )
+
+
+def _check_caption(cfg: DictConfig) -> None:
+    """model.caption / model.contrastive checks."""
+    c = cfg.model.caption
+    _require(c.width > 0 and c.heads > 0, "model.caption.width and model.caption.heads must be positive.")
+    _require(
+        c.width % c.heads == 0,
+        f"model.caption.width {c.width} must be divisible by model.caption.heads {c.heads}.",
+    )
+    _require(c.layers > 0, f"model.caption.layers must be positive, got {c.layers}.")
+    _require(c.mlp_ratio > 0, f"model.caption.mlp_ratio must be positive, got {c.mlp_ratio}.")
+    _require(0.0 <= c.dropout < 1.0, f"model.caption.dropout must be in [0, 1), got {c.dropout}.")
+    _require(c.max_length >= 3, f"model.caption.max_length must be >= 3, got {c.max_length}.")
+    _require(
+        c.vocab_limit == 0 or c.vocab_limit >= 2,
+        f"model.caption.vocab_limit must be 0 (whole vocabulary) or >= 2, got {c.vocab_limit}.",
+    )
+    _require(c.vocab_scan_captions > 0, "model.caption.vocab_scan_captions must be positive.")
+    _require(
+        0.0 <= c.label_smoothing < 1.0,
+        f"model.caption.label_smoothing must be in [0, 1), got {c.label_smoothing}.",
+    )
+    _require(c.temperature >= 0, f"model.caption.temperature must be >= 0, got {c.temperature}.")
+    _require(c.top_k > 0, f"model.caption.top_k must be positive, got {c.top_k}.")
+    _require(0.0 < c.top_p <= 1.0, f"model.caption.top_p must be in (0, 1], got {c.top_p}.")
+    _require(c.beam_size > 0, f"model.caption.beam_size must be positive, got {c.beam_size}.")
+    _require(c.length_penalty >= 0, "model.caption.length_penalty must be >= 0.")
+    _require(c.steps > 0, f"model.caption.steps must be positive, got {c.steps}.")
+    _require(c.table_rows >= 0, f"model.caption.table_rows must be >= 0, got {c.table_rows}.")
+    _require(
+        not (c.head == CaptionHeadKind.masked and c.decoding == CaptionDecoding.beam),
+        "model.caption.decoding 'beam' needs model.caption.head 'ar'; the masked head decodes "
+        "with greedy, topk or topp.",
+    )
+    prompt = cfg.model.contrastive.digit_prompt
+    _require(
+        "{word}" in prompt or "{numeral}" in prompt,
+        f"model.contrastive.digit_prompt must contain {{word}} or {{numeral}}, got '{prompt}'.",
+    )
 
 
 def _divides(group: int, channels: Sequence[int]) -> bool:

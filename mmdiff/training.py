@@ -115,15 +115,43 @@ def _devices(value: str) -> int | str:
 def build_trainer(
     cfg: DictConfig, run_dir: Path, callbacks: List[Callback], loggers: List[Logger]
 ) -> L.Trainer:
-    """A Lightning Trainer from ``cfg.trainer``."""
+    """A Lightning Trainer from ``cfg.trainer``.
+
+    The strategy comes from :func:`mmdiff.strategies.build_strategy` (``fsdp`` = FSDP2 on the
+    trainable modules). With ``trainer.exact_resume`` (default) torch's RNG is reseeded per
+    training batch and every rank's data position is checkpointed, so an interrupted-and-resumed
+    run trains on exactly what an uninterrupted one would (docs/scale_out.md). Under SLURM the
+    requeue signal (SIGUSR1) is handled by :class:`mmdiff.callbacks.requeue.RequeueOnSignal`
+    (checkpoint at the next batch boundary on all ranks, then requeue) instead of Lightning's
+    handler, which saves wherever the training step happens to be.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from mmdiff.strategies import build_strategy, check_fsdp_callbacks
+
     t = cfg.trainer
+    callbacks = list(callbacks)
+    if str(t.strategy) == "fsdp":
+        check_fsdp_callbacks(cfg, callbacks)
+    plugins = []
+    if t.exact_resume:
+        from mmdiff.callbacks.data_position import DataPositionCallback, StepSeedCallback
+
+        callbacks += [DataPositionCallback(), StepSeedCallback(cfg.seed)]
+    if SLURMEnvironment.detect():
+        from mmdiff.callbacks.requeue import RequeueOnSignal
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal())
     return L.Trainer(
+        plugins=plugins or None,
         default_root_dir=str(run_dir),
         max_steps=t.max_steps,
         accelerator=t.accelerator,
         devices=_devices(t.devices),
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
+        sync_batchnorm=False,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val or None,
         accumulate_grad_batches=t.accumulate_grad_batches,

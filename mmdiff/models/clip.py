@@ -46,6 +46,9 @@ from mmdiff.models.common import precision_dtype
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+# Where a ClipEncoder's open_clip model sits in an mmdiff system's state dict (contrastive,
+# captioning, text_to_image): such a .ckpt is accepted as `pretrained` for a custom CLIP.
+_MMDIFF_CLIP_PREFIX = "clip.model."
 
 
 @functools.lru_cache(maxsize=8)
@@ -97,7 +100,11 @@ def _build_custom(cfg: DictConfig, precision: str) -> nn.Module:
                 f"CLIP weights '{cfg.pretrained}' do not exist; set model.clip.pretrained to a local "
                 "weights file for the custom architecture, or to null for random init."
             )
-        load_strict(model, load_state_dict_file(path), f"CLIP ('{path}')")
+        state = load_state_dict_file(path)
+        if any(k.startswith(_MMDIFF_CLIP_PREFIX) for k in state):  # an mmdiff system checkpoint
+            n = len(_MMDIFF_CLIP_PREFIX)
+            state = {k[n:]: v for k, v in state.items() if k.startswith(_MMDIFF_CLIP_PREFIX)}
+        load_strict(model, state, f"CLIP ('{path}')")
     if precision in ("fp16", "bf16"):
         convert_weights_to_lp(model, dtype=precision_dtype(precision))
     model.visual.image_mean = OPENAI_DATASET_MEAN

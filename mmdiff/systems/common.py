@@ -1,13 +1,16 @@
-"""Pieces every system shares: AdamW with warm-up + cosine/constant LR, config round-trip."""
+"""Pieces every system shares: AdamW with warm-up + cosine/constant LR, speed switches."""
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig
 
 from mmdiff.config import LRSchedule
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
@@ -21,16 +24,31 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def use_fused_adamw(params: Iterable[torch.nn.Parameter], fused: Optional[bool] = None) -> bool:
+    """``fused`` when set, else True when every parameter is on a CUDA device (``trainer.fused_adamw``)."""
+    params = list(params)
+    if fused is not None:
+        return bool(fused)
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def configure_adamw(
-    params: Iterable[torch.nn.Parameter], optim: DictConfig, max_steps: int
+    params: Iterable[torch.nn.Parameter], optim: DictConfig, max_steps: int,
+    fused: Optional[bool] = None,
 ) -> Dict[str, Any]:
-    """AdamW + per-step LambdaLR, in the dict form ``configure_optimizers`` returns."""
+    """AdamW + per-step LambdaLR, in the dict form ``configure_optimizers`` returns.
+
+    ``fused`` (``trainer.fused_adamw``): the single-kernel AdamW; None = on for CUDA parameters.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    extra = {"fused": True} if use_fused_adamw(trainable, fused) else {}
     opt = torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
+        trainable,
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
         weight_decay=optim.weight_decay,
+        **extra,
     )
     schedule = optim.schedule.value if hasattr(optim.schedule, "value") else str(optim.schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -38,3 +56,50 @@ def configure_adamw(
         lambda step: lr_lambda(step, optim.warmup_steps, max_steps, schedule, optim.min_lr_ratio),
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ------------------------------------------------------------------------------------ speed
+def enable_tf32(enabled: bool = True) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions (Ampere and newer; ignored elsewhere)."""
+    mode = "tf32" if enabled else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # pragma: no cover - older torch
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def prepare_unet(unet: torch.nn.Module, ucfg: Any, device: torch.device) -> Dict[str, Any]:
+    """Apply ``model.unet``'s speed switches to a diffusers U-Net in place; return what was applied.
+
+    * ``channels_last`` (null = on for CUDA): NHWC weights, so cuDNN picks its fastest convolutions;
+    * ``gradient_checkpointing``: diffusers' per-block activation recomputation;
+    * ``compile``: ``off``, ``full`` (``unet.compile()``) or ``regional`` (each down/mid/up block
+      compiled on its own: identical blocks share one graph, so compiling takes seconds, not
+      minutes). ``nn.Module.compile`` compiles in place, so state-dict keys do not change.
+    """
+    device = torch.device(device)
+    applied: Dict[str, Any] = {}
+    channels_last = ucfg.channels_last
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    applied["channels_last"] = bool(channels_last)
+    if ucfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    applied["gradient_checkpointing"] = bool(ucfg.gradient_checkpointing)
+    mode = str(getattr(ucfg.compile, "value", ucfg.compile))
+    if mode == "full":
+        unet.compile()
+    elif mode == "regional":
+        blocks = list(unet.down_blocks) + list(unet.up_blocks)
+        if unet.mid_block is not None:
+            blocks.append(unet.mid_block)
+        for block in blocks:
+            block.compile()
+    applied["compile"] = mode
+    log.info("U-Net speed switches: %s", applied)
+    return applied

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Type
 _BUILTIN: Dict[str, str] = {
     "autoencoder": "mmdiff.systems.autoencoder",
     "text_to_image": "mmdiff.systems.text_to_image",
+    "contrastive": "mmdiff.systems.contrastive",
+    "captioning": "mmdiff.systems.captioning",
 }
 _REGISTRY: Dict[str, type] = {}
 

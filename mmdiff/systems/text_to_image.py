@@ -1,7 +1,10 @@
 """Text → image latent diffusion: frozen VAE + frozen open_clip text encoder + trained U-Net.
 
 The system wires models and the diffusion process together; it holds no math of its own
-(that is ``mmdiff.diffusion``). Batches are ``{"image": B×3×H×W in [-1, 1], "caption": [str]}``.
+(that is ``mmdiff.diffusion``). Batches are ``{"image": B×3×H×W in [-1, 1], "caption": [str]}``,
+or with ``model.precomputed`` the arrays ``mmdiff precompute`` wrote (``latent`` = unscaled VAE
+posterior mean or sample, optional ``latent_logvar``, ``context``, ``pooled``): the frozen
+encoders are then skipped, and caption dropout swaps in the stored empty-prompt states.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType, to_container
-from mmdiff.diffusion import GaussianDiffusion
+from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae
-from mmdiff.systems.common import configure_adamw
+from mmdiff.errors import DataError
+from mmdiff.systems.common import configure_adamw, enable_tf32, prepare_unet
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,9 @@ class TextToImageSystem(L.LightningModule):
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         scale = m.vae.scaling_factor
         self.register_buffer("latent_scale", torch.tensor(float(scale) if scale else 0.0))
+        self.precomputed = bool(m.precomputed)
+        self._empty_states: Optional[Dict[str, torch.Tensor]] = None  # see empty_prompt_states()
+        self.speed: Dict[str, Any] = {}  # the U-Net speed switches applied (configure_model)
         self.save_hyperparameters({"config": to_container(cfg), "vae_config": _plain(vae.config)})
 
     @classmethod
@@ -78,26 +85,97 @@ class TextToImageSystem(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return configure_adamw(self.unet.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
+        return configure_adamw(
+            self.unet.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
+            fused=self.cfg.trainer.fused_adamw,
+        )
+
+    def configure_model(self) -> None:
+        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``, TF32)."""
+        if self.speed:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if device.type == "cuda":
+            enable_tf32(bool(self.cfg.trainer.tf32))
+        self.speed = prepare_unet(self.unet, self.cfg.model.unet, device)
+
+    def _frozen(self):
+        """Frozen encoders run in their own configured dtype, outside any mixed-precision autocast."""
+        return torch.autocast(self.device.type, enabled=False)
 
     # ------------------------------------------------------------------------------ encoders
     def encode_prompts(self, prompts: List[str]) -> Dict[str, torch.Tensor]:
         """Prompts → ``{"context": B×L×D, "pooled": B×E}`` from the frozen text encoder."""
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        states, pooled = self.clip.encode_text(tokens)
+        with self._frozen():
+            states, pooled = self.clip.encode_text(tokens)
         return {"context": states.float(), "pooled": pooled.float()}
+
+    @torch.no_grad()
+    def encode_posterior(self, images: torch.Tensor) -> Any:
+        """Images in [-1, 1] → the VAE's (unscaled) posterior ``DiagonalGaussianDistribution``."""
+        with self._frozen():
+            return self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Images in [-1, 1] → scaled latents (posterior sample, or its mean when ``sample=False``)."""
-        posterior = self.vae.encode(images.to(self.vae_dtype)).latent_dist
+        posterior = self.encode_posterior(images)
         z = posterior.sample() if sample else posterior.mean
         return z.float() * self.latent_scale
+
+    def _raw_latents(self, batch: Dict[str, Any], sample: bool = True) -> torch.Tensor:
+        """Unscaled float32 latents of a batch: VAE-encoded images, or the precomputed arrays."""
+        if not self.precomputed:
+            posterior = self.encode_posterior(batch["image"])
+            return (posterior.sample() if sample else posterior.mean).float()
+        if "latent" not in batch:
+            raise DataError(
+                "model.precomputed is true but the batch has no 'latent' array; train from "
+                "`mmdiff precompute` shards with data.array_keys=[latent,latent_logvar,context,pooled]."
+            )
+        z = batch["latent"].to(self.device).float()
+        logvar = batch.get("latent_logvar")
+        if sample and logvar is not None:  # a fresh posterior draw, as online encoding makes
+            z = z + torch.exp(0.5 * logvar.to(self.device).float()) * torch.randn_like(z)
+        return z
+
+    def batch_latents(self, batch: Dict[str, Any], sample: bool = True) -> torch.Tensor:
+        """Scaled latents for the diffusion loss (``sample=False``: the posterior mean)."""
+        return self._raw_latents(batch, sample) * self.latent_scale
+
+    def empty_prompt_states(self) -> Dict[str, torch.Tensor]:
+        """``{"context": 1×L×D, "pooled": 1×E}`` of the empty prompt (caption dropout's target).
+
+        Training from precomputed shards uses the states stored beside them (``empty_prompt.npz``,
+        loaded in ``on_fit_start``); otherwise they come from the text encoder, once.
+        """
+        if self._empty_states is None:
+            self._empty_states = self.encode_prompts([""])
+        return {k: v.to(self.device) for k, v in self._empty_states.items()}
+
+    def batch_condition(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Text conditioning of a batch; rows where ``drop`` is True get the empty prompt's."""
+        if not self.precomputed:
+            captions = list(batch["caption"])
+            if drop is not None:
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            return self.encode_prompts(captions)
+        cond = {"context": batch["context"].to(self.device).float()}
+        if "pooled" in batch:
+            cond["pooled"] = batch["pooled"].to(self.device).float()
+        if drop is not None and bool(drop.any()):
+            empty = self.empty_prompt_states()
+            mask = drop.to(self.device)
+            cond = {k: torch.where(mask.view(-1, *([1] * (v.ndim - 1))), empty[k].to(v.dtype), v)
+                    for k, v in cond.items()}
+        return cond
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → images in [-1, 1]."""
-        images = self.vae.decode((latents / self.latent_scale).to(self.vae_dtype)).sample
+        with self._frozen():
+            images = self.vae.decode((latents / self.latent_scale).to(self.vae_dtype)).sample
         return images.float().clamp(-1, 1)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,17 +183,40 @@ class TextToImageSystem(L.LightningModule):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         kwargs: Dict[str, Any] = {}
+        if self.speed.get("channels_last"):
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         if self.cfg.model.unet.use_pooled_text:
             kwargs["class_labels"] = cond["pooled"].to(x_t.dtype)
         return self.unet(x_t, t, encoder_hidden_states=cond["context"].to(x_t.dtype), **kwargs).sample
 
     # ------------------------------------------------------------------------------ training
-    def _drop_captions(self, captions: List[str]) -> List[str]:
+    def _drop_mask(self, n: int) -> Optional[torch.Tensor]:
+        """Rows whose caption is dropped (for classifier-free guidance); None without dropout."""
         p = self.cfg.model.caption_dropout
         if p <= 0:
+            return None
+        return torch.rand(n) < p
+
+    def _drop_captions(self, captions: List[str]) -> List[str]:
+        drop = self._drop_mask(len(captions))
+        if drop is None:
             return list(captions)
-        keep = torch.rand(len(captions)) >= p
-        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    def on_fit_start(self) -> None:
+        if self.precomputed:
+            self._check_precomputed()
+
+    def _check_precomputed(self) -> None:
+        """Load the precompute folder's empty-prompt states and check it fits this model."""
+        from mmdiff.precompute import check_against, find_precompute_dir
+
+        folder = find_precompute_dir(self.cfg.data.train_shards)
+        if folder is None:
+            log.warning("no precompute.json beside the training shards; caption dropout uses the "
+                        "text encoder's empty-prompt states and the shards are not checked")
+            return
+        self._empty_states = check_against(self, folder)
 
     def on_train_start(self) -> None:
         if float(self.latent_scale) == 0.0:
@@ -130,8 +231,7 @@ class TextToImageSystem(L.LightningModule):
         for i, batch in enumerate(loader):
             if i >= n_batches:
                 break
-            z = self.vae.encode(batch["image"].to(self.device, self.vae_dtype)).latent_dist.sample()
-            z = z.double()
+            z = self._raw_latents(batch, sample=True).double()
             total += torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), device=self.device)])
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
         mean = total[0] / total[2]
@@ -139,16 +239,17 @@ class TextToImageSystem(L.LightningModule):
         self.latent_scale.fill_(float(1.0 / std))
         log.info("latent scale estimated from %d batches: %.5f", n_batches, float(self.latent_scale))
 
-    def _loss(self, batch: Dict[str, Any], captions: List[str], generator=None, sample: bool = True):
-        latents = self.encode_images(batch["image"], sample=sample)
-        cond = self.encode_prompts(captions)
+    def _loss(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None, generator=None,
+              sample: bool = True):
+        latents = self.batch_latents(batch, sample=sample)
+        cond = self.batch_condition(batch, drop)
         return self.diffusion.training_loss(
             lambda x_t, t: self.denoise(x_t, t, cond), latents, generator=generator
         )
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self._loss(batch, self._drop_captions(batch["caption"]))
-        bs = batch["image"].shape[0]
+        bs = len(batch["caption"])
+        out = self._loss(batch, self._drop_mask(bs))
         for name, value in out.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
         return out["loss"]
@@ -159,52 +260,42 @@ class TextToImageSystem(L.LightningModule):
         if not bool(valid.any()):
             return
         keep = valid.nonzero().flatten().tolist()
-        batch = {"image": batch["image"][valid], "caption": [batch["caption"][i] for i in keep]}
+        n = len(batch["caption"])
+        batch = {k: (v[valid] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n
+                     else [v[i] for i in keep] if isinstance(v, list) else v)
+                 for k, v in batch.items()}
         # Fixed noise and timesteps per batch index, so validation losses are comparable over time.
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100003 + batch_idx)
-        out = self._loss(batch, batch["caption"], generator=gen, sample=False)
-        bs = batch["image"].shape[0]
+        out = self._loss(batch, None, generator=gen, sample=False)
+        bs = len(keep)
         for name, value in out.items():
             self.log(f"val/{name}", value, sync_dist=True, batch_size=bs)
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(
-        self,
-        prompts: List[str],
-        *,
-        seed: int = 0,
-        sampler: Optional[str] = None,
-        steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-        guidance_rescale: Optional[float] = None,
-        eta: Optional[float] = None,
-        temperature: Optional[float] = None,
-        progress: bool = False,
+        self, prompts: List[str], *, seed: int = 0, progress: bool = False, **options: Any
     ) -> torch.Tensor:
-        """Prompts → images B×3×H×W in [-1, 1]; unset options take the config's ``sampling:``."""
+        """Prompts → images B×3×H×W in [-1, 1].
+
+        ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
+        ``guidance_scale``, ``eta``, ``temperature``, ...); unset ones take the config's ``sampling:``.
+        """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
-        s = self.cfg.sampling
-        scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        kwargs = sample_kwargs(self.cfg.sampling)
+        kwargs.update({k: v for k, v in options.items() if v is not None})
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if scale != 1.0 else None
+        uncond = self.encode_prompts([""] * len(prompts)) if kwargs["guidance_scale"] != 1.0 else None
         latents = self.diffusion.sample(
             self.denoise,
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
             cond=cond,
             uncond=uncond,
-            sampler=sampler or s.sampler,
-            steps=steps or s.steps,
-            guidance_scale=scale,
-            guidance_rescale=s.guidance_rescale if guidance_rescale is None else guidance_rescale,
-            eta=s.eta if eta is None else eta,
-            temperature=s.temperature if temperature is None else temperature,
-            timestep_spacing=str(getattr(s.timestep_spacing, "value", s.timestep_spacing)),
-            generator=generator,
+            generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
             progress=progress,
+            **kwargs,
         )
         return self.decode_latents(latents)
 

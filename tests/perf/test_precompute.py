@@ -1,0 +1,175 @@
+"""`mmdiff precompute`: shards of latents and text states, and training from them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiff.cli import main
+from mmdiff.config import load_config
+from mmdiff.data.decode import decode_array
+from mmdiff.data.tario import iter_samples
+from mmdiff.errors import ConfigError, DataError
+from mmdiff.precompute import (
+    EMPTY_PROMPT,
+    FRAGMENT,
+    METADATA,
+    VAE_PROBE,
+    check_against,
+    fragment_overrides,
+    load_empty_prompt,
+    precompute,
+)
+
+
+def _system(cfg_path: Path, *overrides: str):
+    import lightning as L
+
+    from mmdiff.systems.text_to_image import TextToImageSystem
+
+    cfg = load_config(cfg_path, list(overrides))
+    L.seed_everything(cfg.seed, verbose=False)  # as `mmdiff fit` and `mmdiff precompute` do
+    return TextToImageSystem(cfg).eval()
+
+
+def _pre_overrides(folder: Path):
+    return fragment_overrides(folder, "distribution", ["train", "val"])
+
+
+def test_folder_holds_shards_metadata_and_empty_prompt(precomputed: Path) -> None:
+    names = sorted(p.name for p in precomputed.iterdir())
+    assert names == sorted([EMPTY_PROMPT, FRAGMENT, METADATA, VAE_PROBE,
+                            "train-000000.tar", "train-000001.tar", "val-000000.tar"])
+    meta = json.loads((precomputed / METADATA).read_text())
+    assert meta["latent_shape"] == [4, 8, 8] and meta["context_shape"] == [32, 64]
+    assert meta["latents"] == "distribution" and meta["dtype"] == "fp16"
+    assert meta["array_keys"] == ["latent", "latent_logvar", "context", "pooled"]
+    empty = load_empty_prompt(precomputed)
+    assert empty["context"].shape == (1, 32, 64) and empty["pooled"].shape == (1, 64)
+
+
+def test_arrays_are_the_unscaled_posterior_of_centre_crops(precomputed: Path, tiny_cfg_path: Path,
+                                                           demo_shards: Path) -> None:
+    from mmdiff.data.decode import DecodeSpec, decode_sample
+    from mmdiff.data.transforms import ImageTransform
+
+    samples = list(iter_samples(str(precomputed / "train-000001.tar")))
+    sources = list(iter_samples(str(demo_shards / "train-000001.tar")))
+    assert [s.key for s in samples] == [s.key for s in sources] and len(samples) == 200
+    first = samples[0].members
+    assert set(first) == {"latent.npy", "latent_logvar.npy", "context.npy", "pooled.npy", "txt", "json"}
+    latent = decode_array(first["latent.npy"])
+    assert latent.dtype == np.float16 and latent.shape == (4, 8, 8)
+    assert decode_array(first["context.npy"]).shape == (32, 64)
+    assert decode_array(first["pooled.npy"]).shape == (64,)
+
+    system = _system(tiny_cfg_path)
+    decoded = decode_sample(sources[0], DecodeSpec())
+    image = ImageTransform(16)(decoded.image).unsqueeze(0)
+    posterior = system.encode_posterior(image)
+    torch.testing.assert_close(torch.from_numpy(latent).float(), posterior.mean[0], atol=2e-3, rtol=2e-3)
+    logvar = torch.from_numpy(decode_array(first["latent_logvar.npy"])).float()
+    torch.testing.assert_close(logvar, posterior.logvar[0], atol=2e-2, rtol=2e-3)
+    context = system.encode_prompts([first["txt"].decode()])["context"][0]
+    torch.testing.assert_close(torch.from_numpy(decode_array(first["context.npy"])).float(), context,
+                               atol=5e-3, rtol=5e-3)
+
+
+def test_fit_from_precomputed_shards_then_sample(precomputed: Path, tiny_cfg_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", str(tiny_cfg_path), f"run_dir={run}", *_pre_overrides(precomputed)]) == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert float(ckpt["state_dict"]["latent_scale"]) > 0
+    assert ckpt["hyper_parameters"]["config"]["model"]["precomputed"] is True
+    (metrics,) = (run / "csv").rglob("metrics.csv")
+    text = metrics.read_text()
+    assert "train/loss" in text and "val/loss" in text
+
+    from mmdiff.api import load
+
+    system = load(run / "checkpoints" / "last.ckpt", expect="text_to_image", device="cpu")
+    images = system.sample(["a handwritten digit one"], seed=0, steps=2)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_caption_dropout_uses_the_stored_empty_prompt_states(precomputed: Path, tiny_cfg_path: Path) -> None:
+    system = _system(tiny_cfg_path, *_pre_overrides(precomputed), "model.caption_dropout=1.0")
+    stored = load_empty_prompt(precomputed)
+    system._empty_states = check_against(system, precomputed)
+    batch = {"context": torch.randn(3, 32, 64), "pooled": torch.randn(3, 64), "caption": ["a", "b", "c"],
+             "latent": torch.randn(3, 4, 8, 8)}
+    drop = torch.tensor([True, False, True])
+    cond = system.batch_condition(batch, drop)
+    for key in ("context", "pooled"):
+        torch.testing.assert_close(cond[key][0], stored[key][0])
+        torch.testing.assert_close(cond[key][2], stored[key][0])
+        torch.testing.assert_close(cond[key][1], batch[key][1])
+    # model.caption_dropout=1.0: every row of a training step gets the empty prompt.
+    assert bool(system._drop_mask(5).all())
+
+
+def test_shards_from_another_encoder_or_vae_are_refused(precomputed: Path, tiny_cfg_path: Path,
+                                                        tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(precomputed, folder)
+    system = _system(tiny_cfg_path)
+    check_against(system, folder)  # the same model: fine
+    other = _system(tiny_cfg_path, "seed=1")  # other random text encoder and VAE
+    with pytest.raises(DataError, match="different text encoder"):
+        check_against(other, folder)
+    np.save(folder / VAE_PROBE, np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32))
+    with pytest.raises(DataError, match="different VAE"):
+        check_against(system, folder)
+    wider = _system(tiny_cfg_path, "data.image_size=32")
+    with pytest.raises(DataError, match=r"shape \[4, 8, 8\] but this model needs \[4, 16, 16\]"):
+        check_against(wider, folder)
+
+
+def test_ranks_split_shards_and_reruns_continue(tiny_cfg_path: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = load_config(tiny_cfg_path)
+    out = tmp_path / "ranked"
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    result = precompute(cfg, out, splits=["train"], progress=False, batch_size=64)
+    assert (result.rank, result.world) == (1, 2)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000001.tar"]
+    assert not (out / METADATA).exists()  # rank 0 writes the folder files
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    result = precompute(cfg, out, splits=["train"], progress=False, batch_size=64)
+    assert [p.name for p in result.written["train"]] == ["train-000000.tar"]
+    assert (out / METADATA).is_file() and (out / EMPTY_PROMPT).is_file()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    again = precompute(cfg, out, splits=["train"], progress=False, batch_size=64)
+    assert again.written["train"] == [] and len(again.existing["train"]) == 2
+    assert again.samples["train"] == 400
+    with pytest.raises(DataError, match="other settings"):
+        precompute(load_config(tiny_cfg_path, ["model.precompute_dtype=fp32"]), out, splits=["train"],
+                   progress=False)
+
+
+def test_precomputed_config_checks(tiny_cfg_path: Path, precomputed: Path) -> None:
+    with pytest.raises(ConfigError, match="data.load_images"):
+        load_config(tiny_cfg_path, ["model.precomputed=true", "data.array_keys=[latent,context]"])
+    with pytest.raises(ConfigError, match=r"lacks \['context', 'pooled'\]"):
+        load_config(tiny_cfg_path, ["model.precomputed=true", "data.load_images=false",
+                                    "data.array_keys=[latent]"])
+    with pytest.raises(ConfigError, match="image config"):
+        precompute(load_config(tiny_cfg_path, _pre_overrides(precomputed)), precomputed / "x")
+    cfg = load_config(tiny_cfg_path, _pre_overrides(precomputed))
+    assert cfg.model.precomputed and list(cfg.data.array_keys)[0] == "latent"
+
+
+def test_precompute_cli_mean_latents_fp32(tiny_cfg_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mean"
+    code = main(["precompute", str(tiny_cfg_path), "model.precompute_latents=mean",
+                 "model.precompute_dtype=fp32", "--out", str(out), "--split", "val", "--no-progress"])
+    assert code == 0
+    (sample, *_) = iter_samples(str(out / "val-000000.tar"))
+    assert "latent_logvar.npy" not in sample.members
+    assert decode_array(sample.members["latent.npy"]).dtype == np.float32
+    assert "array_keys: [latent, context, pooled]" in (out / FRAGMENT).read_text()

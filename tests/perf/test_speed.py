@@ -1,0 +1,62 @@
+"""Speed switches: each is a config key, off/auto by default, and training still works with it on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmdiff.config import load_config
+from mmdiff.models.unet import build_unet
+from mmdiff.systems.common import configure_adamw, prepare_unet, use_fused_adamw
+
+
+def _unet(cfg):
+    return build_unet(cfg.model.unet, latent_channels=4, sample_size=8, cross_attention_dim=64,
+                      pooled_dim=64, learned_variance=False)
+
+
+def test_defaults_are_safe(tiny_cfg_path: Path) -> None:
+    cfg = load_config(tiny_cfg_path)
+    u, t = cfg.model.unet, cfg.trainer
+    assert (u.channels_last, u.compile.value, u.gradient_checkpointing) == (None, "off", False)
+    assert (t.fused_adamw, t.tf32) == (None, True)
+    unet = _unet(cfg)
+    applied = prepare_unet(unet, u, torch.device("cpu"))
+    assert applied == {"channels_last": False, "gradient_checkpointing": False, "compile": "off"}
+    # diffusers runs attention through torch's scaled_dot_product_attention
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_switches_on_still_train(tiny_cfg_path: Path) -> None:
+    cfg = load_config(tiny_cfg_path, ["model.unet.channels_last=true",
+                                      "model.unet.gradient_checkpointing=true"])
+    unet = _unet(cfg).train()
+    applied = prepare_unet(unet, cfg.model.unet, torch.device("cpu"))
+    assert applied["channels_last"] and applied["gradient_checkpointing"]
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert unet.is_gradient_checkpointing
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = unet(x, torch.tensor([3, 500]), encoder_hidden_states=torch.randn(2, 5, 64),
+               class_labels=torch.randn(2, 64)).sample
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+
+
+def test_regional_compile_wraps_each_block_in_place(tiny_cfg_path: Path) -> None:
+    cfg = load_config(tiny_cfg_path, ["model.unet.compile=regional"])
+    unet = _unet(cfg)
+    keys = list(unet.state_dict())
+    prepare_unet(unet, cfg.model.unet, torch.device("cpu"))
+    blocks = list(unet.down_blocks) + list(unet.up_blocks) + [unet.mid_block]
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert unet._compiled_call_impl is None
+    assert list(unet.state_dict()) == keys  # checkpoints keep their keys
+
+
+def test_fused_adamw_only_on_cuda_unless_asked(tiny_cfg_path: Path) -> None:
+    cfg = load_config(tiny_cfg_path)
+    params = list(torch.nn.Linear(2, 2).parameters())
+    assert not use_fused_adamw(params)  # CPU parameters, auto
+    assert use_fused_adamw(params, True) and not use_fused_adamw(params, False)
+    opt = configure_adamw(params, cfg.optim, 10, fused=None)["optimizer"]
+    assert not opt.defaults.get("fused")
