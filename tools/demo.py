@@ -1,4 +1,4 @@
-"""`make demo`: digits shards → VAE → CLIP → text-to-image → samples and a digit-accuracy check.
+"""`make demo`: digits shards → VAE → CLIP → text-to-image → samples, digit accuracy, captioner.
 
 The CLIP stage trains the tiny open_clip model contrastively on the digits, so the frozen text
 encoder of the text-to-image stage carries meaning (a random-init one does not name digits).
@@ -25,6 +25,7 @@ STAGES = [
     ("vae", "configs/demo/vae.yaml"),
     ("clip", "configs/demo/clip.yaml"),
     ("t2i", "configs/demo/text_to_image.yaml"),
+    ("caption_ar", "configs/demo/caption_ar.yaml"),
 ]
 
 
@@ -52,6 +53,7 @@ def main() -> int:
     started = time.time()
 
     from mmdiff.api import load
+    from mmdiff.captioning import evaluate_captioner
     from mmdiff.data.writers import write_demo_shards
     from mmdiff.eval.digits import digit_prompt, evaluate_digits
     from mmdiff.sampling import write_samples
@@ -65,11 +67,16 @@ def main() -> int:
         system, [digit_prompt(d) for d in range(10)], n_per_prompt=8, out_dir=RUNS / "samples", seed=0
     )
     result = evaluate_digits(system, n_per_digit=20, seed=1, out=RUNS / "eval")
+    captioner = load(checkpoints["caption_ar"], expect="captioning")
+    captions = evaluate_captioner(captioner, sorted(str(p) for p in DATA.glob("val-*.tar")))
+    examples = "\n".join(f"    {ref!r:40} → {gen!r}" for ref, gen in captions["examples"][:5])
     wandb_dirs = sorted((RUNS / "t2i" / "wandb").glob("offline-run-*"))
     print(
         f"\nDemo finished in {time.time() - started:.0f} s.\n"
         f"  samples:        {samples}/grid.png (one row per digit prompt)\n"
         f"  {result.summary()}\n"
+        f"  captioner on {captions['n']} val digits: digit accuracy {captions['digit_accuracy']:.3f}, "
+        f"BLEU-4 {captions['bleu4']:.3f}; examples (reference → caption):\n{examples}\n"
         f"  training grids: {RUNS}/t2i/samples/ and {RUNS}/vae/samples/\n"
         f"  W&B (offline):  {wandb_dirs[-1] if wandb_dirs else RUNS / 't2i' / 'wandb'}\n"
         f"  publish with:   .venv/bin/wandb sync {wandb_dirs[-1] if wandb_dirs else '<run dir>'}\n"
