@@ -65,6 +65,9 @@ SPLITS = ("train", "val")
 # Cosine similarity below which a stored reference and this model's own answer disagree.
 MATCH_COSINE = 0.99
 _FIXED_MTIME = 946684800.0  # as mmdiff.data.writers: reproducible tar bytes
+# The model.vae keys that change what the encoder computes (recorded in precompute.json).
+_VAE_KEYS = ("pretrained", "in_channels", "latent_channels", "block_out_channels", "layers_per_block",
+             "norm_num_groups", "precision")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -296,7 +299,7 @@ class _Encoder:
             "pooled_dim": s.clip.embed_dim,
             "array_keys": _store_keys(self.latents),
             "latent_scale_note": "latents are unscaled; training multiplies by the model's latent_scale",
-            "vae": to_container(m.vae),
+            "vae": {k: v for k, v in to_container(m.vae).items() if k in _VAE_KEYS},
             "clip": {k: v for k, v in to_container(m.clip).items() if k != "freeze"},
             "seed": int(cfg.seed),
             "caption_key": str(cfg.data.caption_key),

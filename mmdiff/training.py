@@ -200,10 +200,18 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)
     log.info("run directory: %s", run_dir)
     trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    _finish_wandb(loggers)
     if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
         # A finished run must not be resumed later from a stale requeue checkpoint.
         prune_hpc_checkpoints(run_dir, keep=0)
     return run_dir
+
+
+def _finish_wandb(loggers: List[Logger]) -> None:
+    """Close the W&B run so its offline files are complete when ``fit`` returns (rank 0 only)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def check_precision(cfg: DictConfig) -> None:

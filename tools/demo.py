@@ -32,7 +32,8 @@ STAGES = [
 def _stage(name: str, config: str, force: bool) -> Path:
     from mmdiff.training import fit
 
-    cfg = load_config(config)
+    # Plain progress lines instead of a progress bar when the output goes to a file or CI log.
+    cfg = load_config(config, [] if sys.stdout.isatty() else ["trainer.enable_progress_bar=false"])
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     if last.is_file() and not force:
         log.info("[%s] %s exists, skipping (use --force to retrain)", name, last)

@@ -143,7 +143,9 @@ class CaptioningSystem(L.LightningModule):
         return self.head if self.clip.frozen else self
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
+        return configure_adamw(
+            self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps, fused=self.cfg.trainer.fused_adamw
+        )
 
     def image_context(self, images: torch.Tensor) -> ImageContext:
         """Images in [-1, 1] → the head's projected CLIP features."""

@@ -92,14 +92,16 @@ def prepare_unet(unet: torch.nn.Module, ucfg: Any, device: torch.device) -> Dict
         unet.enable_gradient_checkpointing()
     applied["gradient_checkpointing"] = bool(ucfg.gradient_checkpointing)
     mode = str(getattr(ucfg.compile, "value", ucfg.compile))
+    # Static shapes: a training run sees one or two batch shapes, and inductor's dynamic-shape
+    # path failed on these blocks (torch 2.14, CPU).
     if mode == "full":
-        unet.compile()
+        unet.compile(dynamic=False)
     elif mode == "regional":
         blocks = list(unet.down_blocks) + list(unet.up_blocks)
         if unet.mid_block is not None:
             blocks.append(unet.mid_block)
         for block in blocks:
-            block.compile()
+            block.compile(dynamic=False)
     applied["compile"] = mode
     log.info("U-Net speed switches: %s", applied)
     return applied

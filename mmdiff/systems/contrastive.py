@@ -34,7 +34,7 @@ from mmdiff.config import to_container
 from mmdiff.data.digits import digit_from_caption
 from mmdiff.eval.retrieval import digit_prompts, group_ids, recall_at_k, zero_shot_accuracy
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.systems.common import lr_lambda
+from mmdiff.systems.common import lr_lambda, use_fused_adamw
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,13 @@ class ContrastiveSystem(L.LightningModule):
             exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
             exclude = exclude or "logit_scale" in name or "embedding" in name
             (no_decay if exclude else decay).append(p)
+        extra = {"fused": True} if use_fused_adamw(decay + no_decay, self.cfg.trainer.fused_adamw) else {}
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,
             betas=tuple(o.betas),
             eps=o.eps,
+            **extra,
         )
         schedule = o.schedule.value if hasattr(o.schedule, "value") else str(o.schedule)
         max_steps = self.cfg.trainer.max_steps

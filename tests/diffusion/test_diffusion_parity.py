@@ -45,7 +45,7 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg  # the function Sta
 from mmdiff.diffusion import GaussianDiffusion, NoiseSchedule
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-logging.getLogger("mmdiff").setLevel(logging.ERROR)
+logging.getLogger("mmdiff.diffusion").setLevel(logging.ERROR)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SHAPE = (2, 3, 4, 4)
 STEPS = 20

@@ -12,7 +12,7 @@ from mmdiff.diffusion.guidance import concat_cond
 from mmdiff.diffusion.objectives import edm_scalings
 from mmdiff.diffusion.toy import GaussianMixture2D, sliced_wasserstein
 
-logging.getLogger("mmdiff").setLevel(logging.ERROR)
+logging.getLogger("mmdiff.diffusion").setLevel(logging.ERROR)
 SCHED = NoiseSchedule.make("linear", 1000, 1e-4, 0.02)
 SHAPE = (2, 3, 8, 8)
 
