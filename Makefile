@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to the pair that installs and imports together on the reference machine.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning threads of one
+# process starve the others (a 30x slowdown measured here with two busy processes on 2 cores).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test install clean
 

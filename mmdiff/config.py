@@ -124,7 +124,7 @@ class ArrayDtype(str, enum.Enum):
 
 
 class UNetCompile(str, enum.Enum):
-    off = "off"
+    none = "none"  # ("off" would read as a YAML boolean)
     full = "full"  # torch.compile of the whole U-Net
     regional = "regional"  # torch.compile of each down/mid/up block (much shorter compile times)
 
@@ -349,7 +349,7 @@ class UNetConfig:
     use_pooled_text: bool = False
     # Speed switches (docs/performance.md). channels_last: null = on when training on a GPU.
     channels_last: Optional[bool] = None
-    compile: UNetCompile = UNetCompile.off
+    compile: UNetCompile = UNetCompile.none
     # Recompute activations in the backward pass: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
 

@@ -76,9 +76,9 @@ def prepare_unet(unet: torch.nn.Module, ucfg: Any, device: torch.device) -> Dict
 
     * ``channels_last`` (null = on for CUDA): NHWC weights, so cuDNN picks its fastest convolutions;
     * ``gradient_checkpointing``: diffusers' per-block activation recomputation;
-    * ``compile``: ``off``, ``full`` (``unet.compile()``) or ``regional`` (each down/mid/up block
-      compiled on its own: identical blocks share one graph, so compiling takes seconds, not
-      minutes). ``nn.Module.compile`` compiles in place, so state-dict keys do not change.
+    * ``compile``: ``none``, ``full`` (``unet.compile()``) or ``regional`` (each down/mid/up block
+      compiled on its own: smaller graphs, quicker to compile and less fragile than the whole
+      U-Net). ``nn.Module.compile`` compiles in place, so state-dict keys do not change.
     """
     device = torch.device(device)
     applied: Dict[str, Any] = {}

@@ -18,11 +18,11 @@ def _unet(cfg):
 def test_defaults_are_safe(tiny_cfg_path: Path) -> None:
     cfg = load_config(tiny_cfg_path)
     u, t = cfg.model.unet, cfg.trainer
-    assert (u.channels_last, u.compile.value, u.gradient_checkpointing) == (None, "off", False)
+    assert (u.channels_last, u.compile.value, u.gradient_checkpointing) == (None, "none", False)
     assert (t.fused_adamw, t.tf32) == (None, True)
     unet = _unet(cfg)
     applied = prepare_unet(unet, u, torch.device("cpu"))
-    assert applied == {"channels_last": False, "gradient_checkpointing": False, "compile": "off"}
+    assert applied == {"channels_last": False, "gradient_checkpointing": False, "compile": "none"}
     # diffusers runs attention through torch's scaled_dot_product_attention
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
