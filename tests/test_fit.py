@@ -103,3 +103,17 @@ def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> 
     lines = [r.getMessage() for r in caplog.records if r.name == "mmdiff.progress"]
     assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
     assert all("steps/s" in line and "eta" in line for line in lines)
+
+
+def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
+    """Lightning's SIGTERMException is a bare SystemExit (status 0); the CLI maps it to 128 + 15."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import mmdiff.training
+
+    def stopped(cfg, resume=None):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(mmdiff.training, "fit", stopped)
+    assert main(["fit", str(toy_config)]) == 143
+    assert "SIGTERM" in capsys.readouterr().err

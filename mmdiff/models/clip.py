@@ -27,6 +27,7 @@ in one process. Any other name goes through ``open_clip.create_model(name, pretr
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
@@ -164,7 +165,7 @@ class ClipEncoder(nn.Module):
         from open_clip.transformer import TextTransformer
 
         self.model = model
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer  # open_clip's tokenizer for this model (ids via tokenize())
         self.text_layer = str(getattr(text_layer, "value", text_layer))
         if self.text_layer not in ("last", "penultimate"):
             raise ConfigError(
@@ -258,10 +259,11 @@ class ClipEncoder(nn.Module):
         """Token ids B×context_length (LongTensor on CPU) for a list of prompts."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self._tokenizer(list(prompts), context_length=self.context_length).long()
+        return self.tokenizer(list(prompts), context_length=self.context_length).long()
 
     def _grad_context(self) -> Any:
-        return torch.no_grad() if self.frozen else torch.enable_grad()
+        """No autograd when frozen; otherwise the caller's grad mode (a ``no_grad`` caller wins)."""
+        return torch.no_grad() if self.frozen else contextlib.nullcontext()
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states B×L×text_width, pooled B×embed_dim)`` in float32 for token ids B×L."""

@@ -77,11 +77,6 @@ def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
             log.warning("vocabulary scan: %s", err)
 
 
-def clip_tokenizer(clip: ClipEncoder) -> Any:
-    """The open_clip tokenizer a ClipEncoder tokenizes with."""
-    return getattr(clip, "tokenizer", None) or clip._tokenizer  # noqa: SLF001 - no public accessor yet
-
-
 @register_system("captioning")
 class CaptioningSystem(L.LightningModule):
     """Caption head (``ar`` or ``masked``) over a frozen or fine-tuned open_clip image tower."""
@@ -94,7 +89,7 @@ class CaptioningSystem(L.LightningModule):
         c = cfg.model.caption
         self.head_kind = _enum(c.head)
         self.clip = ClipEncoder.from_config(cfg.model.clip)
-        tokenizer = clip_tokenizer(self.clip)
+        tokenizer = self.clip.tokenizer
         if caption_vocab is None and c.vocab_limit > 0:
             if not list(cfg.data.train_shards):
                 raise ConfigError(
@@ -376,4 +371,4 @@ class CaptioningSystem(L.LightningModule):
             )
 
 
-__all__ = ["CaptioningSystem", "scan_captions", "clip_tokenizer"]
+__all__ = ["CaptioningSystem", "scan_captions"]

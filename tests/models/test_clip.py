@@ -76,6 +76,9 @@ def test_unfrozen_trains_and_passes_gradients() -> None:
     states, pooled = enc.encode_text(enc.tokenize(["x"]))
     (states.sum() + pooled.sum()).backward()
     assert enc.model.token_embedding.weight.grad is not None
+    with torch.no_grad():  # a caller's no_grad wins over the unfrozen encoder
+        states, _ = enc.encode_text(enc.tokenize(["x"]))
+    assert not states.requires_grad
 
 
 def test_two_different_tiny_configs_in_one_process(encoder: ClipEncoder) -> None:
