@@ -17,7 +17,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import HERE, clean_env, free_port, tiny_t2i_config
+from conftest import HERE, clean_env, free_port
+from tiny_configs import tiny_t2i_config
 from datakit import sized_shards
 
 

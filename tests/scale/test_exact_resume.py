@@ -23,7 +23,8 @@ from typing import Dict
 import pytest
 import torch
 
-from conftest import clean_env, csv_metrics, tiny_t2i_config
+from conftest import clean_env, csv_metrics
+from tiny_configs import tiny_t2i_config
 
 MAX_STEPS, KILL_AFTER = 40, 20
 

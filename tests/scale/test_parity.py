@@ -15,7 +15,8 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import HERE, clean_env, free_port, tiny_t2i_config
+from conftest import HERE, clean_env, free_port
+from tiny_configs import tiny_t2i_config
 
 TOL = 1e-4
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import clean_env, free_port, tiny_t2i_config
+from conftest import clean_env, free_port
+from tiny_configs import tiny_t2i_config
 
 
 @pytest.mark.slow

@@ -6,38 +6,25 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mmdiff.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_configs import tiny_t2i_config  # noqa: E402
 from wandb_offline import read_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_t2i(tmp_path: Path, shards: Path, **trainer) -> Path:
-    """The demo text-to-image config shrunk to seconds: random VAE, tiny U-Net, 2 prompts."""
-    cfg = {
-        "base": [str(REPO / "configs/demo/text_to_image.yaml")],
-        "run_dir": str(tmp_path / "t2i"),
-        "model": {
-            "vae": {"pretrained": None, "block_out_channels": [32, 32], "scale_estimate_batches": 1},
-            "clip": {"pretrained": None},
-            "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8},
-            "ema_decay": 0.9,
-        },
-        "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
-                 "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4, "image_size": 16},
-        "sampling": {"prompts": ["a handwritten digit one", "a handwritten digit two"], "steps": 2,
-                     "every_n_steps": 3},
-        "trainer": {"max_steps": 6, "val_every_n_steps": 3, "limit_val_batches": 1,
-                    "checkpoint_every_n_steps": 3, "log_every_n_steps": 1, "enable_progress_bar": False,
-                    **trainer},
-    }
-    path = tmp_path / "t2i.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The shared toy config with W&B logging, 2 prompts and previews/checkpoints every 3 steps."""
+    return tiny_t2i_config(
+        tmp_path, shards, run="t2i",
+        data={"batch_size": 8, "steps_per_epoch": 4},
+        sampling={"prompts": ["a handwritten digit one", "a handwritten digit two"], "every_n_steps": 3},
+        trainer={"max_steps": 6, "val_every_n_steps": 3, "checkpoint_every_n_steps": 3, **trainer},
+        logger={"kind": "wandb"},
+    )
 
 
 @pytest.fixture(scope="module")
