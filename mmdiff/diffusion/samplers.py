@@ -4,7 +4,8 @@ Each sampler has the signature ``sampler(denoise, x, grid, *, generator, tempera
 variance_type, on_step, progress) -> x_0``: ``denoise(x_t, t, ᾱ) -> Denoised`` (see
 :mod:`mmdiff.diffusion.guidance`), ``x`` the starting sample at ``grid`` level 0 in VP form
 (``√ᾱ x_0 + √(1-ᾱ) ε``), ``grid`` a :class:`~mmdiff.diffusion.spacing.Grid`. Arguments a sampler
-has no use for are ignored (``eta`` only matters to DDIM, ``variance_type`` to DDPM).
+has no use for are ignored (each takes ``**_unused``: ``eta`` only matters to DDIM,
+``variance_type`` to DDPM, ``generator``/``temperature`` to the stochastic ones).
 ``temperature`` scales the noise injected during sampling (not the starting noise).
 ``on_step(x, i)`` is called with the VP sample once it reaches grid level ``i`` (1..N) and returns
 the sample to continue from — inpainting and predictor-corrector steps hook in there.
@@ -16,7 +17,7 @@ like DPMSolverMultistepScheduler (algorithm_type="dpmsolver++", solver_order=2, 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -42,10 +43,10 @@ def sample_ddpm(
     *,
     generator: Optional[torch.Generator] = None,
     temperature: float = 1.0,
-    eta: float = 0.0,
     variance_type: str = "fixed_small",
     on_step: Optional[StepHook] = None,
     progress: bool = False,
+    **_unused: Any,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020) on strided steps t → t' with ``β = 1 - ᾱ_t/ᾱ_t'``.
 
@@ -87,9 +88,9 @@ def sample_ddim(
     generator: Optional[torch.Generator] = None,
     temperature: float = 1.0,
     eta: float = 0.0,
-    variance_type: str = "fixed_small",
     on_step: Optional[StepHook] = None,
     progress: bool = False,
+    **_unused: Any,
 ) -> Tensor:
     """DDIM (Song et al. 2021): deterministic for η = 0, DDPM-like noise σ_t = η·√β̃ for η > 0.
 
@@ -135,12 +136,9 @@ def sample_euler(
     x: Tensor,
     grid: Grid,
     *,
-    generator: Optional[torch.Generator] = None,
-    temperature: float = 1.0,
-    eta: float = 0.0,
-    variance_type: str = "fixed_small",
     on_step: Optional[StepHook] = None,
     progress: bool = False,
+    **_unused: Any,
 ) -> Tensor:
     """Euler steps of the probability-flow ODE ``dx/dσ = (x - x̂_0)/σ`` (Karras et al. 2022, Alg. 1)."""
     ve = _VE(denoise, grid, on_step)
@@ -157,12 +155,9 @@ def sample_heun(
     x: Tensor,
     grid: Grid,
     *,
-    generator: Optional[torch.Generator] = None,
-    temperature: float = 1.0,
-    eta: float = 0.0,
-    variance_type: str = "fixed_small",
     on_step: Optional[StepHook] = None,
     progress: bool = False,
+    **_unused: Any,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the last step to σ = 0 is Euler.
 
@@ -188,12 +183,9 @@ def sample_dpmpp_2m(
     x: Tensor,
     grid: Grid,
     *,
-    generator: Optional[torch.Generator] = None,
-    temperature: float = 1.0,
-    eta: float = 0.0,
-    variance_type: str = "fixed_small",
     on_step: Optional[StepHook] = None,
     progress: bool = False,
+    **_unused: Any,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form, on the VP sample.
 
