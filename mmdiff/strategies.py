@@ -152,28 +152,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
 
-def check_fsdp_callbacks(cfg: Any, callbacks: List[Any]) -> None:
-    """Refuse callbacks that would hang or save shards under ``fsdp`` (rather than hang at step 0).
-
-    EMA keeps per-rank shards of the sharded U-Net and saves rank 0's only; preview images run the
-    sharded U-Net on rank 0 alone, whose all-gathers then wait for the other ranks forever. A
-    callback that handles sharded modules says so with a ``sharding_aware = True`` attribute.
-    """
-    from mmdiff.errors import ConfigError
-
-    for cb in callbacks:
-        if getattr(cb, "sharding_aware", False):
-            continue
-        name = type(cb).__name__
-        if name == "EMACallback":
-            raise ConfigError("trainer.strategy=fsdp does not support the EMA callback yet (it would save "
-                              "rank 0's shard only); set model.use_ema=false or use trainer.strategy=ddp.")
-        if name == "ImageLoggingCallback" and (cfg.system != "text_to_image" or len(cfg.sampling.prompts) > 0):
-            raise ConfigError("trainer.strategy=fsdp does not support preview images yet (rank 0 would "
-                              "sample alone from the sharded model and hang); set sampling.prompts=[] or "
-                              "use trainer.strategy=ddp.")
-
-
 def build_strategy(cfg: Any) -> Union[str, Strategy]:
     """What ``Trainer(strategy=...)`` gets for ``cfg.trainer`` (see the module docstring)."""
     t = cfg.trainer
@@ -184,5 +162,5 @@ def build_strategy(cfg: Any) -> Union[str, Strategy]:
     return name
 
 
-__all__ = ["STRATEGY_NAMES", "FSDP2Strategy", "build_strategy", "check_fsdp_callbacks", "shard_trainable",
+__all__ = ["STRATEGY_NAMES", "FSDP2Strategy", "build_strategy", "shard_trainable",
            "trainable_children"]

@@ -127,12 +127,10 @@ def build_trainer(
     """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from mmdiff.strategies import build_strategy, check_fsdp_callbacks
+    from mmdiff.strategies import build_strategy
 
     t = cfg.trainer
     callbacks = list(callbacks)
-    if str(t.strategy) == "fsdp":
-        check_fsdp_callbacks(cfg, callbacks)
     plugins = []
     if t.exact_resume:
         from mmdiff.callbacks.data_position import DataPositionCallback, StepSeedCallback

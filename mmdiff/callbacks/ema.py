@@ -2,6 +2,10 @@
 
 The shadow weights live in the callback's state (``checkpoint["callbacks"]["EMA"]``), so resuming
 restores them and ``mmdiff sample`` can swap them in without building an optimiser.
+
+Under FSDP2 (``trainer.strategy: fsdp``) the parameters are sharded DTensors: each rank keeps the
+shadow of its own shards, and the checkpoint holds full tensors (gathered on save, every rank
+takes part since Lightning collects callback states on all ranks; re-sharded on resume).
 """
 from __future__ import annotations
 
@@ -13,6 +17,17 @@ import torch
 from torch import nn
 
 EMA_STATE_KEY = "EMA"
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The local shards of DTensors (plain tensors pass through): foreach ops run on these."""
+    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
 class EMACallback(L.Callback):
@@ -37,9 +52,25 @@ class EMACallback(L.Callback):
         if self.shadow is None:
             self.shadow = [p.detach().float().clone() for p in params]
         else:
-            if len(self.shadow) != len(params):
-                raise RuntimeError("EMA state in the checkpoint does not match the model's parameters.")
-            self.shadow = [s.to(p.device) for s, p in zip(self.shadow, params)]
+            self._match_layout(params)
+
+    def _match_layout(self, params: List[nn.Parameter]) -> None:
+        """Lay the shadow out like ``params``: a checkpoint's full tensors onto the device, or into
+        shards under FSDP2 (whose strategy restores callback states only after ``on_fit_start``)."""
+        assert self.shadow is not None
+        if len(self.shadow) != len(params):
+            raise RuntimeError("EMA state in the checkpoint does not match the model's parameters.")
+        if any(_is_dtensor(s) != _is_dtensor(p) or s.device != p.device for s, p in zip(self.shadow, params)):
+            self.shadow = [self._placed(s, p) for s, p in zip(self.shadow, params)]
+
+    @staticmethod
+    def _placed(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """A checkpoint's full shadow tensor laid out like ``param`` (sharded when it is a DTensor)."""
+        if _is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+        return full.to(param.device)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -49,11 +80,15 @@ class EMACallback(L.Callback):
         self._last_step = trainer.global_step
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self._match_layout(self._params(pl_module))
         params = [p.detach().float() for p in self._params(pl_module)]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+        torch._foreach_lerp_(_local(self.shadow), _local(params), 1.0 - decay)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+        shadow = self.shadow
+        if shadow is not None:  # full tensors in the checkpoint, whatever the sharding
+            shadow = [s.full_tensor() if _is_dtensor(s) else s for s in shadow]
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.decay = state_dict["decay"]
@@ -67,6 +102,7 @@ class EMACallback(L.Callback):
             yield
             return
         params = self._params(pl_module)
+        self._match_layout(params)
         backup = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, s in zip(params, self.shadow):

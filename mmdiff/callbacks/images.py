@@ -3,8 +3,9 @@
 A system opts in by defining ``preview_images() -> dict[str, Tensor | (Tensor, nrow)]`` with
 images B×3×H×W in [-1, 1].
 Previews run at step 0 and then every ``every_n_steps`` optimiser steps, with EMA weights when an
-EMA callback is present. Only rank 0 renders and writes them; the computation uses no collectives,
-so other ranks simply continue to their next synchronisation point.
+EMA callback is present. Only rank 0 writes them. With a replicated model only rank 0 samples
+(no collectives, so other ranks simply continue to their next synchronisation point); with an
+FSDP2-sharded model every rank runs the same sampling, since each forward all-gathers the shards.
 """
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from mmdiff.callbacks.ema import find_ema
 from mmdiff.images import grid, save_png
 
 log = logging.getLogger(__name__)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 class ImageLoggingCallback(L.Callback):
@@ -45,9 +52,9 @@ class ImageLoggingCallback(L.Callback):
 
     def _maybe_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_logged or not trainer.is_global_zero:
+        if step == self._last_logged or not hasattr(pl_module, "preview_images"):
             return
-        if not hasattr(pl_module, "preview_images"):
+        if not trainer.is_global_zero and not _is_sharded(pl_module):
             return
         self._last_logged = step
         ema = find_ema(trainer)
@@ -62,6 +69,8 @@ class ImageLoggingCallback(L.Callback):
                     previews = pl_module.preview_images()
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         for name, value in previews.items():
             images, nrow = value if isinstance(value, tuple) else (value, self.nrow)
             picture = grid(images, nrow=nrow)

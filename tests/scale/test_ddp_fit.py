@@ -90,3 +90,31 @@ def test_uneven_shards_two_ranks_two_workers_fit_without_hang(tmp_path: Path) ->
     assert sorted(val_keys) == sorted(list(set(val_keys)) * 2)  # each sample once per pass, over both ranks
     assert len(set(val_keys)) == 21
     assert not set(r0["train_keys"]) & set(r1["train_keys"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_keeps_ema_and_renders_previews_like_ddp(tmp_path: Path, digits16: Path) -> None:
+    """FSDP2 with EMA and previews: no hang, full-size EMA tensors in the checkpoint equal to DDP's."""
+    shadows, weights, previews = {}, {}, {}
+    for strategy in ("ddp", "fsdp"):
+        config = tiny_t2i_config(tmp_path, digits16, run=strategy,
+                                 trainer={"max_steps": 6, "checkpoint_every_n_steps": 3, "val_every_n_steps": 3},
+                                 # a large Adam eps: near-zero gradients then do not turn the ranks'
+                                 # different reduction order (1e-8) into 1e-4 weight differences
+                                 optim={"warmup_steps": 2, "eps": 1e-2, "lr": 1e-2},
+                                 sampling={"prompts": ["a handwritten digit one"], "steps": 2, "every_n_steps": 3})
+        r0, r1 = run_fit(config, tmp_path, f"trainer.strategy={strategy}")
+        assert r0["global_step"] == r1["global_step"] == 6
+        previews[strategy] = (r0["previews"], r1["previews"])
+        assert len(list((tmp_path / strategy / "samples").glob("samples_step*.png"))) == 3
+        ckpt = torch.load(tmp_path / strategy / "checkpoints" / "last.ckpt", weights_only=True)
+        unet = [v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")]
+        shadow = ckpt["callbacks"]["EMA"]["shadow"]
+        assert [s.shape for s in shadow] == [p.shape for p in unet]  # full tensors, not rank 0's shards
+        shadows[strategy], weights[strategy] = shadow, unet
+    assert previews == {"ddp": (3, 0), "fsdp": (3, 3)}  # sharded: every rank takes part in sampling
+    ema_diff = max(float((a - b).abs().max()) for a, b in zip(shadows["ddp"], shadows["fsdp"]))
+    weight_diff = max(float((a - b).abs().max()) for a, b in zip(weights["ddp"], weights["fsdp"]))
+    ema_moved = max(float((a - b).abs().max()) for a, b in zip(shadows["fsdp"], weights["fsdp"]))
+    assert ema_diff < 1e-5, (ema_diff, weight_diff, ema_moved)

@@ -17,8 +17,7 @@ from mmdiff.callbacks.requeue import RequeueOnSignal
 from mmdiff.config import STRATEGY_NAMES as CONFIG_NAMES
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
-from mmdiff.strategies import (STRATEGY_NAMES, FSDP2Strategy, build_strategy, check_fsdp_callbacks,
-                               shard_trainable, trainable_children)
+from mmdiff.strategies import STRATEGY_NAMES, FSDP2Strategy, build_strategy, shard_trainable, trainable_children
 
 
 def test_strategy_names_agree() -> None:
@@ -41,19 +40,6 @@ def test_build_strategy_from_config(tmp_path: Path, digits16: Path) -> None:
 def test_bad_strategy_settings_fail_early(tmp_path: Path, digits16: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(tiny_t2i_config(tmp_path, digits16), [override])
-
-
-def test_fsdp_refuses_callbacks_that_would_hang(tmp_path: Path, digits16: Path) -> None:
-    from mmdiff.callbacks.ema import EMACallback
-    from mmdiff.callbacks.images import ImageLoggingCallback
-
-    cfg = load_config(tiny_t2i_config(tmp_path, digits16), ["trainer.strategy=fsdp"])
-    with pytest.raises(ConfigError, match="model.use_ema=false"):
-        check_fsdp_callbacks(cfg, [EMACallback()])
-    with pytest.raises(ConfigError, match="sampling.prompts=\\[\\]"):
-        check_fsdp_callbacks(cfg, [ImageLoggingCallback(tmp_path)])
-    cfg.sampling.prompts = []
-    check_fsdp_callbacks(cfg, [ImageLoggingCallback(tmp_path)])  # no previews: nothing to hang on
 
 
 def test_only_trainable_modules_are_sharded(tmp_path: Path, digits16: Path) -> None:

@@ -17,7 +17,7 @@ from tiny_configs import tiny_t2i_config
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_nodes_one_process_each(tmp_path: Path, digits16: Path, strategy: str) -> None:
     config = tiny_t2i_config(tmp_path, digits16, trainer={"max_steps": 4, "checkpoint_every_n_steps": 2},
-                             sampling={"prompts": []}, model={"use_ema": strategy != "fsdp"})
+                             sampling={"prompts": []})
     first = _torchrun(config, strategy)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
