@@ -6,12 +6,13 @@ read, with one line that names the key, the file it came from and the closest va
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import enum
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -842,9 +843,29 @@ def to_container(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
+#: Values older checkpoints hold that the schema has since renamed: (section path, key) → {old: new}.
+_RENAMED_VALUES: Dict[Tuple[Tuple[str, ...], str], Dict[Any, Any]] = {
+    (("model", "unet"), "compile"): {"off": "none", False: "none"},
+}
+
+
+def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's saved config with renamed values replaced by their current names."""
+    data = copy.deepcopy(data)
+    for (path, key), renames in _RENAMED_VALUES.items():
+        section: Any = data
+        for name in path:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section:
+            value = section[key]
+            if isinstance(value, (str, bool)) and value in renames:
+                section[key] = renames[value]
+    return data
+
+
 def from_container(data: Dict[str, Any]) -> DictConfig:
     """Rebuild a typed config from :func:`to_container` output (e.g. from a checkpoint)."""
-    cfg = OmegaConf.merge(schema(), OmegaConf.create(data))
+    cfg = OmegaConf.merge(schema(), OmegaConf.create(_upgrade(data)))
     assert isinstance(cfg, DictConfig)
     return cfg
 

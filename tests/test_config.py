@@ -116,3 +116,13 @@ def test_cli_unknown_key_exits_2_with_one_line() -> None:
     assert lines == ["error: unknown key 'some' in the command line"] or (
         len(lines) == 1 and "unknown key 'some" in lines[0]
     ), proc.stderr
+
+
+def test_checkpoint_configs_with_renamed_values_still_load() -> None:
+    """Checkpoints saved before ``model.unet.compile: off`` became ``none`` rebuild their config."""
+    from mmdiff.config import from_container, schema, to_container
+
+    data = to_container(schema())
+    data["model"]["unet"]["compile"] = "off"
+    assert from_container(data).model.unet.compile.value == "none"
+    assert data["model"]["unet"]["compile"] == "off"  # the caller's dict is left alone
