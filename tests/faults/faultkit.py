@@ -137,6 +137,23 @@ def toy_config(tmp_path: Path, train: List[str], val: List[str] | None = None, *
     return path
 
 
+def tiny_t2i_config(tmp_path: Path, shards: Path) -> Path:
+    """The demo text-to-image config shrunk to seconds (random VAE and CLIP, tiny U-Net, 16 px)."""
+    repo = Path(__file__).resolve().parents[2]
+    cfg = {
+        "base": [str(repo / "configs/demo/text_to_image.yaml")],
+        "run_dir": str(tmp_path / "run"),
+        "model": {"vae": {"pretrained": None, "block_out_channels": [32, 32]}, "clip": {"pretrained": None},
+                  "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8}},
+        "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
+                 "batch_size": 4, "val_batch_size": 4, "num_workers": 0, "image_size": 16},
+        "logger": {"kind": "csv"},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def metric_values(run_dir: Path, name: str) -> List[float]:
     """Every logged value of metric ``name`` in the run's CSV logs."""
     import csv
