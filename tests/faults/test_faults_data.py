@@ -63,6 +63,15 @@ def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      [good(0), ("bomb", {"png": data, "txt": b"a caption"}), good(1)])
 
 
+def test_the_pixel_limit_defaults_agree_and_refuse_fifty_megapixels() -> None:
+    from mmdiff.config import DataConfig
+    from mmdiff.data.decode import DEFAULT_MAX_IMAGE_PIXELS, CorruptSample, decode_image
+
+    assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS < 50_000_000
+    with pytest.raises(CorruptSample, match="decompression bomb"):
+        decode_image(bomb_png())
+
+
 def test_fifty_megapixel_image_is_refused_by_default(bomb: Path) -> None:
     samples, val_skips, train_keys, train_skips = _passes(bomb)
     assert sorted(samples) == ["good0000", "good0001"] and val_skips == 1
