@@ -7,7 +7,7 @@ import struct
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Tuple
 
 import lightning as L
 import numpy as np
@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from datakit import image_bytes, img2dataset_sample, write_tar
+from datakit import img2dataset_sample
 from mmdiff.checkpoints import safe_torch_load
 from mmdiff.config import to_container
 from mmdiff.systems.common import configure_adamw
@@ -154,6 +154,11 @@ def tiny_t2i_config(tmp_path: Path, shards: Path) -> Path:
     return path
 
 
+def errors(stderr: str) -> List[str]:
+    """The ``error:`` lines of a command's stderr (libraries may add warnings of their own)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
 def metric_values(run_dir: Path, name: str) -> List[float]:
     """Every logged value of metric ``name`` in the run's CSV logs."""
     import csv
@@ -175,11 +180,3 @@ def assert_checkpoints_intact(run_dir: Path, steps: int) -> None:
     for path in files:
         assert "state_dict" in safe_torch_load(path), path
     assert safe_torch_load(folder / "last.ckpt")["global_step"] == steps
-
-
-def write_shards(root: Path, samples: Mapping[str, List[Sample]]) -> Dict[str, Path]:
-    """name → shard written under ``root``."""
-    return {name: write_tar(root / f"{name}.tar", items) for name, items in samples.items()}
-
-
-__all__ = ["image_bytes", "good", "write_tar", "write_shards"]

@@ -7,10 +7,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
-import torch
 
-from datakit import data_cfg, image_bytes
-from faultkit import bomb_png, fingerprints, good, odd_images, truncate_tar, write_tar
+from datakit import data_cfg, image_bytes, write_tar
+from faultkit import bomb_png, fingerprints, good, odd_images, truncate_tar
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.data.skips import count_skipped
 from mmdiff.errors import DataError

@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from datakit import image_bytes
-from faultkit import (assert_checkpoints_intact, bomb_png, fingerprints, good, metric_values, toy_config,
-                      truncate_tar, write_tar)
+from datakit import image_bytes, write_tar
+from faultkit import (assert_checkpoints_intact, bomb_png, errors, fingerprints, good, metric_values,
+                      toy_config, truncate_tar)
 from mmdiff.cli import main
 
 pytestmark = pytest.mark.faults
@@ -50,7 +50,7 @@ def test_missing_shard_fails_at_start_with_one_line(tmp_path: Path, capsys) -> N
     write_tar(tmp_path / "train-000000.tar", [good(0), good(1)])
     config = toy_config(tmp_path, [str(tmp_path / "train-{000000..000002}.tar")])
     assert main(["fit", str(config)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = errors(capsys.readouterr().err)
     assert len(err) == 1 and "train-000001.tar' does not exist" in err[0]
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before the first step
 

@@ -2,10 +2,8 @@
 registry names, secrets in configs and run folders, and sample keys that climb out of folders."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from datakit import image_bytes
-from faultkit import good, tar_names, tiny_t2i_config, toy_config, write_tar
+from datakit import image_bytes, write_tar
+from faultkit import errors, good, tar_names, tiny_t2i_config, toy_config
 from mmdiff.cli import main
 from mmdiff.config import load_config, save_config, schema
 from mmdiff.errors import CheckpointError, ConfigError, DataError
@@ -77,7 +75,7 @@ def test_cli_commands_refuse_a_code_pickle_in_one_line(evil, tmp_path: Path, cap
             "caption": ["caption", ckpt, str(image)],
             "eval-digits": ["eval", "digits", ckpt]}[command]
     assert main(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = errors(capsys.readouterr().err)
     assert len(err) == 1 and "refused for safety" in err[0] and ckpt in err[0]
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -87,7 +85,7 @@ def test_resume_refuses_a_code_pickle(evil, tmp_path: Path, capsys) -> None:
     shard = write_tar(tmp_path / "train.tar", [good(i) for i in range(4)])
     config = toy_config(tmp_path, [str(shard)], max_steps=2)
     assert main(["fit", str(config), "--resume", str(make())]) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    err = errors(capsys.readouterr().err)
     assert len(err) == 1 and "refused for safety" in err[0]
     assert not marker.exists()
 
@@ -193,7 +191,7 @@ def test_a_secret_in_a_config_value_is_refused_without_echoing_it(tmp_path: Path
     config = toy_config(tmp_path, [str(shard)], max_steps=2)
     for override in (f"logger.project={SECRET}", f"name=run-{SECRET}", "name=${oc.env:WANDB_API_KEY}"):
         assert main(["fit", str(config), override]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = errors(capsys.readouterr().err)
         assert len(err) == 1 and SECRET not in err[0], err
     assert "WANDB_API_KEY" in err[0] or "oc.env" in err[0]
     assert not (tmp_path / "run").exists()
