@@ -12,7 +12,7 @@ from mmdiff.callbacks.ema import load_ema_into
 from mmdiff.checkpoints import load_strict, safe_torch_load
 from mmdiff.config import from_container
 from mmdiff.errors import CheckpointError
-from mmdiff.systems.registry import get_system
+from mmdiff.systems.registry import get_system, system_names
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def load(
         raise CheckpointError(
             f"'{path}' is a '{cfg.system}' checkpoint; this command needs a '{expect}' one."
         )
+    if cfg.system not in system_names():  # only registry names: nothing is imported by name
+        raise CheckpointError(f"'{path}' names an unknown system '{cfg.system}'; it was not written by mmdiff.")
     system_cls = get_system(cfg.system)
     system = system_cls.from_checkpoint_config(cfg, hparams) if hasattr(
         system_cls, "from_checkpoint_config"

@@ -49,29 +49,34 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        text = str(err)
-        # The weights-only unpickler names the global it would not import (os.system, a custom
-        # class, ...): that is the "would run code" case. Other unpickling errors are bytes
-        # that are not a pickle the weights-only loader can read (nothing ran either way).
-        blocked = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
-        if blocked:
-            raise CheckpointError(
-                f"checkpoint '{path}' was refused for safety: it references code or objects that "
-                f"torch.load(weights_only=True) does not allow ({blocked}); only load files from "
-                "sources you trust, or re-export the weights as .safetensors."
-            ) from None
-        first = next(
-            (ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")),
-            "not a pickle the weights-only loader can read",
-        )
-        raise CheckpointError(
-            f"'{path}' is not a readable PyTorch checkpoint ({first})."
-        ) from None
+        raise unpickling_refusal(path, err) from None
     except Exception as err:  # zip/pickle errors of every kind mean "not a checkpoint"
         first = str(err).splitlines()[0] if str(err) else ""
         raise CheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {first})."
         ) from None
+
+
+def unpickling_refusal(path: str | Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """The one-sentence :class:`CheckpointError` for an ``UnpicklingError`` of a weights-only load.
+
+    The weights-only unpickler names the global it would not import (``os.system``, a custom
+    class, ...): that is the "would run code" case. Other unpickling errors are bytes that are not
+    a pickle the weights-only loader can read (nothing ran either way).
+    """
+    text = str(err)
+    blocked = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
+    if blocked:
+        return CheckpointError(
+            f"checkpoint '{path}' was refused for safety: it references code or objects that "
+            f"torch.load(weights_only=True) does not allow ({blocked}); only load files from "
+            "sources you trust, or re-export the weights as .safetensors."
+        )
+    first = next(
+        (ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")),
+        "not a pickle the weights-only loader can read",
+    )
+    return CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({first}).")
 
 
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
@@ -160,4 +165,4 @@ def load_strict(
     module.load_state_dict(filtered, strict=not ignore_keys)
 
 
-__all__ = ["safe_torch_load", "load_state_dict_file", "load_strict", "describe_mismatch"]
+__all__ = ["safe_torch_load", "unpickling_refusal", "load_state_dict_file", "load_strict", "describe_mismatch"]

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from mmdiff.config_guard import check_no_secrets, check_resolvers
 from mmdiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,9 @@ class DataConfig:
     steps_per_epoch: int = 1000
     # Raw (undecoded) samples each training worker shuffles through; 0 or 1 = no shuffling.
     shuffle_buffer: int = 1000
-    # Images whose header announces more pixels are skipped as possible decompression bombs.
-    max_image_pixels: int = 89_478_485
+    # Images whose header announces more pixels are skipped as possible decompression bombs
+    # (40 Mpx; mmdiff.data.decode.DEFAULT_MAX_IMAGE_PIXELS).
+    max_image_pixels: int = 40_000_000
     # False: do not decode images (batches carry captions and `array_keys` only).
     load_images: bool = True
     # Names of NAME.npy members to load into the batch as tensors (e.g. precomputed latents).
@@ -496,6 +498,7 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}")
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level.")
+    check_resolvers(raw, str(_display(path)))
     _normalise_lists(raw)
     return raw
 
@@ -530,6 +533,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             update = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse override '{item}': {str(err).splitlines()[0]}")
+        check_resolvers(update, "the command line")
         _normalise_lists(update)
         try:
             cfg = OmegaConf.merge(cfg, update)
@@ -555,6 +559,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         ) from None
     cfg.base = []
     check_values(cfg)
+    check_no_secrets(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg
 
@@ -829,7 +834,13 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config to ``RUN_DIR/config.yaml`` and return the path."""
+    """Write the resolved config to ``RUN_DIR/config.yaml`` and return the path.
+
+    Refuses (:class:`ConfigError`, nothing written) a config that calls a resolver outside the
+    allow-list or holds a secret's value (:mod:`mmdiff.config_guard`).
+    """
+    check_resolvers(cfg)
+    check_no_secrets(cfg)
     out = Path(run_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".yaml.tmp")
@@ -865,6 +876,7 @@ def _upgrade(data: Dict[str, Any]) -> Dict[str, Any]:
 
 def from_container(data: Dict[str, Any]) -> DictConfig:
     """Rebuild a typed config from :func:`to_container` output (e.g. from a checkpoint)."""
+    check_resolvers(data, "the saved config")
     cfg = OmegaConf.merge(schema(), OmegaConf.create(_upgrade(data)))
     assert isinstance(cfg, DictConfig)
     return cfg

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import uuid
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
 from mmdiff.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
+from mmdiff.checkpoints import unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError
 from mmdiff.systems.registry import get_system
@@ -197,7 +199,12 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)
     log.info("run directory: %s", run_dir)
-    trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        # Explicit weights_only: a resumed checkpoint is a user path, and torch's default can be
+        # switched off by an environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:  # only the resume checkpoint is unpickled in fit
+        raise unpickling_refusal(ckpt_path or "?", err) from None
     _finish_wandb(loggers)
     if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
         # A finished run must not be resumed later from a stale requeue checkpoint.

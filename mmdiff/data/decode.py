@@ -5,7 +5,8 @@ unpickles (``.pyd``, ``.pickle``), never ``torch.load``s (``.pth``, ``.pt``) and
 to webdataset's automatic decoders. Members with any other extension are ignored. Images are
 parsed only by PIL's JPEG, PNG and WebP plugins and are refused (as a possible decompression bomb)
 when their header announces more than ``max_image_pixels`` pixels, before any pixel is decoded;
-``.npy`` arrays are read with ``allow_pickle=False``.
+``.npy`` arrays are read with ``allow_pickle=False``. Samples whose key is an absolute path or
+climbs with ``..`` are refused (:mod:`mmdiff.data.keys`).
 
 Anything wrong with a sample raises :class:`CorruptSample`; callers skip and count it.
 """
@@ -20,12 +21,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from mmdiff.data.keys import unsafe_key_reason
 from mmdiff.data.tario import RawSample
 
 IMAGE_EXTS: Tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
-# PIL's own default limit; above it PIL only warns, at twice it raises.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# 40 Mpx (e.g. 8000×5000): far above any training resolution, and a decoded RGB image of at most
+# 120 MB per worker. PIL's own limit (89 Mpx, only a warning below twice that) lets a 50 Mpx PNG
+# of a few kilobytes expand to 150 MB in every DataLoader worker. mmdiff.config's default matches.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 class CorruptSample(Exception):
@@ -79,6 +83,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         try:
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
+            if img.mode.startswith("I"):  # 16-bit greyscale PNG: PIL's convert("RGB") clips it to white
+                img = _grey16_to_l(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 out = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -87,6 +93,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
             return img.convert("RGB")
         except Exception as err:  # truncated data, bad Huffman tables, ...
             raise CorruptSample(f"image data is corrupt ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def _grey16_to_l(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (mode ``I;16*`` or ``I``, values 0..65535) scaled to 8-bit ``L``."""
+    values = np.asarray(img).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
 
 
 def decode_text(data: bytes, what: str = "txt") -> str:
@@ -145,6 +157,9 @@ def decode_sample(raw: RawSample, spec: DecodeSpec) -> Decoded:
     """Decode what ``spec`` asks for from a raw sample; raise :class:`CorruptSample` if unusable."""
     if raw.error is not None:
         raise CorruptSample(raw.error)
+    unsafe = unsafe_key_reason(raw.key)
+    if unsafe is not None:  # would escape an output folder if written as a path (precompute)
+        raise CorruptSample(unsafe)
     members = raw.members
     caption = _caption(members, spec.caption_key)
     image = None

@@ -22,6 +22,7 @@ from webdataset import TarWriter
 
 from mmdiff.data.decode import IMAGE_EXTS
 from mmdiff.data.digits import caption_for
+from mmdiff.data.keys import unsafe_key_reason
 from mmdiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class AtomicShardWriter:
 
     def write(self, sample: Mapping[str, Any]) -> None:
         """Add one sample (``{"__key__": str, EXT: bytes | str, ...}``)."""
+        unsafe = unsafe_key_reason(str(sample.get("__key__", "")))
+        if unsafe is not None:
+            raise DataError(f"cannot write a sample to {self.out_dir}: {unsafe}.")
         if self._writer is None:
             self._open()
         assert self._writer is not None
