@@ -22,6 +22,7 @@ EPILOG = """examples:
   mmdiff fit configs/demo/text_to_image.yaml trainer.max_steps=100
   mmdiff sample runs/demo/t2i/checkpoints/last.ckpt --prompt "a handwritten digit seven" --n 8
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
+  mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out export/t2i   # diffusers folder
 """
 
 
@@ -201,6 +202,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ interop and image metrics
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmdiff.api import load
+    from mmdiff.export import export_folder, export_single_file, read_metrics
+
+    metrics = read_metrics(args.metrics or [])
+    system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device="cpu")
+    if args.format == "safetensors":
+        out = export_single_file(system, args.out, ckpt=args.ckpt, use_ema=not args.no_ema)
+    else:
+        out = export_folder(system, args.out, ckpt=args.ckpt, use_ema=not args.no_ema, metrics=metrics)
+    log.info("wrote %s", out)
+    return 0
+
+
+def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a text-to-image checkpoint as a diffusers/open_clip folder")
+    p.add_argument("ckpt", help="text_to_image checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="output folder (or .safetensors file with --format safetensors)")
+    p.add_argument("--format", choices=["diffusers", "safetensors"], default="diffusers",
+                   help="diffusers folder (default) or one .safetensors file")
+    p.add_argument("--metrics", action="append", metavar="JSON", help="metrics JSON for the model card (repeatable)")
+    p.add_argument("--no-ema", action="store_true", help="export raw weights even if EMA weights exist")
+    p.set_defaults(func=cmd_export)
+
+
 # ------------------------------------------------------------------------------------- parser
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -325,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
+    _add_interop_parsers(sub)
     return parser
 
 

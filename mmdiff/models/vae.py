@@ -107,6 +107,10 @@ def _is_ldm_layout(state: Mapping[str, torch.Tensor]) -> bool:
 
 def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: Any, source: str) -> AutoencoderKL:
     vae = _built(cfg)
+    if not any(k.startswith("encoder.") for k in state):
+        vae_keys = {k[len(CKPT_PREFIX):]: v for k, v in state.items() if k.startswith(CKPT_PREFIX)}
+        if vae_keys:  # an mmdiff single-file export (or system state dict): keep the VAE's weights
+            state = vae_keys
     if _is_ldm_layout(state):
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
