@@ -269,6 +269,9 @@ class VAEConfig:
     # A local diffusers folder, a .safetensors file, or an mmdiff autoencoder .ckpt; None = build.
     pretrained: Optional[str] = None
     in_channels: int = 3
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     latent_channels: int = 4
     block_out_channels: List[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
@@ -323,6 +326,9 @@ class ClipConfig:
     # An open_clip pretrained tag, a local checkpoint file, or None for random init.
     pretrained: Optional[str] = None
     arch: ClipArchConfig = field(default_factory=ClipArchConfig)
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     text_layer: TextLayer = TextLayer.last
     freeze: bool = True
     precision: Precision = Precision.fp32
@@ -334,6 +340,9 @@ class UNetConfig:
 
     pretrained: Optional[str] = None
     block_out_channels: List[int] = field(default_factory=lambda: [64, 128])
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     down_block_types: List[str] = field(
         default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"]
     )
