@@ -104,3 +104,14 @@ def test_scheduler_config_reproduces_training_schedule(overrides) -> None:
         rebuilt = cls.from_config(config).alphas_cumprod.double()
         assert float((rebuilt - ab.double()).abs().max()) < 1e-6
     assert config["clip_sample"] is False and config["set_alpha_to_one"] is True
+
+
+def test_exported_text_encoder_loads_as_local_dir_clip(tiny_ckpt: Path, exported: Path) -> None:
+    from mmdiff.models.clip import ClipEncoder
+
+    cfg = tiny_config().model.clip
+    cfg.name, cfg.pretrained = f"local-dir:{exported / 'text_encoder'}", None
+    clip = ClipEncoder.from_config(cfg)
+    system = load(tiny_ckpt, device="cpu")
+    ours, theirs = clip.encode_text(clip.tokenize(PROMPTS)), system.encode_prompts(PROMPTS)
+    assert torch.equal(ours[0], theirs["context"]) and torch.equal(ours[1], theirs["pooled"])
