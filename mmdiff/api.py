@@ -56,7 +56,8 @@ def load(
     ) else system_cls(cfg)
     load_strict(system, checkpoint["state_dict"], what=f"checkpoint '{path}'")
     target = getattr(system, "ema_target", None)
-    if use_ema and target is not None and load_ema_into(target, checkpoint):
+    system.ema_loaded = bool(use_ema and target is not None and load_ema_into(target, checkpoint))
+    if system.ema_loaded:
         log.info("using EMA weights from %s", path)
     system.global_step_loaded = int(checkpoint.get("global_step", 0))
     return system.to(pick_device(device)).eval()

@@ -115,7 +115,8 @@ def _listed(keys: List[str]) -> str:
     return shown + (f", … and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
 
 
-def _ignored(key: str, patterns: Iterable[str]) -> bool:
+def ignored_key(key: str, patterns: Iterable[str]) -> bool:
+    """True when ``key`` equals one of ``patterns`` or matches it as an fnmatch pattern."""
     return any(key == p or fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
@@ -125,8 +126,8 @@ def describe_mismatch(
     """A short description of how ``state_dict`` fails to fit ``module``, or None if it fits."""
     ignore_keys = tuple(ignore_keys)
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict and not _ignored(k, ignore_keys)]
-    unexpected = [k for k in state_dict if k not in expected and not _ignored(k, ignore_keys)]
+    missing = [k for k in expected if k not in state_dict and not ignored_key(k, ignore_keys)]
+    unexpected = [k for k in state_dict if k not in expected and not ignored_key(k, ignore_keys)]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)} in the model"
         for k, v in expected.items()
@@ -161,8 +162,9 @@ def load_strict(
             f"{what} weights do not fit the model: {problem}; check that the architecture in the "
             "config matches the weights file."
         )
-    filtered = {k: v for k, v in state_dict.items() if not _ignored(k, ignore_keys)}
+    filtered = {k: v for k, v in state_dict.items() if not ignored_key(k, ignore_keys)}
     module.load_state_dict(filtered, strict=not ignore_keys)
 
 
-__all__ = ["safe_torch_load", "unpickling_refusal", "load_state_dict_file", "load_strict", "describe_mismatch"]
+__all__ = ["safe_torch_load", "unpickling_refusal", "load_state_dict_file", "load_strict", "describe_mismatch",
+           "ignored_key"]

@@ -23,6 +23,7 @@ EPILOG = """examples:
   mmdiff fit configs/demo/text_to_image.yaml trainer.max_steps=100
   mmdiff sample runs/demo/t2i/checkpoints/last.ckpt --prompt "a handwritten digit seven" --n 8
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
+  mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out export/t2i   # diffusers folder
 """
 
 
@@ -202,6 +203,111 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ interop and image metrics
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmdiff.api import load
+    from mmdiff.export import export_folder, export_single_file, read_metrics
+
+    metrics = read_metrics(args.metrics or [])
+    system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device="cpu")
+    if args.format == "safetensors":
+        out = export_single_file(system, args.out, ckpt=args.ckpt, use_ema=not args.no_ema)
+    else:
+        out = export_folder(system, args.out, ckpt=args.ckpt, use_ema=not args.no_ema, metrics=metrics)
+    log.info("wrote %s", out)
+    return 0
+
+
+def _read_prompts(path: Optional[str]) -> List[str]:
+    if path is None:
+        return []
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"prompts file '{file}' does not exist.")
+    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
+
+
+def cmd_eval_images(args: argparse.Namespace) -> int:
+    metric = args.eval_command
+    _positive("n", args.n)
+    _positive("batch-size", args.batch_size)
+    prompts = _read_prompts(args.prompts)
+    if metric != "clipscore" and not args.reference:
+        raise UsageError(f"{metric} needs --reference SHARDS (the real images to compare with).")
+    if not prompts and not args.reference:
+        raise UsageError("no prompts: pass --prompts FILE (or --reference SHARDS to use their captions).")
+    from mmdiff.api import load
+    from mmdiff.eval.generative import cycle_prompts, generate_images, score_images, write_json
+
+    system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
+    e = system.cfg.eval
+    reference, captions = None, []
+    if args.reference:
+        from mmdiff.data.reference import read_reference
+
+        reference, captions = read_reference(args.reference, system.cfg.data.image_size, args.n_reference or args.n)
+    prompts = cycle_prompts(prompts or captions, args.n)
+    extractor = None
+    if metric != "clipscore":
+        from mmdiff.eval.features import build_extractor
+
+        try:
+            extractor = build_extractor(args.extractor or e.extractor, clip=system.clip,
+                                        inception_weights=args.inception_weights or e.inception_weights,
+                                        clip_name=str(system.cfg.model.clip.name)).to(system.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    options = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+    images = generate_images(lambda p, seed: system.sample(p, seed=seed, **options), prompts, args.batch_size, args.seed)
+    result = score_images(
+        images, prompts, [metric], reference=reference, extractor=extractor,
+        encode_image=lambda x: system.clip.encode_image(x)[0], encode_text=lambda p: system.encode_prompts(p)["pooled"],
+        clip_model=str(system.cfg.model.clip.name), batch_size=args.batch_size,
+    )
+    result.update(checkpoint=str(args.ckpt), seed=args.seed, **{k: v for k, v in options.items() if v is not None})
+    path = write_json(result, Path(args.out) / f"{metric}.json")
+    if not args.no_wandb and str(getattr(system.cfg.logger.kind, "value", system.cfg.logger.kind)) == "wandb":
+        from mmdiff.eval.wandb_log import log_eval_to_wandb
+
+        log_eval_to_wandb(result, project=system.cfg.logger.project, out_dir=args.out,
+                          mode=str(getattr(system.cfg.logger.mode, "value", system.cfg.logger.mode)),
+                          name=f"{system.cfg.name}-eval-{metric}", config={"checkpoint": str(args.ckpt)})
+    sys.stdout.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()) + "\n")
+    log.info("wrote %s", path)
+    return 0
+
+
+def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
+    for metric, text in (("fid", "Fréchet distance of generated to reference images"),
+                         ("kid", "kernel (MMD) distance of generated to reference images"),
+                         ("clipscore", "CLIP score of generated images against their prompts")):
+        p = evals.add_parser(metric, help=text)
+        p.add_argument("ckpt", help="text_to_image checkpoint")
+        p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (cycled to --n)")
+        p.add_argument("--reference", action="append", metavar="SHARDS",
+                       help="reference image shards (repeatable); their captions are the default prompts")
+        p.add_argument("--n", type=int, default=256, help="generated images (default 256)")
+        p.add_argument("--n-reference", type=int, default=None, help="reference images (default --n)")
+        p.add_argument("--extractor", choices=["clip", "inception"], default=None,
+                       help="FID/KID features (default: the config's eval.extractor)")
+        p.add_argument("--inception-weights", default=None, metavar="FILE",
+                       help="local FID Inception weights (default: eval.inception_weights)")
+        p.add_argument("--batch-size", type=int, default=32, help="images per sampler call (default 32)")
+        p.add_argument("--out", default="eval", help="folder for METRIC.json and the W&B run (default ./eval)")
+        p.add_argument("--no-wandb", action="store_true", help="do not log the numbers to W&B")
+        _sampling_options(p)
+        p.set_defaults(func=cmd_eval_images)
+
+    p = sub.add_parser("export", help="write a text-to-image checkpoint as a diffusers/open_clip folder")
+    p.add_argument("ckpt", help="text_to_image checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="output folder (or .safetensors file with --format safetensors)")
+    p.add_argument("--format", choices=["diffusers", "safetensors"], default="diffusers",
+                   help="diffusers folder (default) or one .safetensors file")
+    p.add_argument("--metrics", action="append", metavar="JSON", help="metrics JSON for the model card (repeatable)")
+    p.add_argument("--no-ema", action="store_true", help="export raw weights even if EMA weights exist")
+    p.set_defaults(func=cmd_export)
+
+
 # ------------------------------------------------------------------------------------- parser
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -326,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
+    _add_interop_parsers(sub, evals)
     return parser
 
 

@@ -272,6 +272,9 @@ class VAEConfig:
     # A local diffusers folder, a .safetensors file, or an mmdiff autoencoder .ckpt; None = build.
     pretrained: Optional[str] = None
     in_channels: int = 3
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     latent_channels: int = 4
     block_out_channels: List[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
@@ -326,6 +329,9 @@ class ClipConfig:
     # An open_clip pretrained tag, a local checkpoint file, or None for random init.
     pretrained: Optional[str] = None
     arch: ClipArchConfig = field(default_factory=ClipArchConfig)
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     text_layer: TextLayer = TextLayer.last
     freeze: bool = True
     precision: Precision = Precision.fp32
@@ -337,6 +343,9 @@ class UNetConfig:
 
     pretrained: Optional[str] = None
     block_out_channels: List[int] = field(default_factory=lambda: [64, 128])
+    # Weight names (or fnmatch patterns) that may be missing from / extra in the pretrained file;
+    # every other key must match (loading is always strict).
+    ignore_keys: List[str] = field(default_factory=list)
     down_block_types: List[str] = field(
         default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"]
     )
@@ -433,6 +442,33 @@ class ModelConfig:
     precompute_dtype: ArrayDtype = ArrayDtype.fp16
 
 
+class EvalExtractor(str, enum.Enum):
+    clip = "clip"  # the model's open_clip image tower (fallback; metric keys carry its fingerprint)
+    inception = "inception"  # the standard FID Inception v3, weights from eval.inception_weights
+
+
+@dataclass
+class EvalConfig:
+    """Image metrics: ``mmdiff eval fid|kid|clipscore`` and the in-training evaluation callback."""
+
+    extractor: EvalExtractor = EvalExtractor.clip
+    # Local file of the FID Inception weights (torch-fidelity's pt_inception-2015-12-05); nothing
+    # is downloaded at run time.
+    inception_weights: Optional[str] = None
+    # In-training evaluation every K optimiser steps (0 = off): N images, FID + CLIP score.
+    every_n_steps: int = 0
+    n_images: int = 64
+    metrics: List[str] = field(default_factory=lambda: ["fid", "clipscore"])
+    # Prompts for the generated images; empty = the captions of the reference images.
+    prompts: List[str] = field(default_factory=list)
+    # Reference images for FID/KID; empty = data.val_shards.
+    reference_shards: List[str] = field(default_factory=list)
+    # Sampler steps for the in-training evaluation (sampler and guidance come from sampling:).
+    steps: int = 20
+    batch_size: int = 32
+    seed: int = 0
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment: what to train, on what, how, and where to write it."""
@@ -449,6 +485,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys whose YAML value may be a single string that means a one-element list.
@@ -569,6 +606,14 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_eval(e: DictConfig) -> None:
+    _require(e.every_n_steps >= 0, f"eval.every_n_steps must be >= 0 (0 = off), got {e.every_n_steps}.")
+    _require(e.n_images >= 2, f"eval.n_images must be at least 2 (FID needs two), got {e.n_images}.")
+    _require(e.steps > 0 and e.batch_size > 0, "eval.steps and eval.batch_size must be positive.")
+    bad = [m for m in e.metrics if m not in ("fid", "kid", "clipscore")]
+    _require(not bad, f"eval.metrics {bad} are unknown; choose from fid, kid, clipscore.")
+
+
 def check_values(cfg: DictConfig) -> None:
     """Range and consistency checks that types alone cannot express."""
     from mmdiff.systems.registry import system_names
@@ -609,6 +654,7 @@ def check_values(cfg: DictConfig) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
     _require(0.0 <= cfg.model.caption_dropout <= 1.0, "model.caption_dropout must be in [0, 1].")
     _require(0.0 < cfg.model.ema_decay < 1.0, "model.ema_decay must be in (0, 1).")
+    _check_eval(cfg.eval)
     diff = cfg.diffusion
     _require(diff.num_train_timesteps > 1, "diffusion.num_train_timesteps must be > 1.")
     _require(

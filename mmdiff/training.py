@@ -107,6 +107,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if getattr(system, "ema_target", None) is not None and cfg.model.use_ema:
         callbacks.append(EMACallback(decay=cfg.model.ema_decay))
+    if cfg.eval.every_n_steps > 0 and cfg.system == "text_to_image":
+        from mmdiff.callbacks.eval import ImageEvalCallback
+
+        callbacks.append(ImageEvalCallback(cfg.eval, list(cfg.data.val_shards), cfg.data.image_size,
+                                           str(cfg.model.clip.name)))
     return callbacks
 
 

@@ -105,7 +105,7 @@ def _build_custom(cfg: DictConfig, precision: str) -> nn.Module:
         if any(k.startswith(_MMDIFF_CLIP_PREFIX) for k in state):  # an mmdiff system checkpoint
             n = len(_MMDIFF_CLIP_PREFIX)
             state = {k[n:]: v for k, v in state.items() if k.startswith(_MMDIFF_CLIP_PREFIX)}
-        load_strict(model, state, f"CLIP ('{path}')")
+        load_strict(model, state, f"CLIP ('{path}')", ignore_keys=list(cfg.get("ignore_keys") or []))
     if precision in ("fp16", "bf16"):
         convert_weights_to_lp(model, dtype=precision_dtype(precision))
     model.visual.image_mean = OPENAI_DATASET_MEAN

@@ -33,7 +33,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 
-from mmdiff.checkpoints import load_state_dict_file, load_strict
+from mmdiff.checkpoints import ignored_key, load_state_dict_file, load_strict
 from mmdiff.errors import CheckpointError, ConfigError
 from mmdiff.models.common import diffusers_folder
 
@@ -133,8 +133,32 @@ def _check_loaded(
         raise CheckpointError(f"U-Net '{source}' does not fit this model: {'; '.join(problems)}.")
 
 
-def _state_from_file(path: Path) -> Mapping[str, torch.Tensor]:
+LDM_PREFIX = "model.diffusion_model."
+
+
+def _is_ldm_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(LDM_PREFIX) or k.startswith("input_blocks.") for k in state)
+
+
+def _from_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The original CompVis/Stable Diffusion U-Net layout (``model.diffusion_model.input_blocks…``,
+    or the same keys without the prefix) in diffusers names, by diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ldm = {k if k.startswith(LDM_PREFIX) else LDM_PREFIX + k: v for k, v in state.items()
+           if k.startswith(LDM_PREFIX) or not k.startswith(("first_stage_model.", "cond_stage_model."))}
+    try:
+        return convert_ldm_unet_checkpoint(ldm, dict(config))
+    except (KeyError, IndexError, ValueError) as err:
+        raise CheckpointError(
+            f"the CompVis/SD-layout U-Net weights do not fit the configured architecture ({_first_line(err)})."
+        ) from None
+
+
+def _state_from_file(path: Path, config: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     state = load_state_dict_file(path)
+    if _is_ldm_layout(state):
+        return _from_ldm(state, config)
     if not any(k.startswith("conv_in.") for k in state):
         unet_keys = {k[len(CKPT_PREFIX):]: v for k, v in state.items() if k.startswith(CKPT_PREFIX)}
         if unet_keys:  # an mmdiff text_to_image checkpoint: keep the U-Net's weights
@@ -156,7 +180,9 @@ def build_unet(
     embedding size (used only with ``use_pooled_text``), ``sample_size`` the latent side length.
     ``pretrained`` may be a local diffusers folder (or a pipeline folder with ``unet/``) or a
     state-dict file (``.safetensors``/``.pt``/``.bin``, or an mmdiff ``.ckpt`` whose ``unet.*``
-    weights are taken) in diffusers key names for the architecture the config describes.
+    weights are taken) in diffusers key names, or in the original CompVis/SD single-file layout
+    (``model.diffusion_model.*``, converted by diffusers), for the architecture the config
+    describes. ``ignore_keys`` names weights the strict load may skip.
     Returned in fp32 and eval mode.
     """
     if cfg.pretrained is None:
@@ -182,7 +208,10 @@ def build_unet(
                 f"U-Net folder '{path}' is not a loadable diffusers UNet2DConditionModel folder "
                 f"({_first_line(err)})."
             ) from None
-        bad = {k: v for k, v in info.items() if v}
+        ignore = list(cfg.get("ignore_keys") or [])
+        bad = {k: [key for key in v if not ignored_key(str(key), ignore)] if k != "error_msgs" else v
+               for k, v in info.items()}
+        bad = {k: v for k, v in bad.items() if v}
         if bad:
             detail = "; ".join(f"{k}: {', '.join(map(str, v[:4]))}" for k, v in bad.items())
             raise CheckpointError(f"U-Net weights in '{path}' do not fit their config ({detail}).")
@@ -191,7 +220,8 @@ def build_unet(
             cfg, latent_channels, sample_size, cross_attention_dim, pooled_dim, learned_variance
         )
         unet = UNet2DConditionModel(**kwargs)
-        load_strict(unet, _state_from_file(path), f"U-Net ('{path}')")
+        load_strict(unet, _state_from_file(path, unet.config), f"U-Net ('{path}')",
+                    ignore_keys=list(cfg.get("ignore_keys") or []))
     _check_loaded(
         unet, str(path), latent_channels, cross_attention_dim, pooled_dim, learned_variance,
         bool(cfg.use_pooled_text),

@@ -35,7 +35,7 @@ import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 
-from mmdiff.checkpoints import load_state_dict_file, load_strict, safe_torch_load
+from mmdiff.checkpoints import ignored_key, load_state_dict_file, load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
 from mmdiff.models.common import diffusers_folder
 
@@ -73,6 +73,11 @@ def _arch_kwargs(cfg: Any) -> dict[str, Any]:
     )
 
 
+def _ignored(cfg: Any) -> list[str]:
+    """``model.vae.ignore_keys``: names/patterns the strict load may skip."""
+    return list(getattr(cfg, "ignore_keys", None) or [])
+
+
 def _built(cfg: Any) -> AutoencoderKL:
     return AutoencoderKL(**_arch_kwargs(cfg))
 
@@ -90,7 +95,9 @@ def _from_folder(path: Path, cfg: DictConfig) -> AutoencoderKL:
         raise CheckpointError(
             f"VAE folder '{path}' is not a loadable diffusers AutoencoderKL folder ({first})."
         ) from None
-    bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    bad = {k: [key for key in v if not ignored_key(str(key), _ignored(cfg))]
+           for k, v in info.items() if k != "error_msgs"}
+    bad = {k: v for k, v in bad.items() if v}
     if bad or info.get("error_msgs"):
         detail = "; ".join(f"{k}: {', '.join(map(str, v[:4]))}" for k, v in bad.items())
         raise CheckpointError(f"VAE weights in '{path}' do not fit their config ({detail}).")
@@ -107,11 +114,15 @@ def _is_ldm_layout(state: Mapping[str, torch.Tensor]) -> bool:
 
 def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: Any, source: str) -> AutoencoderKL:
     vae = _built(cfg)
+    if not any(k.startswith("encoder.") for k in state):
+        vae_keys = {k[len(CKPT_PREFIX):]: v for k, v in state.items() if k.startswith(CKPT_PREFIX)}
+        if vae_keys:  # an mmdiff single-file export (or system state dict): keep the VAE's weights
+            state = vae_keys
     if _is_ldm_layout(state):
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         state = convert_ldm_vae_checkpoint(dict(state), _block_types(len(cfg.block_out_channels)))
-    load_strict(vae, state, f"VAE ('{source}')")
+    load_strict(vae, state, f"VAE ('{source}')", ignore_keys=_ignored(cfg))
     return vae
 
 
@@ -161,7 +172,7 @@ def _from_lightning_ckpt(path: Path, cfg: DictConfig) -> AutoencoderKL:
         if cfg.scaling_factor is not None:
             arch.scaling_factor = cfg.scaling_factor
         vae = _built(arch)
-    load_strict(vae, vae_state, f"VAE ('{path}')")
+    load_strict(vae, vae_state, f"VAE ('{path}')", ignore_keys=_ignored(cfg))
     return vae
 
 

@@ -1,0 +1,74 @@
+"""The README.md model card of an exported text-to-image model (config, data, steps, metrics)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict
+
+from omegaconf import OmegaConf
+
+_USAGE = '''```python
+import open_clip, torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{dir}", subfolder="unet")
+vae = AutoencoderKL.from_pretrained("{dir}", subfolder="vae")
+scheduler = DDIMScheduler.from_pretrained("{dir}", subfolder="scheduler")
+clip = open_clip.create_model("local-dir:{dir}/text_encoder")
+tokenizer = open_clip.get_tokenizer("local-dir:{dir}/text_encoder")
+# text states: see docs/interop.md (ln_final of the {layer} text block) and the pooled
+# embedding; call unet(x, t, encoder_hidden_states=states{pooled}).sample
+# latents: decode vae.decode(latents / vae.config.scaling_factor)
+```'''
+
+
+def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
+    """Markdown for ``info`` (see :func:`mmdiff.export.export_info`) and the scheduler config."""
+    cfg = info["config"]
+    data = cfg.get("data", {})
+    metrics = info.get("metrics") or {}
+    metric_lines = [f"- **{name}**: `{json.dumps(value, default=str)}`" for name, value in metrics.items()]
+    pooled = ", class_labels=pooled" if info["pooled_text"] else ""
+    layer = cfg.get("model", {}).get("clip", {}).get("text_layer", "last")
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [text-to-image, mmdiff, latent-diffusion]",
+        "---",
+        f"# {cfg.get('name', 'mmdiff model')} (text → image latent diffusion, exported by mmdiff)",
+        "",
+        "## Weights",
+        f"- U-Net weights: **{info['weights']}**",
+        f"- trained for **{info['global_step']}** optimizer steps"
+        + (f" (checkpoint `{info['source_checkpoint']}`)" if info.get("source_checkpoint") else ""),
+        f"- latents: {info['latent_shape']} per image, scaled by {info['latent_scale']:.6g}"
+        " (stored as the VAE's `scaling_factor`)",
+        f"- text encoder: open_clip `{cfg['model']['clip']['name']}`, token states of the "
+        f"`{layer}` layer" + ("; the pooled text embedding is added to the time embedding"
+                              " (diffusers `class_embed_type: projection`, pass it as `class_labels`)"
+                              if info["pooled_text"] else ""),
+        f"- scheduler: {scheduler['beta_schedule'] if scheduler.get('trained_betas') is None else 'trained_betas'}"
+        f" β, {scheduler['num_train_timesteps']} steps, prediction `{scheduler['prediction_type']}`,"
+        f" spacing `{scheduler['timestep_spacing']}` (offset {scheduler['steps_offset']})",
+        f"- sampling defaults: {info['sampler']}, {info['steps']} steps, guidance {info['guidance_scale']}",
+        "",
+        "## Data",
+        f"- train shards: `{data.get('train_shards')}`",
+        f"- validation shards: `{data.get('val_shards')}`",
+        f"- image size {data.get('image_size')}, batch size {data.get('batch_size')}",
+        "",
+        "## Metrics",
+        *(metric_lines or ["- none recorded (pass `--metrics FILE.json` to `mmdiff export`)"]),
+        "",
+        "## Use with diffusers",
+        _USAGE.format(dir="THIS_FOLDER", layer=layer, pooled=pooled),
+        "",
+        "## Training config",
+        "```yaml",
+        OmegaConf.to_yaml(OmegaConf.create(cfg)).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["model_card"]

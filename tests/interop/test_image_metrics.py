@@ -1,0 +1,92 @@
+"""FID / KID / CLIP score: sanity on real digits, extractor naming, missing Inception weights, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdiff.cli import main
+from mmdiff.config import load_config
+from mmdiff.data.reference import read_reference
+from mmdiff.errors import CheckpointError
+from mmdiff.eval.clip_score import clip_score
+from mmdiff.eval.features import INCEPTION_URL, ClipFeatures, build_extractor
+from mmdiff.eval.fid import frechet_distance, kernel_distance
+from mmdiff.eval.generative import score_images
+from mmdiff.models.clip import ClipEncoder
+
+from conftest import REPO
+
+
+def tiny_clip(seed: int = 0) -> ClipEncoder:
+    torch.manual_seed(seed)
+    cfg = load_config(REPO / "configs/demo/text_to_image.yaml", ["model.clip.pretrained=null"])
+    return ClipEncoder.from_config(cfg.model.clip)
+
+
+@pytest.fixture(scope="module")
+def digits(demo_shards: Path) -> torch.Tensor:
+    images, _ = read_reference(str(demo_shards / "train-*.tar"), 32, 600)
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.fixture(scope="module")
+def extractor() -> ClipFeatures:
+    return ClipFeatures(tiny_clip(), "custom")
+
+
+def test_fid_small_for_real_split_large_for_noise(digits: torch.Tensor, extractor: ClipFeatures) -> None:
+    a, b = digits[:300], digits[300:]
+    noise = torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    same, different = frechet_distance(a, b, extractor), frechet_distance(a, noise, extractor)
+    print(f"FID[{extractor.name}] real/real-split {same:.4f}  real/noise {different:.4f}")
+    assert 0 <= same < 0.05 * different
+    kid_same, _ = kernel_distance(a, b, extractor, subsets=20, subset_size=100)
+    kid_noise, _ = kernel_distance(a, noise, extractor, subsets=20, subset_size=100)
+    print(f"KID[{extractor.name}] real/real-split {kid_same:.5f}  real/noise {kid_noise:.5f}")
+    assert abs(kid_same) < 0.05 * kid_noise
+
+
+def test_extractor_name_is_in_the_metric_key_and_tells_clips_apart(digits, extractor) -> None:
+    other = ClipFeatures(tiny_clip(seed=1), "custom")
+    assert extractor.name.startswith("clip_custom_") and other.name != extractor.name
+    result = score_images(digits[:20], ["x"] * 20, ["fid"], reference=digits[20:40], extractor=extractor)
+    assert result["extractor"] == extractor.name and f"fid_{extractor.name}" in result
+
+
+def test_inception_without_weights_file_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "pt_inception.pth"
+    with pytest.raises(CheckpointError) as err:
+        build_extractor("inception", inception_weights=str(missing))
+    assert str(missing) in str(err.value) and INCEPTION_URL in str(err.value)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_extractor("inception")
+
+
+def test_clip_score_formula() -> None:
+    images = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 8, 8)  # image i is filled with i
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    text = {"a": [2.0, 0.0], "b": [1.0, 0.0], "c": [-0.6, -0.8]}  # cos 1, 0, -1 (clamped to 0)
+    score = clip_score(images, ["a", "b", "c"], lambda x: emb[x[:, 0, 0, 0].long()],
+                       lambda p: torch.tensor([text[q] for q in p]), batch_size=2)
+    assert score == pytest.approx(100 / 3)
+
+
+def test_eval_cli_writes_json_and_wandb_run(tiny_ckpt: Path, demo_shards: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one\na handwritten digit two\n")
+    common = ["--n", "6", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "eval"), "--batch-size", "3"]
+    assert main(["eval", "clipscore", str(tiny_ckpt), "--prompts", str(prompts), *common]) == 0
+    assert main(["eval", "fid", str(tiny_ckpt), "--reference", str(demo_shards / "val-*.tar"), *common]) == 0
+    score = json.loads((tmp_path / "eval" / "clipscore.json").read_text())
+    fid = json.loads((tmp_path / "eval" / "fid.json").read_text())
+    assert 0 <= score["clipscore"] <= 100 and score["n_images"] == 6
+    assert fid["extractor"].startswith("clip_custom_") and fid[f"fid_{fid['extractor']}"] > 0
+    assert len(list((tmp_path / "eval" / "wandb").glob("offline-run-*"))) == 2
+    missing = tmp_path / "inception.pth"
+    assert main(["eval", "fid", str(tiny_ckpt), "--reference", str(demo_shards / "val-*.tar"), "--extractor",
+                 "inception", "--inception-weights", str(missing), "--no-wandb", *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0]
