@@ -2,7 +2,8 @@
 
 Off by default (``eval.every_n_steps: 0``). Generates ``eval.n_images`` images with the EMA weights
 (when an EMA callback is present) from ``eval.prompts`` — or the reference images' captions — and
-logs ``eval/fid_<extractor>``, ``eval/kid_<extractor>`` and ``eval/clipscore`` on rank 0. Reference
+logs ``eval/fid_<extractor>``, ``eval/kid_<extractor>`` and ``eval/clipscore`` on rank 0 (under FSDP
+every rank samples, since the sharded U-Net's forward needs them all). Reference
 images (``eval.reference_shards``, else ``data.val_shards``) are read once, on first use.
 The system must offer ``sample(prompts, seed=, steps=)``, ``encode_prompts`` and a ``clip`` encoder.
 """
@@ -16,6 +17,7 @@ import torch
 
 from mmdiff.callbacks.ema import find_ema
 from mmdiff.eval.generative import cycle_prompts, generate_images, score_images
+from mmdiff.strategies import has_sharded_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,11 @@ class ImageEvalCallback(L.Callback):
         if self.cfg.every_n_steps <= 0 or step % self.cfg.every_n_steps or step == self._last:
             return
         self._last = step
+        if not trainer.is_global_zero and not has_sharded_parameters(pl_module):
+            return  # a replicated model: rank 0 samples alone; a sharded one needs every rank
+        result = self.evaluate(pl_module, find_ema(trainer))
         if not trainer.is_global_zero:
             return
-        result = self.evaluate(pl_module, find_ema(trainer))
         numbers = {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(numbers, step=step)

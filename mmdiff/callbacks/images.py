@@ -19,14 +19,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 from mmdiff.callbacks.ema import find_ema
 from mmdiff.images import grid, save_png
+from mmdiff.strategies import has_sharded_parameters
 
 log = logging.getLogger(__name__)
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 class ImageLoggingCallback(L.Callback):
@@ -54,7 +49,7 @@ class ImageLoggingCallback(L.Callback):
         step = trainer.global_step
         if step == self._last_logged or not hasattr(pl_module, "preview_images"):
             return
-        if not trainer.is_global_zero and not _is_sharded(pl_module):
+        if not trainer.is_global_zero and not has_sharded_parameters(pl_module):
             return
         self._last_logged = step
         ema = find_ema(trainer)
