@@ -185,6 +185,10 @@ class TrainerConfig:
     fused_adamw: Optional[bool] = None
     # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
     tf32: bool = True
+    # Skip (and count as train/skipped_nonfinite) optimiser steps with a NaN/Inf loss or gradient;
+    # stop the run after max_bad_steps of them in a row (docs/reliability_numerics.md).
+    nan_guard: bool = True
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -593,6 +597,11 @@ def check_values(cfg: DictConfig) -> None:
         "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",
     )
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
+    _require(t.max_bad_steps > 0, f"trainer.max_bad_steps must be positive, got {t.max_bad_steps}.")
+    _require(
+        t.keep_last_n >= -1,
+        f"trainer.keep_last_n must be -1 (keep all), 0 (only last.ckpt) or positive, got {t.keep_last_n}.",
+    )
     _require(
         str(t.strategy) in STRATEGY_NAMES,
         f"unknown trainer.strategy '{t.strategy}'; choose one of: {', '.join(STRATEGY_NAMES)}.",

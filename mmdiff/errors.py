@@ -26,6 +26,10 @@ class CheckpointError(MmdiffError):
     """A checkpoint or weights file is missing, unreadable, unsafe or of the wrong kind."""
 
 
+class TrainingError(MmdiffError):
+    """Training cannot go on (e.g. non-finite losses step after step); earlier checkpoints are intact."""
+
+
 class UsageError(MmdiffError):
     """A command-line argument is wrong (exit code 2)."""
 
