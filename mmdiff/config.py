@@ -189,6 +189,9 @@ class TrainerConfig:
     # stop the run after max_bad_steps of them in a row (docs/reliability_numerics.md).
     nan_guard: bool = True
     max_bad_steps: int = 5
+    # Every N steps append RSS (main + worker processes) and open file descriptors to
+    # RUN_DIR/resources.csv (a leak probe for long runs; 0 = off).
+    probe_resources_every_n_steps: int = 0
 
 
 @dataclass
@@ -597,6 +600,10 @@ def check_values(cfg: DictConfig) -> None:
         "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",
     )
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
+    _require(
+        t.probe_resources_every_n_steps >= 0,
+        f"trainer.probe_resources_every_n_steps must be >= 0, got {t.probe_resources_every_n_steps}.",
+    )
     _require(t.max_bad_steps > 0, f"trainer.max_bad_steps must be positive, got {t.max_bad_steps}.")
     _require(
         t.keep_last_n >= -1,

@@ -102,6 +102,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
     ]
     if t.nan_guard:
         callbacks.append(NaNGuard(max_bad_steps=t.max_bad_steps))
+    if t.probe_resources_every_n_steps > 0:
+        from mmdiff.callbacks.resources import ResourceProbe
+
+        callbacks.append(ResourceProbe(run_dir / "resources.csv", t.probe_resources_every_n_steps))
     if not t.enable_progress_bar:
         callbacks.append(ProgressLogCallback(every_n_steps=t.log_every_n_steps))
     if cfg.logger.kind != LoggerKind.none:
