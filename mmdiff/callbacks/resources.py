@@ -128,12 +128,15 @@ def summarize(rows: List[Dict[str, float]], warmup_step: int) -> Dict[str, Optio
 
     ``*_growth_pct`` is the largest value after warm-up relative to the value at warm-up (the
     first row at or after ``warmup_step``), in percent; ``fds_max_increase`` the largest rise in
-    open file descriptors over the warm-up count.
+    open file descriptors over the warm-up count. ``fds_trend`` is the most fds open in the last
+    third of the rows after warm-up minus the most in the first third: descriptors that come and
+    go (data-loader pipes at epoch boundaries) cancel out, a leak makes it positive.
     """
     after = [r for r in rows if r["step"] >= warmup_step]
     if not after:
         raise ValueError(f"no resource sample at or after step {warmup_step}")
     base, end = after[0], after[-1]
+    third = max(1, len(after) // 3)
 
     def growth(key: str) -> float:
         return round(100.0 * (max(r[key] for r in after) - base[key]) / base[key], 2)
@@ -153,6 +156,7 @@ def summarize(rows: List[Dict[str, float]], warmup_step: int) -> Dict[str, Optio
         "open_fds_end": end["open_fds"],
         "open_fds_max": max(r["open_fds"] for r in after),
         "fds_max_increase": max(r["open_fds"] for r in after) - base["open_fds"],
+        "fds_trend": max(r["open_fds"] for r in after[-third:]) - max(r["open_fds"] for r in after[:third]),
         "children_warmup": base["children"],
         "children_end": end["children"],
     }
