@@ -712,7 +712,7 @@ def check_values(cfg: DictConfig) -> None:
         len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
         f"optim.betas must hold two numbers in [0, 1), got {list(o.betas)}.",
     )
-
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
     _require(0.0 <= cfg.model.caption_dropout <= 1.0, "model.caption_dropout must be in [0, 1].")
