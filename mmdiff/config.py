@@ -758,7 +758,10 @@ def check_values(cfg: DictConfig) -> None:
         f"unknown sampling.sampler '{s.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}.",
     )
     _require(s.steps > 0, f"sampling.steps must be positive, got {s.steps}.")
-    _require(s.every_n_steps > 0, f"sampling.every_n_steps must be positive, got {s.every_n_steps}.")
+    _require(
+        s.every_n_steps >= 0,
+        f"sampling.every_n_steps must be >= 0 (0 = previews only at the start and end), got {s.every_n_steps}.",
+    )
     _require(
         s.steps <= diff.num_train_timesteps,
         f"sampling.steps ({s.steps}) cannot exceed diffusion.num_train_timesteps "

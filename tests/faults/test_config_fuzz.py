@@ -159,7 +159,7 @@ ABSURD = [
     "trainer.log_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "trainer.keep_last_n=-2",
     "trainer.max_bad_steps=0", "trainer.gradient_clip_val=-1", "trainer.limit_val_batches=-1",
     "trainer.strategy=magic", "trainer.probe_resources_every_n_steps=-1",
-    "sampling.steps=0", "sampling.steps=5000", "sampling.every_n_steps=0", "sampling.sampler=fast",
+    "sampling.steps=0", "sampling.steps=5000", "sampling.every_n_steps=-1", "sampling.sampler=fast",
     "diffusion.num_train_timesteps=1", "diffusion.beta_start=0.5", "model.ema_decay=1",
     "model.caption_dropout=2", "model.vae.block_out_channels=[]", "model.unet.norm_num_groups=7",
     "model.caption.width=10", "seed=-1", "seed=99999999999", "system=nope", "logger.kind=stdout",
