@@ -513,6 +513,10 @@ def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
             )
         if isinstance(want, ListConfig) and not isinstance(got, ListConfig) and got._value() is not None:
             raise ConfigError(f"'{dotted}' in {source} must be a list, got {_shown(got)}.")
+        if isinstance(want, ListConfig) and isinstance(got, ListConfig) and any(
+            isinstance(item, (DictConfig, ListConfig)) for item in got._iter_ex(resolve=False)
+        ):  # every list in the schema holds plain values; OmegaConf would let a mapping in
+            raise ConfigError(f"'{dotted}' in {source} must be a list of plain values, got {_shown(got)}.")
         if isinstance(want, DictConfig):
             _check_shapes(want, got, f"{dotted}.", source)
 
