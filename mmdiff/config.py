@@ -10,11 +10,13 @@ import copy
 import difflib
 import enum
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mmdiff.config_guard import check_no_secrets, check_resolvers
@@ -108,6 +110,12 @@ class FSDPSharding(str, enum.Enum):
     hybrid = "hybrid"
 
 
+# trainer.accelerator / trainer.precision values Lightning knows (checked here so that a typo fails
+# before anything is built).
+ACCELERATOR_NAMES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+PRECISION_NAMES = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64",
+                   "bf16", "16", "transformer-engine", "transformer-engine-float16")
+
 # The names trainer.strategy accepts (mmdiff.strategies.STRATEGY_NAMES; tests keep the two in step).
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
 
@@ -188,6 +196,13 @@ class TrainerConfig:
     fused_adamw: Optional[bool] = None
     # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
     tf32: bool = True
+    # Skip (and count as train/skipped_nonfinite) optimiser steps with a NaN/Inf loss or gradient;
+    # stop the run after max_bad_steps of them in a row (docs/reliability_numerics.md).
+    nan_guard: bool = True
+    max_bad_steps: int = 5
+    # Every N steps append RSS (main + worker processes) and open file descriptors to
+    # RUN_DIR/resources.csv (a leak probe for long runs; 0 = off).
+    probe_resources_every_n_steps: int = 0
 
 
 @dataclass
@@ -519,9 +534,45 @@ def _wrap_merge_error(err: OmegaConfBaseException, cfg: DictConfig, source: str)
     return ConfigError(f"cannot read '{key}' in {source}: {str(err).splitlines()[0]}")
 
 
+def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
+    """Sections must be mappings and list keys lists (OmegaConf's own errors for these are
+    unreadable or a bare TypeError)."""
+    if not isinstance(raw, DictConfig) or not isinstance(schema_node, DictConfig):
+        return
+    for key in raw.keys():
+        if key not in schema_node:
+            continue  # unknown keys are reported by the merge, with the closest valid key
+        dotted = f"{prefix}{key}"
+        want = schema_node._get_node(key)
+        got = raw._get_node(key)
+        if got is None or got._is_missing() or got._is_interpolation():
+            continue
+        if isinstance(want, DictConfig) and not isinstance(got, DictConfig):
+            raise ConfigError(
+                f"'{dotted}' in {source} is a section and must hold keys, got {_shown(got)}."
+            )
+        if isinstance(want, ListConfig) and not isinstance(got, ListConfig) and got._value() is not None:
+            raise ConfigError(f"'{dotted}' in {source} must be a list, got {_shown(got)}.")
+        if isinstance(want, ListConfig) and isinstance(got, ListConfig) and any(
+            isinstance(item, (DictConfig, ListConfig)) for item in got._iter_ex(resolve=False)
+        ):  # every list in the schema holds plain values; OmegaConf would let a mapping in
+            raise ConfigError(f"'{dotted}' in {source} must be a list of plain values, got {_shown(got)}.")
+        if isinstance(want, DictConfig):
+            _check_shapes(want, got, f"{dotted}.", source)
+
+
+def _shown(node: Any) -> str:
+    value = OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node._value()
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _normalise_lists(raw: DictConfig) -> None:
     for dotted in _STRING_OR_LIST:
-        value = OmegaConf.select(raw, dotted, default=None)
+        try:
+            value = OmegaConf.select(raw, dotted, default=None)
+        except (OmegaConfBaseException, TypeError):  # a parent that is not a mapping: _check_shapes says so
+            continue
         if isinstance(value, str):
             OmegaConf.update(raw, dotted, [value], merge=False)
 
@@ -545,13 +596,19 @@ def _merge_file(cfg: DictConfig, path: Path, seen: tuple[Path, ...]) -> DictConf
     if path in seen:
         raise ConfigError(f"config file '{path}' includes itself through 'base:'.")
     raw = _read_yaml(path)
-    for base in raw.get("base", None) or []:
+    bases = raw.get("base", None) or []
+    if not isinstance(bases, (list, ListConfig)) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"'base' in {_display(path)} must be a list of YAML file paths.")
+    for base in bases:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
         cfg = _merge_file(cfg, base_path, seen + (path,))
+    _check_shapes(cfg, raw, "", str(_display(path)))
     try:
         return OmegaConf.merge(cfg, raw)
     except OmegaConfBaseException as err:
         raise _wrap_merge_error(err, cfg, str(_display(path))) from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"cannot merge {_display(path)}: {str(err).splitlines()[0]}") from None
 
 
 def _display(path: Path) -> Path:
@@ -568,14 +625,18 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' is not of the form key=value.")
         try:
             update = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"cannot parse override '{item}': {str(err).splitlines()[0]}")
+        except Exception as err:  # OmegaConf grammar and YAML parser errors alike: first line only
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"cannot parse override '{item}': {first}") from None
         check_resolvers(update, "the command line")
         _normalise_lists(update)
+        _check_shapes(cfg, update, "", "the command line")
         try:
             cfg = OmegaConf.merge(cfg, update)
         except OmegaConfBaseException as err:
             raise _wrap_merge_error(err, cfg, "the command line") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"cannot apply override '{item}': {str(err).splitlines()[0]}") from None
     return cfg
 
 
@@ -595,10 +656,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
             f"cannot resolve '{key}' in {_display(Path(path))}: {str(err).splitlines()[0]}"
         ) from None
     cfg.base = []
+    _check_complete(cfg, Path(path))
     check_values(cfg)
     check_no_secrets(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _check_complete(cfg: DictConfig, path: Path) -> None:
+    """No ``???`` (missing) values and no NaN/Inf numbers anywhere in the config."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"'{missing[0]}' has no value (???) in {_display(path)}; set it in the file or with "
+            f"{missing[0]}=VALUE."
+        )
+
+    def walk(node: Any, prefix: str) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            dotted = f"{prefix}.{key}" if isinstance(node, dict) else f"{prefix}[{key}]"
+            if isinstance(value, (dict, list)):
+                walk(value, dotted.lstrip("."))
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"'{dotted.lstrip('.')}' must be a finite number, got {value}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -645,12 +728,47 @@ def check_values(cfg: DictConfig) -> None:
     )
     _require(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}.")
     _require(
+        t.probe_resources_every_n_steps >= 0,
+        f"trainer.probe_resources_every_n_steps must be >= 0, got {t.probe_resources_every_n_steps}.",
+    )
+    _require(t.max_bad_steps > 0, f"trainer.max_bad_steps must be positive, got {t.max_bad_steps}.")
+    _require(
+        t.keep_last_n >= -1,
+        f"trainer.keep_last_n must be -1 (keep all), 0 (only last.ckpt) or positive, got {t.keep_last_n}.",
+    )
+    _require(t.num_nodes > 0, f"trainer.num_nodes must be positive, got {t.num_nodes}.")
+    _require(
+        str(t.accelerator) in ACCELERATOR_NAMES,
+        f"unknown trainer.accelerator '{t.accelerator}'; choose one of: {', '.join(ACCELERATOR_NAMES)}.",
+    )
+    _require(
+        str(t.devices) == "auto" or re.fullmatch(r"-1|[1-9][0-9]*|[0-9]+(,[0-9]*)+", str(t.devices)) is not None,
+        f"trainer.devices must be 'auto', a positive count, -1 (all) or a list like '0,1', got '{t.devices}'.",
+    )
+    _require(
+        str(t.precision) in PRECISION_NAMES,
+        f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISION_NAMES)}.",
+    )
+    _require(t.gradient_clip_val >= 0, f"trainer.gradient_clip_val must be >= 0 (0 = off), got {t.gradient_clip_val}.")
+    for key in ("accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
+        _require(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
+    _require(
+        t.limit_val_batches is None or t.limit_val_batches >= 0,
+        f"trainer.limit_val_batches must be >= 0 or null, got {t.limit_val_batches}.",
+    )
+    _require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}.")
+    _require(
         str(t.strategy) in STRATEGY_NAMES,
         f"unknown trainer.strategy '{t.strategy}'; choose one of: {', '.join(STRATEGY_NAMES)}.",
     )
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
-    _require(len(o.betas) == 2, f"optim.betas must hold two numbers, got {list(o.betas)}.")
+    _require(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        f"optim.betas must hold two numbers in [0, 1), got {list(o.betas)}.",
+    )
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}.")
     _require(0.0 <= cfg.model.caption_dropout <= 1.0, "model.caption_dropout must be in [0, 1].")
     _require(0.0 < cfg.model.ema_decay < 1.0, "model.ema_decay must be in (0, 1).")
@@ -696,6 +814,10 @@ def check_values(cfg: DictConfig) -> None:
         f"unknown sampling.sampler '{s.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}.",
     )
     _require(s.steps > 0, f"sampling.steps must be positive, got {s.steps}.")
+    _require(
+        s.every_n_steps >= 0,
+        f"sampling.every_n_steps must be >= 0 (0 = previews only at the start and end), got {s.every_n_steps}.",
+    )
     _require(
         s.steps <= diff.num_train_timesteps,
         f"sampling.steps ({s.steps}) cannot exceed diffusion.num_train_timesteps "

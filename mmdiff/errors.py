@@ -6,10 +6,18 @@ catch :class:`MmdiffError` and never see a traceback from deep inside a dependen
 from __future__ import annotations
 
 
+def _one_line(message: str) -> str:
+    """Escape newlines and other control characters (a user's value may hold them)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
 class MmdiffError(Exception):
-    """Base class for user-facing errors (exit code 1)."""
+    """Base class for user-facing errors (exit code 1); the message is always one line."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_one_line(str(message)))
 
 
 class ConfigError(MmdiffError):
@@ -24,6 +32,10 @@ class DataError(MmdiffError):
 
 class CheckpointError(MmdiffError):
     """A checkpoint or weights file is missing, unreadable, unsafe or of the wrong kind."""
+
+
+class TrainingError(MmdiffError):
+    """Training cannot go on (e.g. non-finite losses step after step); earlier checkpoints are intact."""
 
 
 class UsageError(MmdiffError):

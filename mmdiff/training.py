@@ -11,7 +11,7 @@ import os
 import pickle
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import lightning as L
 import torch
@@ -80,10 +80,11 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -> List[Callback]:
-    """Checkpointing, LR monitor, EMA (when the system has an EMA target) and image logging."""
+    """Checkpointing, NaN guard, LR monitor, EMA (when the system has an EMA target), image logging."""
     from mmdiff.callbacks.data_stats import DataStatsCallback
     from mmdiff.callbacks.ema import EMACallback
     from mmdiff.callbacks.images import ImageLoggingCallback
+    from mmdiff.callbacks.nan_guard import NaNGuard
     from mmdiff.callbacks.progress import ProgressLogCallback
 
     t = cfg.trainer
@@ -101,6 +102,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
         DataStatsCallback(),
         ImageLoggingCallback(run_dir / "samples", every_n_steps=cfg.sampling.every_n_steps),
     ]
+    if t.nan_guard:
+        callbacks.append(NaNGuard(max_bad_steps=t.max_bad_steps))
+    if t.probe_resources_every_n_steps > 0:
+        from mmdiff.callbacks.resources import ResourceProbe
+
+        callbacks.append(ResourceProbe(run_dir / "resources.csv", t.probe_resources_every_n_steps))
     if not t.enable_progress_bar:
         callbacks.append(ProgressLogCallback(every_n_steps=t.log_every_n_steps))
     if cfg.logger.kind != LoggerKind.none:
@@ -134,11 +141,13 @@ def build_trainer(
     """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from mmdiff.checkpoint_io import AtomicCheckpointIO
     from mmdiff.strategies import build_strategy
 
     t = cfg.trainer
     callbacks = list(callbacks)
-    plugins = []
+    # Every checkpoint (periodic, last, SLURM requeue) is written atomically, whatever the strategy.
+    plugins: List[Any] = [AtomicCheckpointIO()]
     if t.exact_resume:
         from mmdiff.callbacks.data_position import DataPositionCallback, StepSeedCallback
 
@@ -149,7 +158,7 @@ def build_trainer(
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(RequeueOnSignal())
     return L.Trainer(
-        plugins=plugins or None,
+        plugins=plugins,
         default_root_dir=str(run_dir),
         max_steps=t.max_steps,
         accelerator=t.accelerator,

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from mmdiff.callbacks.nan_guard import step_was_skipped
+
 EMA_STATE_KEY = "EMA"
 
 
@@ -78,6 +80,8 @@ class EMACallback(L.Callback):
         if trainer.global_step == self._last_step or self.shadow is None:
             return  # gradient accumulation: only after an optimiser step
         self._last_step = trainer.global_step
+        if step_was_skipped(trainer):
+            return  # NaNGuard skipped a non-finite step: the weights did not change
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         self._match_layout(self._params(pl_module))

@@ -19,17 +19,24 @@
 Every load is strict: a file that does not fit the architecture is a
 :class:`~mmdiff.errors.CheckpointError` naming a few offending keys.
 
+Half precision (``model.vae.precision: fp16``; rarely ``bf16``) can overflow inside the encoder and
+give NaN or Inf latents for some images — Stable Diffusion's original VAE is known for it in fp16.
+:func:`encode_finite` encodes in the VAE's own dtype and, when the posterior is not finite,
+encodes that batch again in float32 (logging a warning once per process): half-precision speed
+for the batches that allow it, correct latents for all.
+
 ``vae.config.scaling_factor`` holds ``model.vae.scaling_factor`` when that is set; otherwise a
 freshly built VAE gets 1.0 (meaning "not known yet: estimate it with
 :func:`estimate_scaling_factor`") and a loaded diffusers VAE keeps its own value (SD: 0.18215).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -197,6 +204,46 @@ def build_vae(cfg: DictConfig) -> AutoencoderKL:
     return vae.eval()
 
 
+# ------------------------------------------------------------------------- half-precision guard
+_FALLBACK_WARNED: set[torch.dtype] = set()
+
+
+@contextlib.contextmanager
+def _in_float32(vae: AutoencoderKL) -> Iterator[None]:
+    """Run ``vae`` in float32 for the ``with`` block, then return it to its dtype.
+
+    The round trip fp16/bf16 → fp32 → fp16/bf16 is exact, so the weights come back unchanged.
+    """
+    dtype = vae.dtype
+    # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
+    torch.nn.Module.to(vae, torch.float32)
+    try:
+        yield
+    finally:
+        torch.nn.Module.to(vae, dtype)
+
+
+@torch.no_grad()
+def encode_finite(vae: AutoencoderKL, images: torch.Tensor) -> Any:
+    """``vae.encode(images).latent_dist``, redone in float32 when half precision gives NaN/Inf.
+
+    ``images`` are cast to the VAE's dtype for the first try. Returns diffusers'
+    ``DiagonalGaussianDistribution`` (in float32 after a fallback).
+    """
+    dtype = vae.dtype
+    posterior = vae.encode(images.to(dtype)).latent_dist
+    if dtype == torch.float32 or bool(torch.isfinite(posterior.parameters).all()):
+        return posterior
+    if dtype not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(dtype)
+        log.warning(
+            "the VAE gave non-finite latents in %s; encoding such batches again in float32 "
+            "(set model.vae.precision=fp32 to always encode in float32)", str(dtype).replace("torch.", ""),
+        )
+    with _in_float32(vae):
+        return vae.encode(images.float()).latent_dist
+
+
 # ----------------------------------------------------------------------------------- helpers
 def _images(batch: Any) -> torch.Tensor:
     if isinstance(batch, Mapping):
@@ -284,4 +331,4 @@ def vae_downsample_factor(cfg: DictConfig | AutoencoderKL) -> int:
     return 2 ** (len(channels) - 1)
 
 
-__all__ = ["build_vae", "estimate_scaling_factor", "vae_downsample_factor", "CKPT_PREFIX"]
+__all__ = ["build_vae", "encode_finite", "estimate_scaling_factor", "vae_downsample_factor", "CKPT_PREFIX"]

@@ -20,7 +20,7 @@ from mmdiff.config import VarianceType, to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.unet import build_unet
-from mmdiff.models.vae import build_vae
+from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
 from mmdiff.systems.common import configure_adamw, enable_tf32, prepare_unet
 from mmdiff.systems.registry import register_system
@@ -113,9 +113,13 @@ class TextToImageSystem(L.LightningModule):
 
     @torch.no_grad()
     def encode_posterior(self, images: torch.Tensor) -> Any:
-        """Images in [-1, 1] → the VAE's (unscaled) posterior ``DiagonalGaussianDistribution``."""
+        """Images in [-1, 1] → the VAE's (unscaled) posterior ``DiagonalGaussianDistribution``.
+
+        Encoded in ``model.vae.precision``; a batch whose half-precision latents are not finite is
+        encoded again in float32 (:func:`mmdiff.models.vae.encode_finite`).
+        """
         with self._frozen():
-            return self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+            return encode_finite(self.vae, images.to(self.device))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, sample: bool = True) -> torch.Tensor:
