@@ -145,5 +145,19 @@ def interpolate(
     return torch.cat(frames)
 
 
+class TwoStage:
+    """A prior and a decoder as one text → image sampler (``.sample(prompts, seed=...)``), e.g. for
+    :func:`mmdiff.eval.digits.evaluate_digits`; ``prior_options`` go to the prior's sampler."""
+
+    def __init__(self, prior: Any, decoder: Any, prior_options: Optional[dict] = None, use_text: bool = True) -> None:
+        check_pair(prior, decoder)
+        self.prior, self.decoder = prior, decoder
+        self.prior_options, self.use_text = dict(prior_options or {}), use_text
+
+    def sample(self, prompts: Sequence[str], *, seed: int = 0, **options: Any) -> torch.Tensor:
+        return two_stage_sample(self.prior, self.decoder, prompts, seed=seed, prior_options=self.prior_options,
+                                use_text=self.use_text, **options)
+
+
 __all__ = ["slerp", "read_image", "load_decoder", "check_pair", "two_stage_sample", "vary", "interpolate",
-           "image_embeddings"]
+           "image_embeddings", "TwoStage"]

@@ -137,12 +137,14 @@ class PriorSystem(L.LightningModule):
         k = int(kwargs.pop("candidates", self.cfg.model.prior.candidates))
         if k < 1:
             raise ValueError(f"candidates must be positive, got {k}.")
-        cond = self.encode_prompts([p for p in prompts for _ in range(k)])
-        uncond = None
-        if kwargs["guidance_scale"] != 1.0:
-            uncond = self.encode_prompts([""] * len(prompts) * k)
+        n = len(prompts) * k
+        guided = kwargs["guidance_scale"] != 1.0
+        # One encoder call for both branches, so their token states have the same length.
+        both = self.encode_prompts([p for p in prompts for _ in range(k)] + [""] * (n if guided else 0))
+        cond = {key: v[:n] for key, v in both.items()}
+        uncond = {key: v[n:] for key, v in both.items()} if guided else None
         x = self.diffusion.sample(
-            self.denoise, (len(prompts) * k, self.embed_dim), cond=cond, uncond=uncond,
+            self.denoise, (n, self.embed_dim), cond=cond, uncond=uncond,
             generator=torch.Generator(device=self.device).manual_seed(seed), device=self.device,
             progress=progress, **kwargs,
         )

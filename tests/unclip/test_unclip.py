@@ -226,16 +226,22 @@ def test_cli_errors(runs: dict, tmp_path: Path, demo_shards: Path, capsys) -> No
     assert "not a readable image" in _error(capsys, ["vary", decoder, str(text)])
     assert "at least 2" in _error(capsys, ["interpolate", decoder, str(text), str(text), "--n", "1"])
     # A text-only text_to_image checkpoint is not a decoder.
-    tmp = runs["tmp"]
-    assert main(["fit", str(tiny_decoder(tmp, demo_shards, None, "none", name="plain"))]) == 0
-    plain = str(tmp / "plain/checkpoints/last.ckpt")
+    from mmdiff.systems.prior import PriorSystem
+    from mmdiff.systems.text_to_image import TextToImageSystem
+
+    plain = _save(TextToImageSystem(load_config(tiny_decoder(tmp_path, demo_shards, None, "none"))), tmp_path / "plain.ckpt")
     assert "image-embedding conditioning" in _error(capsys, ["vary", plain, str(_png(tmp_path / "x.png"))])
     assert "image-embedding conditioning" in _error(
         capsys, ["sample", plain, "--prior", str(runs["prior"]), "--prompt", "a"])
     # The prior in the decoder's place, and a prior with another CLIP.
     assert "'prior' checkpoint" in _error(capsys, ["vary", str(runs["prior"]), str(tmp_path / "x.png")])
-    other = tmp / "other"
-    other.mkdir()
-    assert main(["fit", str(tiny_prior(other, demo_shards, None, seed=7))]) == 0
+    torch.manual_seed(7)
+    other = _save(PriorSystem(load_config(tiny_prior(tmp_path, demo_shards, None))), tmp_path / "other.ckpt")
     assert "different CLIP" in _error(
-        capsys, ["sample", decoder, "--prior", str(other / "prior/checkpoints/last.ckpt"), "--prompt", "a", "--steps", "2"])
+        capsys, ["sample", decoder, "--prior", other, "--prompt", "a", "--steps", "2"])
+
+
+def _save(system: torch.nn.Module, path: Path) -> str:
+    """A checkpoint of an untrained system, as mmdiff.load reads it (no training run needed)."""
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, path)
+    return str(path)
