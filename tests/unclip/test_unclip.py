@@ -55,7 +55,8 @@ def tiny_decoder(tmp: Path, shards: Path, clip: str | None, mode: str = "both", 
     cfg.update(base=[str(REPO / "configs/demo/text_to_image.yaml")],
                sampling={"prompts": ["a handwritten digit one"], "steps": 2, "every_n_steps": 0})
     cfg["model"].update(vae={"pretrained": None, "block_out_channels": [32, 32], "scale_estimate_batches": 1},
-                        unet={"block_out_channels": [32, 32], "attention_head_dim": 8},
+                        # 8 groups: with one channel per group, GroupNorm would cancel the time embedding
+                        unet={"block_out_channels": [32, 32], "attention_head_dim": 8, "norm_num_groups": 8},
                         image_embed_conditioning=mode, image_embed_tokens=2, **model)
     return _write(tmp / f"{name}.yaml", cfg)
 
@@ -176,6 +177,9 @@ def test_init_from_text_only_checkpoint_starts_where_it_was(tmp_path: Path, demo
         want = t2i.denoise(x, t, cond)
         got = decoder.denoise(x, t, {**cond, "image_embed": torch.randn(2, 64)})
     assert torch.allclose(want, got, atol=1e-5)  # zero-initialised image path: same function
+    with torch.no_grad():
+        decoder.unet.time_embedding.cond_proj.weight.normal_()
+        assert not torch.allclose(want, decoder.denoise(x, t, {**cond, "image_embed": torch.randn(2, 64)}), atol=1e-3)
     wide = tiny_decoder(tmp_path, demo_shards, None, "time", name="wide", init_from=str(src))
     with pytest.raises(CheckpointError, match="do not fit"):
         TextToImageSystem(load_config(wide, ["model.unet.block_out_channels=[32,64]"]))
@@ -245,3 +249,22 @@ def _save(system: torch.nn.Module, path: Path) -> str:
     """A checkpoint of an untrained system, as mmdiff.load reads it (no training run needed)."""
     torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, path)
     return str(path)
+
+
+def test_init_from_refuses_another_clip(tmp_path: Path, demo_shards: Path, clip_file: Path) -> None:
+    from mmdiff.systems.text_to_image import TextToImageSystem
+
+    torch.manual_seed(5)  # a random CLIP, not the one in clip_file
+    src = _save(TextToImageSystem(load_config(tiny_decoder(tmp_path, demo_shards, None, "none", name="t2i"))),
+                tmp_path / "t2i.ckpt")
+    cfg = load_config(tiny_decoder(tmp_path, demo_shards, str(clip_file), "time", init_from=src))
+    with pytest.raises(CheckpointError, match="other CLIP weights than model.clip.pretrained"):
+        TextToImageSystem(cfg)
+
+
+def test_checkpoints_from_before_the_compile_rename_load() -> None:
+    from mmdiff.config import from_container, to_container
+
+    data = to_container(load_config(REPO / "configs/demo/text_to_image.yaml"))
+    data["model"]["unet"]["compile"] = "off"
+    assert from_container(data).model.unet.compile.value == "none"
