@@ -268,3 +268,14 @@ def test_checkpoints_from_before_the_compile_rename_load() -> None:
     data = to_container(load_config(REPO / "configs/demo/text_to_image.yaml"))
     data["model"]["unet"]["compile"] = "off"
     assert from_container(data).model.unet.compile.value == "none"
+
+
+def test_check_pair_names_embedding_sizes() -> None:
+    from types import SimpleNamespace
+
+    from mmdiff.unclip import check_pair
+
+    prior = SimpleNamespace(embed_dim=32)
+    decoder = SimpleNamespace(clip=SimpleNamespace(embed_dim=64))
+    with pytest.raises(CheckpointError, match="32-d .* 64-d"):
+        check_pair(prior, decoder)
