@@ -224,7 +224,7 @@ def _error(capsys, argv: list) -> str:
 
 def test_cli_errors(runs: dict, tmp_path: Path, demo_shards: Path, capsys) -> None:
     decoder = str(runs["decoder"])
-    assert "does not exist" in _error(capsys, ["vary", decoder, str(tmp_path / "missing.png")])
+    assert "does not exist" in _error(capsys, ["vary", decoder, str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert "not a readable image" in _error(capsys, ["vary", decoder, str(text)])
@@ -236,13 +236,13 @@ def test_cli_errors(runs: dict, tmp_path: Path, demo_shards: Path, capsys) -> No
     plain = _save(TextToImageSystem(load_config(tiny_decoder(tmp_path, demo_shards, None, "none"))), tmp_path / "plain.ckpt")
     assert "image-embedding conditioning" in _error(capsys, ["vary", plain, str(_png(tmp_path / "x.png"))])
     assert "image-embedding conditioning" in _error(
-        capsys, ["sample", plain, "--prior", str(runs["prior"]), "--prompt", "a"])
+        capsys, ["sample", plain, "--prior", str(runs["prior"]), "--prompt", "a", "--out", str(tmp_path / "o")])
     # The prior in the decoder's place, and a prior with another CLIP.
     assert "'prior' checkpoint" in _error(capsys, ["vary", str(runs["prior"]), str(tmp_path / "x.png")])
     torch.manual_seed(7)
     other = _save(PriorSystem(load_config(tiny_prior(tmp_path, demo_shards, None))), tmp_path / "other.ckpt")
     assert "different CLIP" in _error(
-        capsys, ["sample", decoder, "--prior", other, "--prompt", "a", "--steps", "2"])
+        capsys, ["sample", decoder, "--prior", other, "--prompt", "a", "--steps", "2", "--out", str(tmp_path / "o")])
 
 
 def _save(system: torch.nn.Module, path: Path) -> str:
