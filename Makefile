@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # process starve the others (a 30x slowdown measured here with two busy processes on 2 cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test install clean
+.PHONY: demo demo-unclip test install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
+
+# unCLIP (prior + image-embedding decoder) on top of `make demo`'s VAE, CLIP and text-to-image runs.
+demo-unclip: $(STAMP)
+	$(BIN)/python tools/demo_unclip.py
 
 test: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q

@@ -63,6 +63,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _positive("n", args.n)
     _positive("steps", args.steps)
     _positive("batch-size", args.batch_size)
+    if args.prior:
+        return _sample_two_stage(args, prompts)
     from mmdiff.api import load
     from mmdiff.sampling import write_samples
 
@@ -82,6 +84,93 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     log.info("wrote %d images and %s", args.n * len(prompts), out / "grid.png")
     return 0
+
+
+# ------------------------------------------------------------------------------------- unCLIP
+def _unclip_decoder(args: argparse.Namespace):
+    from mmdiff.unclip import load_decoder
+
+    return load_decoder(args.ckpt, use_ema=not args.no_ema, device=args.device)
+
+
+def _write_images(images, out: str, nrow: int) -> Path:
+    from mmdiff.images import grid, save_png, to_pil
+
+    folder = Path(out)
+    for index, picture in enumerate(to_pil(images)):
+        save_png(picture, folder / f"{index:04d}.png")
+    save_png(grid(images, nrow=nrow), folder / "grid.png")
+    log.info("wrote %d images and %s", len(images), folder / "grid.png")
+    return folder
+
+
+def _decoder_options(args: argparse.Namespace) -> dict:
+    return {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+
+
+def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
+    import torch
+
+    from mmdiff.api import load
+    from mmdiff.unclip import check_pair, two_stage_sample
+
+    prior = load(args.prior, expect="prior", use_ema=not args.no_ema, device=args.device)
+    decoder = _unclip_decoder(args)
+    check_pair(prior, decoder)
+    expanded = [p for p in prompts for _ in range(args.n)]
+    chunks = [expanded[i : i + args.batch_size] for i in range(0, len(expanded), args.batch_size)]
+    images = [two_stage_sample(prior, decoder, chunk, seed=args.seed + i,
+                               prior_options={"guidance_scale": args.prior_cfg},
+                               eta=args.eta, temperature=args.temperature, **_decoder_options(args)).cpu()
+              for i, chunk in enumerate(chunks)]
+    _write_images(torch.cat(images), args.out, nrow=args.n)
+    return 0
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    _positive("n", args.n)
+    _positive("steps", args.steps)
+    from mmdiff.unclip import read_image, vary
+
+    decoder = _unclip_decoder(args)
+    image = read_image(args.image, int(decoder.cfg.data.image_size))
+    _write_images(vary(decoder, image, args.n, seed=args.seed, prompt=args.prompt, **_decoder_options(args)),
+                  args.out, nrow=args.n)
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    if args.n < 2:
+        raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}.")
+    _positive("steps", args.steps)
+    from mmdiff.unclip import interpolate, read_image
+
+    decoder = _unclip_decoder(args)
+    size = int(decoder.cfg.data.image_size)
+    frames = interpolate(decoder, read_image(args.image_a, size), read_image(args.image_b, size), args.n,
+                         seed=args.seed, prompt=args.prompt, **_decoder_options(args))
+    _write_images(frames, args.out, nrow=args.n)
+    return 0
+
+
+def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vary", help="unCLIP: variations of an image from its CLIP image embedding")
+    p.add_argument("ckpt", help="text_to_image checkpoint trained with model.image_embed_conditioning")
+    p.add_argument("image", help="image file")
+    p.add_argument("--n", type=int, default=8, help="variations (default 8)")
+    p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
+    p.add_argument("--out", default="variations", help="output folder (default ./variations)")
+    _sampling_options(p)
+    p.set_defaults(func=cmd_vary)
+    p = sub.add_parser("interpolate", help="unCLIP: decode a slerp between two images' CLIP embeddings")
+    p.add_argument("ckpt", help="text_to_image checkpoint trained with model.image_embed_conditioning")
+    p.add_argument("image_a", help="first image file")
+    p.add_argument("image_b", help="last image file")
+    p.add_argument("--n", type=int, default=8, help="frames, both ends included (default 8)")
+    p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
+    p.add_argument("--out", default="interpolation", help="output folder (default ./interpolation)")
+    _sampling_options(p)
+    p.set_defaults(func=cmd_interpolate)
 
 
 def cmd_shards_demo(args: argparse.Namespace) -> int:
@@ -349,8 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
     p.add_argument("--temperature", type=float, default=None, help="noise temperature (default 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler call (default 64)")
+    p.add_argument("--prior", metavar="PRIOR_CKPT", default=None,
+                   help="unCLIP: a prior checkpoint; CKPT is then its image-embedding decoder")
+    p.add_argument("--prior-cfg", type=float, default=None, help="the prior's guidance scale (default: its config's)")
     _sampling_options(p)
     p.set_defaults(func=cmd_sample)
+    _unclip_parsers(sub)
 
     shards = sub.add_parser("shards", help="write webdataset shards").add_subparsers(
         dest="shards_command", metavar="KIND", required=True

@@ -139,6 +139,15 @@ class UNetCompile(str, enum.Enum):
     regional = "regional"  # torch.compile of each down/mid/up block (much shorter compile times)
 
 
+class ImageEmbedConditioning(str, enum.Enum):
+    """How a text_to_image U-Net sees a CLIP image embedding (the unCLIP decoder; docs/unclip.md)."""
+
+    none = "none"
+    time = "time"  # projected and added to the timestep embedding
+    tokens = "tokens"  # projected to model.image_embed_tokens extra cross-attention context tokens
+    both = "both"
+
+
 # ------------------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -438,6 +447,22 @@ class ContrastiveConfig:
 
 
 @dataclass
+class PriorConfig:
+    """Transformer denoiser over CLIP image embeddings (``system: prior``; docs/unclip.md)."""
+
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # Attend to the CLIP text token states besides the pooled text embedding.
+    text_tokens: bool = True
+    # Embeddings drawn per prompt at sampling; the one closest to the text embedding is kept
+    # (the paper draws 2).
+    candidates: int = 1
+
+
+@dataclass
 class ModelConfig:
     """Networks; each system uses the sub-sections it needs."""
 
@@ -455,6 +480,16 @@ class ModelConfig:
     # What `mmdiff precompute` stores of the VAE posterior, and in which dtype.
     precompute_latents: PrecomputeLatents = PrecomputeLatents.distribution
     precompute_dtype: ArrayDtype = ArrayDtype.fp16
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    # text_to_image as an unCLIP decoder: condition the U-Net on the CLIP image embedding of the
+    # training image (none | time | tokens | both), zeroed in image_embed_dropout of the rows
+    # (for guidance; independent of caption_dropout); `tokens` adds image_embed_tokens tokens.
+    image_embed_conditioning: ImageEmbedConditioning = ImageEmbedConditioning.none
+    image_embed_dropout: float = 0.1
+    image_embed_tokens: int = 4
+    # A text_to_image checkpoint whose weights (EMA ones when present) initialise this model;
+    # only the image-embedding layers may be new, every other key must match.
+    init_from: Optional[str] = None
 
 
 class EvalExtractor(str, enum.Enum):
@@ -844,6 +879,39 @@ def check_values(cfg: DictConfig) -> None:
     _check_models(cfg)
     _check_caption(cfg)
     _check_precomputed(cfg)
+    _check_unclip(cfg)
+
+
+def _check_unclip(cfg: DictConfig) -> None:
+    """model.prior and the unCLIP decoder keys (model.image_embed_*, model.init_from)."""
+    m, p = cfg.model, cfg.model.prior
+    _require(
+        p.width > 0 and p.heads > 0 and p.width % p.heads == 0,
+        f"model.prior.width {p.width} must be a positive multiple of model.prior.heads {p.heads}.",
+    )
+    _require(p.layers > 0, f"model.prior.layers must be positive, got {p.layers}.")
+    _require(p.mlp_ratio > 0, f"model.prior.mlp_ratio must be positive, got {p.mlp_ratio}.")
+    _require(0.0 <= p.dropout < 1.0, f"model.prior.dropout must be in [0, 1), got {p.dropout}.")
+    _require(p.candidates > 0, f"model.prior.candidates must be positive, got {p.candidates}.")
+    _require(
+        0.0 <= m.image_embed_dropout <= 1.0,
+        f"model.image_embed_dropout must be in [0, 1], got {m.image_embed_dropout}.",
+    )
+    _require(m.image_embed_tokens > 0, f"model.image_embed_tokens must be positive, got {m.image_embed_tokens}.")
+    conditioned = m.image_embed_conditioning != ImageEmbedConditioning.none
+    _require(
+        not conditioned or cfg.system == "text_to_image",
+        f"model.image_embed_conditioning is for the text_to_image system, not '{cfg.system}'.",
+    )
+    _require(
+        not conditioned or not m.precomputed,
+        "model.image_embed_conditioning needs the training images (the CLIP image embedding is "
+        "computed from them); it cannot be combined with model.precomputed.",
+    )
+    _require(
+        m.init_from is None or cfg.system == "text_to_image",
+        f"model.init_from is for the text_to_image system, not '{cfg.system}'.",
+    )
 
 
 # The arrays a batch of `mmdiff precompute` shards must carry (mmdiff.precompute writes them).

@@ -14,6 +14,13 @@ Conditioning the system passes::
   ``addition_embed_type="text"`` instead re-pools the token states itself, and ``"text_time"``
   needs SDXL's size/crop ids). It is then required on every call — pass the pooled embedding of
   the empty prompt for unconditional (CFG) rows.
+- With ``time_cond_dim`` (the unCLIP decoder's ``model.image_embed_conditioning`` time/both) the
+  U-Net gets diffusers' ``time_embedding.cond_proj``: a bias-free linear map of a B×``time_cond_dim``
+  vector (the CLIP image embedding) added to the timestep features before the time-embedding MLP,
+  passed as ``timestep_cond=``. It is zero-initialised, so a text-only U-Net fine-tuned with it
+  starts out computing exactly what it did. (The pooled-text projection above cannot take a second
+  vector without changing the shape of its weights, which would break initialising from a
+  text-only checkpoint.)
 
 ``model.unet.attention_head_dim`` means what it says — channels per attention head — so a block
 with C channels gets C / attention_head_dim heads. (diffusers' own config key of that name is,
@@ -54,6 +61,7 @@ def _arch_kwargs(
     cross_attention_dim: int,
     pooled_dim: Optional[int],
     learned_variance: bool,
+    time_cond_dim: Optional[int] = None,
 ) -> dict[str, Any]:
     channels = [int(c) for c in cfg.block_out_channels]
     head_dim = int(cfg.attention_head_dim)
@@ -77,6 +85,8 @@ def _arch_kwargs(
         norm_num_groups=int(cfg.norm_num_groups),
         cross_attention_dim=int(cross_attention_dim),
     )
+    if time_cond_dim is not None:
+        kwargs["time_cond_proj_dim"] = int(time_cond_dim)
     if cfg.cross_attention_dim is not None and int(cfg.cross_attention_dim) != int(cross_attention_dim):
         kwargs.update(
             cross_attention_dim=int(cfg.cross_attention_dim),
@@ -173,11 +183,13 @@ def build_unet(
     cross_attention_dim: int,
     pooled_dim: Optional[int] = None,
     learned_variance: bool = False,
+    time_cond_dim: Optional[int] = None,
 ) -> UNet2DConditionModel:
     """A ``UNet2DConditionModel`` from a ``model.unet`` section (see the module docstring).
 
     ``cross_attention_dim`` is the text encoder's state width, ``pooled_dim`` its pooled
-    embedding size (used only with ``use_pooled_text``), ``sample_size`` the latent side length.
+    embedding size (used only with ``use_pooled_text``), ``sample_size`` the latent side length,
+    ``time_cond_dim`` the size of a vector added to the time embedding (see the module docstring).
     ``pretrained`` may be a local diffusers folder (or a pipeline folder with ``unet/``) or a
     state-dict file (``.safetensors``/``.pt``/``.bin``, or an mmdiff ``.ckpt`` whose ``unet.*``
     weights are taken) in diffusers key names, or in the original CompVis/SD single-file layout
@@ -187,9 +199,18 @@ def build_unet(
     """
     if cfg.pretrained is None:
         kwargs = _arch_kwargs(
-            cfg, latent_channels, sample_size, cross_attention_dim, pooled_dim, learned_variance
+            cfg, latent_channels, sample_size, cross_attention_dim, pooled_dim, learned_variance,
+            time_cond_dim,
         )
-        return UNet2DConditionModel(**kwargs).eval()
+        unet = UNet2DConditionModel(**kwargs).eval()
+        if unet.time_embedding.cond_proj is not None:
+            torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+        return unet
+    if time_cond_dim is not None:
+        raise ConfigError(
+            "model.image_embed_conditioning time/both builds a new U-Net input and cannot load "
+            "model.unet.pretrained; initialise from a checkpoint with model.init_from instead."
+        )
     path = Path(str(cfg.pretrained)).expanduser()
     if not path.exists():
         raise CheckpointError(

@@ -14,6 +14,7 @@ _BUILTIN: Dict[str, str] = {
     "text_to_image": "mmdiff.systems.text_to_image",
     "contrastive": "mmdiff.systems.contrastive",
     "captioning": "mmdiff.systems.captioning",
+    "prior": "mmdiff.systems.prior",
 }
 _REGISTRY: Dict[str, type] = {}
 

@@ -5,6 +5,8 @@ The system wires models and the diffusion process together; it holds no math of 
 or with ``model.precomputed`` the arrays ``mmdiff precompute`` wrote (``latent`` = unscaled VAE
 posterior mean or sample, optional ``latent_logvar``, ``context``, ``pooled``): the frozen
 encoders are then skipped, and caption dropout swaps in the stored empty-prompt states.
+With ``model.image_embed_conditioning`` it is also the unCLIP decoder, conditioned on the CLIP
+image embedding (:mod:`mmdiff.systems.image_embed`).
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from omegaconf import DictConfig
 from mmdiff.config import VarianceType, to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
+from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
 from mmdiff.systems.common import configure_adamw, enable_tf32, prepare_unet
+from mmdiff.systems import image_embed
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class TextToImageSystem(L.LightningModule):
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_size = cfg.data.image_size // factor
         self.learned_variance = VarianceType(cfg.diffusion.variance_type) == VarianceType.learned_range
+        self.image_embed_mode = image_embed.mode_of(cfg)
         self.unet = build_unet(
             m.unet,
             latent_channels=self.latent_channels,
@@ -58,13 +63,18 @@ class TextToImageSystem(L.LightningModule):
             cross_attention_dim=m.unet.cross_attention_dim or self.clip.text_width,
             pooled_dim=self.clip.embed_dim if m.unet.use_pooled_text else None,
             learned_variance=self.learned_variance,
+            time_cond_dim=self.clip.embed_dim if self.image_embed_mode in ("time", "both") else None,
         )
+        self.image_tokens = ImageEmbedTokens(self.clip.embed_dim, m.image_embed_tokens, self.clip.text_width) \
+            if self.image_embed_mode in ("tokens", "both") else None
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         scale = m.vae.scaling_factor
         self.register_buffer("latent_scale", torch.tensor(float(scale) if scale else 0.0))
         self.precomputed = bool(m.precomputed)
         self._empty_states: Optional[Dict[str, torch.Tensor]] = None  # see empty_prompt_states()
         self.speed: Dict[str, Any] = {}  # the U-Net speed switches applied (configure_model)
+        if m.init_from is not None:
+            image_embed.init_from_checkpoint(self, m.init_from)
         self.save_hyperparameters({"config": to_container(cfg), "vae_config": _plain(vae.config)})
 
     @classmethod
@@ -72,11 +82,14 @@ class TextToImageSystem(L.LightningModule):
         """Build the architecture only; weights come from the checkpoint's state dict."""
         cfg.model.clip.pretrained = None
         cfg.model.unet.pretrained = None
+        cfg.model.init_from = None
         return cls(cfg, vae_config=hparams["vae_config"])
 
     # ------------------------------------------------------------------------------ plumbing
     @property
     def ema_target(self) -> torch.nn.Module:
+        if self.image_tokens is not None:  # trained beside the U-Net (a view, not a registered module)
+            return torch.nn.ModuleList([self.unet, self.image_tokens])
         return self.unet
 
     def train(self, mode: bool = True) -> "TextToImageSystem":
@@ -86,7 +99,7 @@ class TextToImageSystem(L.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         return configure_adamw(
-            self.unet.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
+            self.ema_target.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
             fused=self.cfg.trainer.fused_adamw,
         )
 
@@ -158,13 +171,27 @@ class TextToImageSystem(L.LightningModule):
             self._empty_states = self.encode_prompts([""])
         return {k: v.to(self.device) for k, v in self._empty_states.items()}
 
-    def batch_condition(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Text conditioning of a batch; rows where ``drop`` is True get the empty prompt's."""
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → scaled CLIP image embeddings B×E (the unCLIP decoder's condition)."""
+        with self._frozen():
+            pooled, _ = self.clip.encode_image(images.to(self.device))
+        return scaled_embedding(pooled)
+
+    def batch_condition(
+        self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None,
+        image_drop: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Text (and image-embedding) conditioning of a batch; rows where ``drop`` is True get the
+        empty prompt's states, rows where ``image_drop`` is True a zero image embedding."""
         if not self.precomputed:
             captions = list(batch["caption"])
             if drop is not None:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            return self.encode_prompts(captions)
+            cond = self.encode_prompts(captions)
+            if self.image_embed_mode != "none":
+                cond["image_embed"] = image_embed.zero_rows(self.embed_images(batch["image"]), image_drop)
+            return cond
         cond = {"context": batch["context"].to(self.device).float()}
         if "pooled" in batch:
             cond["pooled"] = batch["pooled"].to(self.device).float()
@@ -191,7 +218,14 @@ class TextToImageSystem(L.LightningModule):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         if self.cfg.model.unet.use_pooled_text:
             kwargs["class_labels"] = cond["pooled"].to(x_t.dtype)
-        return self.unet(x_t, t, encoder_hidden_states=cond["context"].to(x_t.dtype), **kwargs).sample
+        context = cond["context"].to(x_t.dtype)
+        if self.image_embed_mode != "none":
+            embedding = cond["image_embed"].to(x_t.dtype)
+            if self.image_tokens is not None:
+                context = torch.cat([context, self.image_tokens(embedding)], dim=1)
+            if self.image_embed_mode in ("time", "both"):
+                kwargs["timestep_cond"] = embedding
+        return self.unet(x_t, t, encoder_hidden_states=context, **kwargs).sample
 
     # ------------------------------------------------------------------------------ training
     def _drop_mask(self, n: int) -> Optional[torch.Tensor]:
@@ -244,16 +278,17 @@ class TextToImageSystem(L.LightningModule):
         log.info("latent scale estimated from %d batches: %.5f", n_batches, float(self.latent_scale))
 
     def _loss(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None, generator=None,
-              sample: bool = True):
+              sample: bool = True, image_drop: Optional[torch.Tensor] = None):
         latents = self.batch_latents(batch, sample=sample)
-        cond = self.batch_condition(batch, drop)
+        cond = self.batch_condition(batch, drop, image_drop)
         return self.diffusion.training_loss(
             lambda x_t, t: self.denoise(x_t, t, cond), latents, generator=generator
         )
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         bs = len(batch["caption"])
-        out = self._loss(batch, self._drop_mask(bs))
+        out = self._loss(batch, self._drop_mask(bs),
+                         image_drop=image_embed.drop_mask(bs, self.cfg.model.image_embed_dropout))
         for name, value in out.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
         return out["loss"]
@@ -278,12 +313,15 @@ class TextToImageSystem(L.LightningModule):
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(
-        self, prompts: List[str], *, seed: int = 0, progress: bool = False, **options: Any
+        self, prompts: List[str], *, seed: int = 0, progress: bool = False,
+        image_embeds: Optional[torch.Tensor] = None, **options: Any
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
         ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
         ``guidance_scale``, ``eta``, ``temperature``, ...); unset ones take the config's ``sampling:``.
+        ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
+        them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
@@ -291,6 +329,15 @@ class TextToImageSystem(L.LightningModule):
         kwargs.update({k: v for k, v in options.items() if v is not None})
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts)) if kwargs["guidance_scale"] != 1.0 else None
+        if image_embeds is not None and self.image_embed_mode == "none":
+            raise ValueError("this text_to_image model was not trained with image-embedding conditioning.")
+        if self.image_embed_mode != "none":
+            zeros = torch.zeros(len(prompts), self.clip.embed_dim, device=self.device)
+            if image_embeds is not None and tuple(image_embeds.shape) != tuple(zeros.shape):
+                raise ValueError(f"image_embeds must have shape {tuple(zeros.shape)}, got {tuple(image_embeds.shape)}.")
+            cond["image_embed"] = zeros if image_embeds is None else image_embeds.to(self.device).float()
+            if uncond is not None:
+                uncond["image_embed"] = zeros
         latents = self.diffusion.sample(
             self.denoise,
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
