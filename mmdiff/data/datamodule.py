@@ -83,7 +83,8 @@ class _ErrorsUnwrapped:
                 raise
             message = str(err)
             if message.startswith("Caught "):  # torch's ExceptionWrapper: keep the original message
-                last = message.strip().splitlines()[-1]
+                # (its traceback text reaches MmdiffError.__init__, which escapes the newlines)
+                last = message.replace("\\n", "\n").strip().splitlines()[-1]
                 message = last.split(": ", 1)[1] if ": " in last else last
             raise type(err)(message) from None
 
