@@ -71,6 +71,13 @@ def _arch_kwargs(
                 f"model.unet.block_out_channels {channels} are not all divisible by "
                 f"model.unet.attention_head_dim {head_dim}."
             )
+    groups = int(cfg.norm_num_groups)
+    blind = [c for c in channels if c == groups]
+    if blind:
+        # GroupNorm with one channel per group removes each channel's spatial mean, and with it the
+        # per-channel time (and pooled-text) embedding the ResNet blocks add just before norm2.
+        log.warning("model.unet.norm_num_groups %d equals block width %s: the time embedding has no "
+                    "effect at that level; use fewer groups (e.g. %d).", groups, blind, max(1, groups // 4))
     kwargs: dict[str, Any] = dict(
         sample_size=int(sample_size),
         in_channels=int(latent_channels),

@@ -94,3 +94,24 @@ def test_loading_errors_are_one_sentence(unet, tmp_path: Path) -> None:
             4, 8, cross_attention_dim=64,
         )
     assert "\n" not in str(err.value)
+
+
+def test_one_channel_groups_warn_that_the_time_embedding_is_lost(caplog) -> None:
+    """32 groups at width 32 normalise each channel alone, cancelling the added time embedding."""
+    cfg = unet_cfg(block_out_channels=[32, 64], attention_head_dim=32)
+    with caplog.at_level("WARNING", logger="mmdiff.models.unet"):
+        unet = build_unet(cfg, latent_channels=4, sample_size=8, cross_attention_dim=64)
+    assert "time embedding has no effect" in caplog.text and "[32]" in caplog.text
+    x, _, ctx = _inputs()
+    with torch.no_grad():  # the reason for the warning: at that level the timestep changes nothing
+        block = unet.down_blocks[0].resnets[0]
+        h = unet.conv_in(x)
+        temb = unet.time_embedding(unet.time_proj(torch.tensor([3, 3])))
+        a = block(h, temb)
+        b = block(h, temb + torch.randn_like(temb))
+    assert torch.allclose(a, b, atol=1e-5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmdiff.models.unet"):
+        build_unet(unet_cfg(block_out_channels=[32, 64], attention_head_dim=32, norm_num_groups=8),
+                   latent_channels=4, sample_size=8, cross_attention_dim=64)
+    assert "time embedding" not in caplog.text
