@@ -206,7 +206,7 @@ class TrainerConfig:
     # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
     tf32: bool = True
     # Skip (and count as train/skipped_nonfinite) optimiser steps with a NaN/Inf loss or gradient;
-    # stop the run after max_bad_steps of them in a row (docs/reliability_numerics.md).
+    # stop the run after max_bad_steps of them in a row (docs/reliability.md).
     nan_guard: bool = True
     max_bad_steps: int = 5
     # Every N steps append RSS (main + worker processes) and open file descriptors to
