@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -551,15 +550,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    except SystemExit as stop:
-        # Lightning ends a SIGTERM'd fit with a bare SystemExit (its SIGTERMException) after the
-        # current batch; exit 128 + SIGTERM like a killed process, so schedulers see the stop.
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if isinstance(stop, SIGTERMException):
-            sys.stderr.write("stopped by SIGTERM after the current batch\n")
-            return 128 + signal.SIGTERM
-        raise
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ class TrainingError(MmdiffError):
     """Training cannot go on (e.g. non-finite losses step after step); earlier checkpoints are intact."""
 
 
+class Terminated(MmdiffError):
+    """The run was stopped by SIGTERM (exit code 143 = 128 + 15, as a killed process); resumable."""
+
+    exit_code = 143
+
+
 class UsageError(MmdiffError):
     """A command-line argument is wrong (exit code 2)."""
 

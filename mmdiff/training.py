@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from mmdiff.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.checkpoints import unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
-from mmdiff.errors import CheckpointError, ConfigError
+from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.systems.registry import get_system
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,14 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as err:  # only the resume checkpoint is unpickled in fit
         raise unpickling_refusal(ckpt_path or "?", err) from None
+    except BaseException as err:
+        # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
+        # loader workers that got the same signal (SLURM and killpg signal the whole group) can
+        # turn its teardown into a RuntimeError: either way the run was terminated.
+        if trainer.received_sigterm and not isinstance(err, KeyboardInterrupt):
+            raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; continue with "
+                             "`mmdiff fit CONFIG --resume last`.") from None
+        raise
     _finish_wandb(loggers)
     if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
         # A finished run must not be resumed later from a stale requeue checkpoint.

@@ -106,14 +106,23 @@ def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> 
 
 
 def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
-    """Lightning's SIGTERMException is a bare SystemExit (status 0); the CLI maps it to 128 + 15."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    """Lightning ends a SIGTERM'd fit with a bare SystemExit (status 0); mmdiff exits 128 + 15."""
+    import os
+    import signal
+
+    class Terminate(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     import mmdiff.training
 
-    def stopped(cfg, resume=None):
-        raise SIGTERMException()
-
-    monkeypatch.setattr(mmdiff.training, "fit", stopped)
-    assert main(["fit", str(toy_config)]) == 143
-    assert "SIGTERM" in capsys.readouterr().err
+    build_callbacks = mmdiff.training.build_callbacks
+    monkeypatch.setattr(mmdiff.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), Terminate()])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["fit", str(toy_config)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert "stopped by SIGTERM after step" in capsys.readouterr().err
