@@ -4,7 +4,10 @@
 optimiser steps (and once at the start and the end of training) rank 0 appends one row to
 ``RUN_DIR/resources.csv``: the step, this process's resident set size (``VmRSS``), the summed RSS
 of its descendant processes (data-loader workers, W&B's writer), their total, the number of
-descendants and the number of open file descriptors of this process. A leak shows up as a column
+descendants, the number of open file descriptors of this process, not counting the shared-memory
+segments of batches in flight from loader workers (``/dev/shm/torch_*``: their number follows the
+prefetch queue, 4 more or fewer from one sample to the next), and those segments apart
+(``shm_fds``). A leak shows up as a column
 that keeps climbing after warm-up; :func:`summarize` turns the file into the figures
 ``tools/longrun_probe.py`` checks. Linux only (reads ``/proc``); elsewhere the probe logs one
 warning and records nothing.
@@ -22,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("step", "rss_main_mb", "rss_children_mb", "rss_total_mb", "children", "open_fds")
+FIELDS = ("step", "rss_main_mb", "rss_children_mb", "rss_total_mb", "children", "open_fds", "shm_fds")
 
 
 def _rss_mb(pid: int) -> float:
@@ -70,13 +73,21 @@ def sample(step: int) -> Dict[str, float]:
     kids = descendants(me)
     main = _rss_mb(me)
     children = sum(_rss_mb(k) for k in kids)
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed since the listing (the listing's own descriptor, say)
+            continue
+    shm = sum(1 for t in targets if t.startswith("/dev/shm/torch_"))
     return {
         "step": step,
         "rss_main_mb": round(main, 1),
         "rss_children_mb": round(children, 1),
         "rss_total_mb": round(main + children, 1),
         "children": len(kids),
-        "open_fds": len(os.listdir("/proc/self/fd")),
+        "open_fds": len(targets) - shm,
+        "shm_fds": shm,
     }
 
 
