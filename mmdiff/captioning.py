@@ -21,6 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mmdiff.data.transforms import read_image_file
+from mmdiff.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,27 +38,6 @@ class CaptionResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """An image file as a 3×size×size tensor in [-1, 1]; ``ValueError`` naming the file if unusable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from mmdiff.data.transforms import crop_square, resize_shorter_side, to_tensor
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"cannot caption '{path}': no such file.")
-    try:
-        with Image.open(p) as img:
-            img.load()
-            picture = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if str(p) in reason or str(path) in reason:  # PIL repeats the path: say what kind instead
-            reason = type(err).__name__
-        raise ValueError(f"cannot caption '{path}': not a readable image ({reason}).") from None
-    return to_tensor(crop_square(resize_shorter_side(picture, size), size))
 
 
 def caption_files(
@@ -78,8 +60,8 @@ def caption_files(
     loaded: List[Tuple[int, torch.Tensor]] = []
     for index, path in enumerate(paths):
         try:
-            loaded.append((index, load_image(path, size)))
-        except ValueError as err:
+            loaded.append((index, read_image_file(path, size)))
+        except DataError as err:
             results[index].error = str(err)
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
@@ -103,26 +85,20 @@ def evaluate_captioner(
 
     Returns the metrics plus ``n`` and a few ``examples`` (reference, generated).
     """
-    from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
-    from mmdiff.data.shards import expand_shards
-    from mmdiff.data.tario import iter_samples
-    from mmdiff.data.transforms import crop_square, resize_shorter_side, to_tensor
+    from mmdiff.data.decode import DecodeSpec
+    from mmdiff.data.reference import usable_samples
+    from mmdiff.data.transforms import ImageTransform
     from mmdiff.eval.caption_metrics import caption_metrics
 
-    size = int(system.cfg.data.image_size)
+    transform = ImageTransform(int(system.cfg.data.image_size))
     spec = DecodeSpec(caption_key=str(system.cfg.data.caption_key))
     images: List[torch.Tensor] = []
     refs: List[str] = []
-    for url in expand_shards(shards, what="shards"):
-        for raw in iter_samples(url):
-            try:
-                sample = decode_sample(raw, spec)
-            except CorruptSample:
-                continue
-            images.append(to_tensor(crop_square(resize_shorter_side(sample.image, size), size)))
-            refs.append(sample.caption)
-            if limit is not None and len(refs) >= limit:
-                break
+    for _, sample in usable_samples(shards, spec):
+        if limit is not None and len(refs) >= limit:
+            break
+        images.append(transform(sample.image))
+        refs.append(sample.caption)
     options = {k: v for k, v in options.items() if v is not None}
     preds: List[str] = []
     for start in range(0, len(refs), batch_size):
@@ -134,4 +110,4 @@ def evaluate_captioner(
     return metrics
 
 
-__all__ = ["CaptionResult", "caption_files", "load_image", "evaluate_captioner"]
+__all__ = ["CaptionResult", "caption_files", "evaluate_captioner"]

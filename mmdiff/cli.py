@@ -129,10 +129,11 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
 def cmd_vary(args: argparse.Namespace) -> int:
     _positive("n", args.n)
     _positive("steps", args.steps)
-    from mmdiff.unclip import read_image, vary
+    from mmdiff.data.transforms import read_image_file
+    from mmdiff.unclip import vary
 
     decoder = _unclip_decoder(args)
-    image = read_image(args.image, int(decoder.cfg.data.image_size))
+    image = read_image_file(args.image, int(decoder.cfg.data.image_size))
     _write_images(vary(decoder, image, args.n, seed=args.seed, prompt=args.prompt, **_decoder_options(args)),
                   args.out, nrow=args.n)
     return 0
@@ -142,11 +143,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}.")
     _positive("steps", args.steps)
-    from mmdiff.unclip import interpolate, read_image
+    from mmdiff.data.transforms import read_image_file
+    from mmdiff.unclip import interpolate
 
     decoder = _unclip_decoder(args)
     size = int(decoder.cfg.data.image_size)
-    frames = interpolate(decoder, read_image(args.image_a, size), read_image(args.image_b, size), args.n,
+    frames = interpolate(decoder, read_image_file(args.image_a, size), read_image_file(args.image_b, size), args.n,
                          seed=args.seed, prompt=args.prompt, **_decoder_options(args))
     _write_images(frames, args.out, nrow=args.n)
     return 0

@@ -4,10 +4,11 @@
 
     import mmdiff
     from mmdiff import unclip
+    from mmdiff.data.transforms import read_image_file
     prior = mmdiff.load("runs/demo/unclip_prior/checkpoints/last.ckpt", expect="prior")
     decoder = unclip.load_decoder("runs/demo/unclip_decoder/checkpoints/last.ckpt")
     images = unclip.two_stage_sample(prior, decoder, ["a handwritten digit seven"] * 4, seed=0)
-    variations = unclip.vary(decoder, unclip.read_image("seven.png", 32), n=8)
+    variations = unclip.vary(decoder, read_image_file("seven.png", 32), n=8)
 
 The prior turns a caption into a CLIP image embedding; the decoder (a text_to_image system with
 ``model.image_embed_conditioning``) turns an image embedding (and optionally the caption) into an
@@ -23,7 +24,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from mmdiff.errors import CheckpointError, DataError
+from mmdiff.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +46,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | float) -> torch.Te
     direction = wa * ua + wb * ub
     direction = direction / direction.norm(dim=-1, keepdim=True)
     return direction * ((1 - t) * na + t * nb)
-
-
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """An image file as 3×size×size in [-1, 1] (read as the shards are); ``DataError`` if unusable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from mmdiff.data.transforms import crop_square, resize_shorter_side, to_tensor
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"image '{path}' does not exist; pass the path of an image file.")
-    try:
-        with Image.open(p) as img:
-            img.load()
-            picture = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"'{path}' is not a readable image ({type(err).__name__}); pass a PNG or JPEG file.") from None
-    return to_tensor(crop_square(resize_shorter_side(picture, size), size))
 
 
 def load_decoder(ckpt: str | Path, **load_options: Any) -> Any:
@@ -159,5 +142,5 @@ class TwoStage:
                                 use_text=self.use_text, **options)
 
 
-__all__ = ["slerp", "read_image", "load_decoder", "check_pair", "two_stage_sample", "vary", "interpolate",
+__all__ = ["slerp", "load_decoder", "check_pair", "two_stage_sample", "vary", "interpolate",
            "image_embeddings", "TwoStage"]

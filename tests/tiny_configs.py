@@ -1,10 +1,18 @@
-"""Toy-size configs shared by the test folders (import with ``tests/`` on ``sys.path``)."""
+"""Toy-size configs and the ``toy`` system shared by the test folders (import with ``tests/`` on
+``sys.path``)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict
 
+import lightning as L
+import torch
 import yaml
+from torch import nn
+
+from mmdiff.config import to_container
+from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.registry import register_system
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,3 +46,29 @@ def tiny_t2i_config(tmp_path: Path, shards: Path, run: str = "run", **sections: 
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@register_system("toy")
+class ToySystem(L.LightningModule):
+    """Predicts an image's mean brightness from its colour means: enough to exercise the wiring."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head = nn.Linear(3, 1)
+        self.save_hyperparameters({"config": to_container(cfg)})
+
+    def _loss(self, batch) -> torch.Tensor:
+        x = batch["image"].mean(dim=(2, 3))
+        return (self.head(x).squeeze(1) - x.mean(1)).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch), sync_dist=True, batch_size=len(batch["caption"]))
+
+    def configure_optimizers(self):
+        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)

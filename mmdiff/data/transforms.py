@@ -1,6 +1,7 @@
 """Image preprocessing: resize the shorter side, crop (centre or random), optional flip, to [-1, 1]."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -51,3 +52,24 @@ class ImageTransform:
         if self.random_flip and rng is not None and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(img)
+
+
+def read_image_file(path: str | Path, size: int) -> torch.Tensor:
+    """An image file as 3×size×size in [-1, 1], centre-cropped as validation shards are.
+
+    Raises :class:`~mmdiff.errors.DataError` naming the file when it is missing or not an image.
+    """
+    from PIL import UnidentifiedImageError
+
+    from mmdiff.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image '{path}' does not exist; pass the path of an image file.")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            picture = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"'{path}' is not a readable image ({type(err).__name__}); pass a PNG or JPEG file.") from None
+    return ImageTransform(size)(picture)

@@ -27,27 +27,21 @@ VaryFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (image 3×H×W, n, 
 
 def read_shards(shards: str | Sequence[str], size: int, limit: Optional[int] = None) -> Tuple[torch.Tensor, List[str], List[int]]:
     """``(images N×3×S×S, captions, labels)`` of the shards' samples (label -1 when none is stored)."""
-    from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
-    from mmdiff.data.shards import expand_shards
-    from mmdiff.data.tario import iter_samples
-    from mmdiff.data.transforms import crop_square, resize_shorter_side, to_tensor
+    from mmdiff.data.decode import DecodeSpec
+    from mmdiff.data.reference import usable_samples
+    from mmdiff.data.transforms import ImageTransform
 
-    spec = DecodeSpec()
+    transform = ImageTransform(size)
     images: List[torch.Tensor] = []
     captions: List[str] = []
     labels: List[int] = []
-    for url in expand_shards(shards, what="shards"):
-        for raw in iter_samples(url):
-            try:
-                sample = decode_sample(raw, spec)
-            except CorruptSample:
-                continue
-            meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
-            images.append(to_tensor(crop_square(resize_shorter_side(sample.image, size), size)))
-            captions.append(sample.caption)
-            labels.append(int(meta.get("label", -1)))
-            if limit is not None and len(images) >= limit:
-                return torch.stack(images), captions, labels
+    for raw, sample in usable_samples(shards, DecodeSpec()):
+        if limit is not None and len(images) >= limit:
+            break
+        meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+        images.append(transform(sample.image))
+        captions.append(sample.caption)
+        labels.append(int(meta.get("label", -1)))
     return torch.stack(images), captions, labels
 
 

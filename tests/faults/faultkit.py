@@ -9,18 +9,13 @@ import zlib
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import lightning as L
 import numpy as np
-import torch
 import yaml
 from PIL import Image
-from torch import nn
 
+import tiny_configs  # noqa: F401 - registers the toy system
 from datakit import img2dataset_sample
 from mmdiff.checkpoints import safe_torch_load
-from mmdiff.config import to_container
-from mmdiff.systems.common import configure_adamw
-from mmdiff.systems.registry import register_system
 
 Sample = Tuple[str, Dict[str, bytes]]
 
@@ -91,38 +86,12 @@ def tar_names(path: Path) -> List[str]:
 
 
 # --------------------------------------------------------------------------------- fit runs
-@register_system("fault_toy")
-class FaultToySystem(L.LightningModule):
-    """Predicts an image's mean from its colour means; records the captions it trained on."""
-
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.head = nn.Linear(3, 1)
-        self.save_hyperparameters({"config": to_container(cfg)})
-
-    def _loss(self, batch) -> torch.Tensor:
-        x = batch["image"].mean(dim=(2, 3))
-        return (self.head(x).squeeze(1) - x.mean(1)).pow(2).mean()
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss, batch_size=len(batch["caption"]))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self._loss(batch), batch_size=len(batch["caption"]))
-
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
-
-
 def toy_config(tmp_path: Path, train: List[str], val: List[str] | None = None, *, max_steps: int = 6,
                num_workers: int = 0, logger: str = "csv", **data) -> Path:
-    """A `fault_toy` experiment: batches of 4 at 16 px, checkpoints every 3 steps, CSV metrics."""
+    """A `toy` experiment (tests/tiny_configs.py): batches of 4 at 16 px, checkpoints every 3 steps, CSV metrics."""
     cfg = {
         "name": "faults",
-        "system": "fault_toy",
+        "system": "toy",
         "run_dir": str(tmp_path / "run"),
         "data": {"train_shards": train, "val_shards": val or [], "image_size": 16, "batch_size": 4,
                  "val_batch_size": 4, "num_workers": num_workers, "steps_per_epoch": 3,

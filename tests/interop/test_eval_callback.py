@@ -12,7 +12,7 @@ from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
 
-from conftest import REPO, tiny_system
+from interopkit import REPO, tiny_system
 
 
 def test_callback_scores_fresh_samples_with_named_extractor(demo_shards: Path) -> None:

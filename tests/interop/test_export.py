@@ -13,7 +13,7 @@ from mmdiff.api import load
 from mmdiff.cli import main
 from mmdiff.export import scheduler_config
 
-from conftest import PROMPTS, tiny_config
+from interopkit import PROMPTS, tiny_config
 from diffusers_reference import ExportedModel
 
 STEPS = 20
@@ -95,7 +95,7 @@ def test_single_file_export_loads_back_into_configs(tiny_ckpt: Path, tmp_path: P
 def test_scheduler_config_reproduces_training_schedule(overrides) -> None:
     from mmdiff.config import load_config
     from mmdiff.diffusion import GaussianDiffusion
-    from conftest import REPO
+    from interopkit import REPO
 
     cfg = load_config(REPO / "configs/demo/text_to_image.yaml", [f"{k}={v}" for k, v in overrides.items()])
     ab = GaussianDiffusion.from_config(cfg.diffusion).schedule.alphas_cumprod

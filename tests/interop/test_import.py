@@ -12,7 +12,7 @@ from mmdiff.errors import CheckpointError
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae
 
-from conftest import tiny_config
+from interopkit import tiny_config
 from ldm_layout import unet_to_ldm
 
 

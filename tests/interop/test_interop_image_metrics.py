@@ -17,7 +17,7 @@ from mmdiff.eval.fid import frechet_distance, kernel_distance
 from mmdiff.eval.generative import score_images
 from mmdiff.models.clip import ClipEncoder
 
-from conftest import REPO
+from interopkit import REPO
 
 
 def tiny_clip(seed: int = 0) -> ClipEncoder:
