@@ -11,7 +11,9 @@ import difflib
 import enum
 import logging
 import math
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -1079,7 +1081,9 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     check_no_secrets(cfg)
     out = Path(run_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".yaml.tmp")
+    # Every rank of every node writes the same file (a shared run dir): a temp name of its own
+    # keeps one rank's rename from taking another's temp file away.
+    tmp = out.with_name(f"config.yaml.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(out)
     return out
