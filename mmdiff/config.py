@@ -203,7 +203,7 @@ class TrainerConfig:
     # Reseed torch's RNG per training batch from (seed, rank, batch index) and checkpoint every
     # rank's data position, so a resumed run repeats exactly what an uninterrupted one does.
     exact_resume: bool = True
-    # Fused AdamW kernel; null = on when the parameters are on a CUDA device.
+    # Fused AdamW kernel; null = on when the parameters are on a CUDA device or the CPU.
     fused_adamw: Optional[bool] = None
     # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
     tf32: bool = True

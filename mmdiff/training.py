@@ -224,8 +224,10 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
         # loader workers that got the same signal (SLURM and killpg signal the whole group) can
         # turn its teardown into a RuntimeError: either way the run was terminated.
         if trainer.received_sigterm and not isinstance(err, KeyboardInterrupt):
+            _finish_wandb(loggers, exit_code=143)
             raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; continue with "
                              "`mmdiff fit CONFIG --resume last`.") from None
+        _finish_wandb(loggers, exit_code=1)  # a failed run, marked so in W&B, its files complete
         raise
     _finish_wandb(loggers)
     if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
@@ -234,11 +236,12 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     return run_dir
 
 
-def _finish_wandb(loggers: List[Logger]) -> None:
-    """Close the W&B run so its offline files are complete when ``fit`` returns (rank 0 only)."""
+def _finish_wandb(loggers: List[Logger], exit_code: int = 0) -> None:
+    """Close the W&B run with ``exit_code`` so its offline files are complete when ``fit``
+    returns or raises (rank 0 only; a run the requeue handler already closed stays closed)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)
 
 
 def check_precision(cfg: DictConfig) -> None:

@@ -45,10 +45,12 @@ def records(path: Path) -> Iterator[pb.Record]:
 
 
 def read_run(run_dir: Path) -> Dict[str, Any]:
-    """``{"config": {key: value}, "history": [{key: value}, ...]}`` from an offline run folder."""
+    """``{"config": {key: value}, "history": [{key: value}, ...], "exit_code": int or None}`` from
+    an offline run folder (``exit_code`` is None while the run was never finished)."""
     (wandb_file,) = Path(run_dir).glob("run-*.wandb")
     config: Dict[str, Any] = {}
     history: List[Dict[str, Any]] = []
+    exit_code = None
     for record in records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind in ("config", "run"):
@@ -57,4 +59,6 @@ def read_run(run_dir: Path) -> Dict[str, Any]:
                 config[item.key] = json.loads(item.value_json)
         elif kind == "history":
             history.append({item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return {"config": config, "history": history}
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return {"config": config, "history": history, "exit_code": exit_code}

@@ -49,7 +49,8 @@ class TextToImageSystem(L.LightningModule):
         m = cfg.model
         vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
         self.vae_dtype = _DTYPES[str(getattr(m.vae.precision, "value", m.vae.precision))]
-        self.vae = vae.to(self.vae_dtype).requires_grad_(False).eval()
+        # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
+        self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
         self.clip = ClipEncoder.from_config(m.clip)
         self.latent_channels = int(vae.config.latent_channels)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -17,6 +17,7 @@ from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.training import build_callbacks, build_datamodule, build_system, build_trainer
 from numerics_kit import FaultyToy, toy_config
+from wandb_offline import read_run
 
 pytestmark = pytest.mark.faults
 
@@ -106,6 +107,19 @@ def test_k_bad_steps_in_a_row_stop_with_one_line(tmp_path: Path, demo_shards: Pa
     assert ckpt["global_step"] == 3  # written before the bad steps; nothing saved since
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step0000003.ckpt"]
+
+
+def test_a_guard_stop_finishes_the_wandb_run_as_failed(tmp_path: Path, demo_shards: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    FaultyToy.bad_steps = set(range(3, 100))
+    cfg = toy_config(tmp_path, demo_shards, trainer={"max_steps": 20, "max_bad_steps": 3},
+                     logger={"kind": "wandb"})
+    assert main(["fit", str(cfg)]) == 1
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_run(run)
+    assert logged["exit_code"] == 1
+    assert [h["train/skipped_nonfinite"] for h in logged["history"] if "train/skipped_nonfinite" in h][-1] >= 2
 
 
 def test_guard_off_lets_nan_into_the_weights(tmp_path: Path, demo_shards: Path) -> None:

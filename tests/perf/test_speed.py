@@ -53,10 +53,28 @@ def test_regional_compile_wraps_each_block_in_place(tiny_cfg_path: Path) -> None
     assert list(unet.state_dict()) == keys  # checkpoints keep their keys
 
 
-def test_fused_adamw_only_on_cuda_unless_asked(tiny_cfg_path: Path) -> None:
+def test_fused_adamw_on_cpu_and_cuda_unless_asked(tiny_cfg_path: Path) -> None:
     cfg = load_config(tiny_cfg_path)
     params = list(torch.nn.Linear(2, 2).parameters())
-    assert not use_fused_adamw(params)  # CPU parameters, auto
+    assert use_fused_adamw(params)  # CPU parameters, auto
+    assert not use_fused_adamw(list(torch.nn.Linear(2, 2, device="meta").parameters()))
     assert use_fused_adamw(params, True) and not use_fused_adamw(params, False)
-    opt = configure_adamw(params, cfg.optim, 10, fused=None)["optimizer"]
-    assert not opt.defaults.get("fused")
+    assert configure_adamw(params, cfg.optim, 10, fused=None)["optimizer"].defaults.get("fused")
+    assert not configure_adamw(params, cfg.optim, 10, fused=False)["optimizer"].defaults.get("fused")
+
+
+def test_fused_adamw_steps_like_the_default_loop(tiny_cfg_path: Path) -> None:
+    cfg = load_config(tiny_cfg_path)
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(16, 8) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [configure_adamw(n.parameters(), cfg.optim, 10, fused=f)["optimizer"] for n, f in zip(nets, (True, False))]
+    x = torch.randn(4, 16)
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(nets[0].weight, torch.nn.Linear(16, 8).weight)

@@ -38,6 +38,7 @@ def test_wandb_offline_run_holds_config_losses_and_grids(trained: Path) -> None:
     (run,) = (trained / "wandb").glob("offline-run-*")
     logged = read_run(run)
     assert logged["config"]["system"] == "text_to_image"
+    assert logged["exit_code"] == 0  # finished, not left open
     assert logged["config"]["model"]["unet"]["block_out_channels"] == [32, 32]
     losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
     assert len(losses) >= 5 and all(torch.isfinite(torch.tensor(losses)))
