@@ -290,6 +290,7 @@ def framework_steps(system: Any, cfg: DictConfig, batch: Optional[Dict[str, Any]
 def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int, warmup: int,
                 device: torch.device, precomputed: bool) -> Times:
     """Step times of a minimal hand-written loop over the same modules, batch and precision."""
+    from mmdiff.models.vae import encode_finite
     from mmdiff.systems.common import lr_lambda, use_fused_adamw
 
     unet, vae, clip = system.unet, system.vae, system.clip
@@ -310,7 +311,6 @@ def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int,
     precision = str(cfg.trainer.precision)
     scaler = torch.amp.GradScaler(device.type) if precision.startswith("16") else None
     channels_last = bool(system.speed.get("channels_last"))
-    vae_dtype = system.vae_dtype
     use_pooled = bool(cfg.model.unet.use_pooled_text)
     source = _pinned(batch, device)
     stamps: List[tuple[float, float]] = []
@@ -323,7 +323,7 @@ def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int,
                 x0 = (mean + torch.exp(0.5 * b["latent_logvar"].float()) * torch.randn_like(mean)) * scale
                 context, pooled = b["context"].float(), b["pooled"].float()
             else:
-                x0 = vae.encode(b["image"].to(vae_dtype)).latent_dist.sample().float() * scale
+                x0 = encode_finite(vae, b["image"]).sample().float() * scale
                 context, pooled = clip.encode_text(clip.tokenize(b["caption"]).to(device))
         t = torch.randint(0, num_t, (x0.shape[0],), device=device)
         noise = torch.randn_like(x0)

@@ -126,3 +126,18 @@ def test_checkpoint_configs_with_renamed_values_still_load() -> None:
     data["model"]["unet"]["compile"] = "off"
     assert from_container(data).model.unet.compile.value == "none"
     assert data["model"]["unet"]["compile"] == "off"  # the caller's dict is left alone
+
+
+def test_accelerator_and_precision_names_follow_lightning() -> None:
+    """The early checks accept exactly what this Lightning accepts (plus the plugin 'hpu')."""
+    import typing
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    from mmdiff.config import ACCELERATOR_NAMES, PRECISION_NAMES
+
+    lightning_precisions = {str(v) for group in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(group)}
+    assert set(PRECISION_NAMES) == lightning_precisions
+    assert set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"} <= set(ACCELERATOR_NAMES)
+    assert set(ACCELERATOR_NAMES) - set(AcceleratorRegistry.available_accelerators()) == {"auto", "gpu", "hpu"}
