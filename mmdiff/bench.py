@@ -291,13 +291,13 @@ def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int,
                 device: torch.device, precomputed: bool) -> Times:
     """Step times of a minimal hand-written loop over the same modules, batch and precision."""
     from mmdiff.models.vae import encode_finite
-    from mmdiff.systems.common import lr_lambda, use_fused_adamw
+    from mmdiff.systems.common import fused_adamw_setting, lr_lambda, use_fused_adamw
 
     unet, vae, clip = system.unet, system.vae, system.clip
     unet.train()
     o = cfg.optim
     params = [p for p in unet.parameters() if p.requires_grad]
-    extra = {"fused": True} if use_fused_adamw(params, cfg.trainer.fused_adamw) else {}
+    extra = {"fused": True} if use_fused_adamw(params, fused_adamw_setting(cfg.trainer)) else {}
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                             weight_decay=o.weight_decay, **extra)
     schedule = str(getattr(o.schedule, "value", o.schedule))

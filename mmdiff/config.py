@@ -118,6 +118,9 @@ ACCELERATOR_NAMES = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 PRECISION_NAMES = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64",
                    "bf16", "16", "transformer-engine", "transformer-engine-float16")
 
+# Precisions that train under fp16 autocast with a GradScaler.
+FP16_SCALED = ("16-mixed", "16")
+
 # The names trainer.strategy accepts (mmdiff.strategies.STRATEGY_NAMES; tests keep the two in step).
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
 
@@ -203,7 +206,8 @@ class TrainerConfig:
     # Reseed torch's RNG per training batch from (seed, rank, batch index) and checkpoint every
     # rank's data position, so a resumed run repeats exactly what an uninterrupted one does.
     exact_resume: bool = True
-    # Fused AdamW kernel; null = on when the parameters are on a CUDA device or the CPU.
+    # Fused AdamW kernel; null = on when the parameters are on a CUDA device or the CPU (off under
+    # 16-mixed with gradient clipping, which the fused kernel cannot do).
     fused_adamw: Optional[bool] = None
     # TF32 matmuls and convolutions on Ampere and newer GPUs (no effect on CPU).
     tf32: bool = True
@@ -787,6 +791,11 @@ def check_values(cfg: DictConfig) -> None:
         f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISION_NAMES)}.",
     )
     _require(t.gradient_clip_val >= 0, f"trainer.gradient_clip_val must be >= 0 (0 = off), got {t.gradient_clip_val}.")
+    _require(
+        not (t.fused_adamw is True and str(t.precision) in FP16_SCALED and t.gradient_clip_val > 0),
+        "trainer.fused_adamw=true cannot clip gradients under fp16's GradScaler (it unscales inside "
+        "its step); use trainer.precision=bf16-mixed, trainer.gradient_clip_val=0 or trainer.fused_adamw=null.",
+    )
     for key in ("accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
         _require(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
     _require(

@@ -88,6 +88,10 @@ class NaNGuard(Callback):
         if not bad:
             self.consecutive = 0
             return
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # A fused optimiser is unscaled inside scaler.step, which then finds no gradient to
+            # check and fails scaler.update ("No inf checks were recorded"): check them now.
+            scaler.unscale_(optimizer)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None  # optimisers skip parameters without a gradient: no update, no state change

@@ -37,7 +37,7 @@ from mmdiff.config import ReconLoss, from_container, to_container
 from mmdiff.eval.image_metrics import psnr, ssim
 from mmdiff.models.discriminator import PatchDiscriminator, hinge_d_loss
 from mmdiff.models.vae import build_vae
-from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 @register_system("autoencoder")
-class AutoencoderSystem(L.LightningModule):
+class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
     """Reconstruction + KL (+ optional PatchGAN) training of ``model.vae``."""
 
     def __init__(
@@ -97,7 +97,8 @@ class AutoencoderSystem(L.LightningModule):
         params = list(self.vae.parameters())
         if self.discriminator is not None:
             params += list(self.discriminator.parameters())
-        return configure_adamw(params, self.cfg.optim, self.cfg.trainer.max_steps)
+        return configure_adamw(params, self.cfg.optim, self.cfg.trainer.max_steps,
+                               fused=fused_adamw_setting(self.cfg.trainer))
 
     # ------------------------------------------------------------------------------ losses
     def _rec_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

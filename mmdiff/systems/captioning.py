@@ -42,7 +42,7 @@ from mmdiff.models.caption_heads import (
     teacher_forcing_loss,
 )
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
 from mmdiff.systems.contrastive import all_gather_objects, valid_rows
 from mmdiff.systems.registry import register_system
 
@@ -78,7 +78,7 @@ def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
 
 
 @register_system("captioning")
-class CaptioningSystem(L.LightningModule):
+class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
     """Caption head (``ar`` or ``masked``) over a frozen or fine-tuned open_clip image tower."""
 
     def __init__(self, cfg: DictConfig, caption_vocab: Optional[List[int]] = None) -> None:
@@ -139,7 +139,7 @@ class CaptioningSystem(L.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         return configure_adamw(
-            self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps, fused=self.cfg.trainer.fused_adamw
+            self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps, fused=fused_adamw_setting(self.cfg.trainer)
         )
 
     def image_context(self, images: torch.Tensor) -> ImageContext:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig
 
-from mmdiff.config import LRSchedule
+from mmdiff.config import FP16_SCALED, LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,37 @@ def use_fused_adamw(params: Iterable[torch.nn.Parameter], fused: Optional[bool] 
     if fused is not None:
         return bool(fused)
     return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+
+
+def fused_adamw_setting(trainer: DictConfig) -> Optional[bool]:
+    """``trainer.fused_adamw``, except that auto (None) is off under fp16 autocast with gradient
+    clipping: the GradScaler unscales a fused AdamW inside its step, after clipping would need it
+    (Lightning refuses that combination; config.py refuses it when asked for explicitly)."""
+    if trainer.fused_adamw is None and str(trainer.precision) in FP16_SCALED and trainer.gradient_clip_val:
+        return False
+    return trainer.fused_adamw
+
+
+class FusedAdamWClipping:
+    """LightningModule mixin: gradient clipping for fused AdamW where no GradScaler is in use.
+
+    Lightning's mixed-precision plugin refuses to clip for any optimiser that unscales inside its
+    step (fused AdamW), also under bf16 autocast, where there is no scaler and the gradients are
+    already true-scale. Without this, every ``bf16-mixed`` run with the default fused AdamW and
+    ``trainer.gradient_clip_val`` stopped at its first step.
+    """
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        plugin = self.trainer.precision_plugin  # type: ignore[attr-defined]
+        if gradient_clip_val and getattr(plugin, "scaler", False) is None:
+            if gradient_clip_algorithm == "value":
+                plugin.clip_grad_by_value(optimizer, gradient_clip_val)
+            else:
+                plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[attr-defined]
 
 
 def configure_adamw(

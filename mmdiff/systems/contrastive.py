@@ -34,7 +34,7 @@ from mmdiff.config import to_container
 from mmdiff.data.digits import digit_from_caption
 from mmdiff.eval.retrieval import digit_prompts, group_ids, recall_at_k, zero_shot_accuracy
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.systems.common import lr_lambda, use_fused_adamw
+from mmdiff.systems.common import FusedAdamWClipping, fused_adamw_setting, lr_lambda, use_fused_adamw
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def all_gather_objects(module: L.LightningModule, obj: Any) -> List[Any]:
 
 
 @register_system("contrastive")
-class ContrastiveSystem(L.LightningModule):
+class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
     """Trains ``model.clip`` with open_clip's ClipLoss; validates zero-shot retrieval and digits."""
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -159,7 +159,7 @@ class ContrastiveSystem(L.LightningModule):
             exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
             exclude = exclude or "logit_scale" in name or "embedding" in name
             (no_decay if exclude else decay).append(p)
-        extra = {"fused": True} if use_fused_adamw(decay + no_decay, self.cfg.trainer.fused_adamw) else {}
+        extra = {"fused": True} if use_fused_adamw(decay + no_decay, fused_adamw_setting(self.cfg.trainer)) else {}
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,

@@ -26,7 +26,7 @@ from mmdiff.config import to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior import PriorTransformer, scaled_embedding
-from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
 from mmdiff.systems.contrastive import valid_rows
 from mmdiff.systems.registry import register_system
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @register_system("prior")
-class PriorSystem(L.LightningModule):
+class PriorSystem(FusedAdamWClipping, L.LightningModule):
     """Text → CLIP image embedding by Gaussian diffusion over the embedding."""
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -63,7 +63,7 @@ class PriorSystem(L.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         return configure_adamw(
             self.prior.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
-            fused=self.cfg.trainer.fused_adamw,
+            fused=fused_adamw_setting(self.cfg.trainer),
         )
 
     # ------------------------------------------------------------------------------ encoders

@@ -25,7 +25,7 @@ from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
-from mmdiff.systems.common import configure_adamw, enable_tf32, prepare_unet
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, enable_tf32, fused_adamw_setting, prepare_unet
 from mmdiff.systems import image_embed
 from mmdiff.systems.registry import register_system
 
@@ -40,7 +40,7 @@ def _plain(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @register_system("text_to_image")
-class TextToImageSystem(L.LightningModule):
+class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
     """Latent diffusion conditioned on open_clip token states (and optionally pooled text)."""
 
     def __init__(self, cfg: DictConfig, vae_config: Optional[Dict[str, Any]] = None) -> None:
@@ -101,7 +101,7 @@ class TextToImageSystem(L.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         return configure_adamw(
             self.ema_target.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
-            fused=self.cfg.trainer.fused_adamw,
+            fused=fused_adamw_setting(self.cfg.trainer),
         )
 
     def configure_model(self) -> None:

@@ -46,7 +46,8 @@ class FaultyToy(L.LightningModule):
         self.log("val/loss", self._loss(batch), batch_size=len(batch["caption"]))
 
     def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
+        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
+                               fused=self.cfg.trainer.fused_adamw)
 
 
 def toy_config(tmp_path: Path, shards: Path, trainer: Optional[Dict[str, Any]] = None,

@@ -30,8 +30,9 @@ def _reset_faults():
     FaultyToy.bad_steps = set()
 
 
-def _fit_fp16(tmp_path: Path, shards: Path, guard: NaNGuard, max_steps: int):
-    cfg = load_config(toy_config(tmp_path, shards), ["logger.kind=none", f"trainer.max_steps={max_steps}"])
+def _fit_fp16(tmp_path: Path, shards: Path, guard: NaNGuard, max_steps: int, fused: bool):
+    cfg = load_config(toy_config(tmp_path, shards), ["logger.kind=none", f"trainer.max_steps={max_steps}",
+                                                     f"trainer.fused_adamw={fused}"])
     system = build_system(cfg)
     start = [p.detach().clone() for p in system.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
@@ -42,9 +43,14 @@ def _fit_fp16(tmp_path: Path, shards: Path, guard: NaNGuard, max_steps: int):
     return system, start, scaler
 
 
-def test_fp16_overflow_is_left_to_the_scaler(tmp_path: Path, demo_shards: Path) -> None:
+# A fused AdamW is unscaled inside scaler.step, a plain one by Lightning before the guard runs.
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+
+
+@FUSED
+def test_fp16_overflow_is_left_to_the_scaler(tmp_path: Path, demo_shards: Path, fused: bool) -> None:
     guard = NaNGuard(max_bad_steps=3)
-    system, start, scaler = _fit_fp16(tmp_path, demo_shards, guard, max_steps=30)
+    system, start, scaler = _fit_fp16(tmp_path, demo_shards, guard, max_steps=30, fused=fused)
     assert scaler.get_scale() < INIT_SCALE / 2**8  # the scaler saw the overflows and backed off
     assert guard.skipped == 0  # ... and they were not counted as bad steps
     params = list(system.parameters())
@@ -52,7 +58,8 @@ def test_fp16_overflow_is_left_to_the_scaler(tmp_path: Path, demo_shards: Path) 
     assert not all(torch.equal(p, s) for p, s in zip(params, start))  # later steps did train
 
 
-def test_nan_loss_under_the_scaler_still_counts(tmp_path: Path, demo_shards: Path) -> None:
+@FUSED
+def test_nan_loss_under_the_scaler_still_counts(tmp_path: Path, demo_shards: Path, fused: bool) -> None:
     FaultyToy.bad_steps = set(range(25, 100))
     with pytest.raises(NonFiniteTrainingError, match="3 steps in a row"):
-        _fit_fp16(tmp_path, demo_shards, NaNGuard(max_bad_steps=3), max_steps=40)
+        _fit_fp16(tmp_path, demo_shards, NaNGuard(max_bad_steps=3), max_steps=40, fused=fused)

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
+import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 
+from mmdiff.cli import main
 from mmdiff.config import load_config
+from mmdiff.errors import ConfigError
 from mmdiff.models.unet import build_unet
-from mmdiff.systems.common import configure_adamw, prepare_unet, use_fused_adamw
+from mmdiff.systems.common import (FusedAdamWClipping, configure_adamw, fused_adamw_setting, prepare_unet,
+                                   use_fused_adamw)
 
 
 def _unet(cfg):
@@ -78,3 +85,45 @@ def test_fused_adamw_steps_like_the_default_loop(tiny_cfg_path: Path) -> None:
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(nets[0].weight, torch.nn.Linear(16, 8).weight)
+
+
+def test_fused_adamw_auto_is_off_only_for_fp16_with_clipping(tiny_cfg_path: Path) -> None:
+    def setting(*overrides: str):
+        return fused_adamw_setting(load_config(tiny_cfg_path, list(overrides)).trainer)
+
+    assert setting() is None and setting("trainer.precision=bf16-mixed") is None
+    assert setting("trainer.precision=16-mixed") is False  # clipping is on by default
+    assert setting("trainer.precision=16-mixed", "trainer.gradient_clip_val=0") is None
+    assert setting("trainer.fused_adamw=false") is False
+    with pytest.raises(ConfigError, match="cannot clip gradients under fp16"):
+        load_config(tiny_cfg_path, ["trainer.precision=16-mixed", "trainer.fused_adamw=true"])
+
+
+class _Clipped(FusedAdamWClipping, L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_clips_under_bf16(algorithm: str) -> None:
+    """Lightning's plugin refuses to clip for a fused optimiser even without a GradScaler."""
+    module = _Clipped()
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    opt = torch.optim.AdamW(module.parameters(), fused=True)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    module.configure_gradient_clipping(opt, 0.5, algorithm)
+    grads = [p.grad for p in module.parameters()]
+    if algorithm == "norm":
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert max(g.abs().max().item() for g in grads) == 0.5
+
+
+def test_bf16_mixed_fit_with_fused_adamw_and_clipping(tiny_cfg_path: Path, tmp_path: Path) -> None:
+    """The recommended GPU setting (bf16-mixed, fused AdamW, clipping at 1.0) trains end to end."""
+    assert main(["fit", str(tiny_cfg_path), f"run_dir={tmp_path / 'run'}", "trainer.precision=bf16-mixed",
+                 "trainer.max_steps=2", "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2"]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["fused"]
