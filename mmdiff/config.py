@@ -389,6 +389,10 @@ class UNetConfig:
     # None: the text encoder's width.
     cross_attention_dim: Optional[int] = None
     use_pooled_text: bool = False
+    # Linear (not 1×1-conv) projections in and out of each transformer, as Stable Diffusion 2.x
+    # has: needed to load SD-2 weights, and a few per cent faster (docs/performance.md). False by
+    # default so checkpoints written before this key existed still load.
+    use_linear_projection: bool = False
     # Speed switches (docs/performance.md). channels_last: null = on when training on a GPU.
     channels_last: Optional[bool] = None
     compile: UNetCompile = UNetCompile.none

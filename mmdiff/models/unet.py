@@ -91,6 +91,7 @@ def _arch_kwargs(
         transformer_layers_per_block=int(cfg.transformer_layers_per_block),
         norm_num_groups=int(cfg.norm_num_groups),
         cross_attention_dim=int(cross_attention_dim),
+        use_linear_projection=bool(cfg.use_linear_projection),
     )
     if time_cond_dim is not None:
         kwargs["time_cond_proj_dim"] = int(time_cond_dim)
@@ -183,6 +184,21 @@ def _state_from_file(path: Path, config: Mapping[str, Any]) -> Mapping[str, torc
     return state
 
 
+def check_projection_layout(state: Mapping[str, torch.Tensor], use_linear: bool, source: str) -> None:
+    """One sentence when ``state``'s transformer projections are the other kind (SD 1.x 1×1
+    convolutions against SD 2.x linear layers) than ``model.unet.use_linear_projection`` builds,
+    instead of a list of shape mismatches. ``source`` names the weights in the message."""
+    proj = next((v for k, v in state.items() if k.endswith("proj_in.weight")), None)
+    if proj is None or (proj.ndim == 2) == use_linear:
+        return
+    kind, setting = ("linear (Stable Diffusion 2.x layout)", "true") if proj.ndim == 2 else (
+        "1×1 convolutions (Stable Diffusion 1.x layout)", "false")
+    raise CheckpointError(
+        f"{source} has U-Net transformer projections that are {kind}; set "
+        f"model.unet.use_linear_projection: {setting}."
+    )
+
+
 def build_unet(
     cfg: DictConfig,
     latent_channels: int,
@@ -248,7 +264,9 @@ def build_unet(
             cfg, latent_channels, sample_size, cross_attention_dim, pooled_dim, learned_variance
         )
         unet = UNet2DConditionModel(**kwargs)
-        load_strict(unet, _state_from_file(path, unet.config), f"U-Net ('{path}')",
+        state = _state_from_file(path, unet.config)
+        check_projection_layout(state, bool(cfg.use_linear_projection), f"U-Net weights '{path}'")
+        load_strict(unet, state, f"U-Net ('{path}')",
                     ignore_keys=list(cfg.get("ignore_keys") or []))
     _check_loaded(
         unet, str(path), latent_channels, cross_attention_dim, pooled_dim, learned_variance,
@@ -258,4 +276,4 @@ def build_unet(
     return unet.eval()
 
 
-__all__ = ["build_unet", "uses_pooled_text", "CKPT_PREFIX"]
+__all__ = ["build_unet", "check_projection_layout", "uses_pooled_text", "CKPT_PREFIX"]

@@ -21,6 +21,7 @@ import torch
 
 from mmdiff.checkpoints import load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
+from mmdiff.models.unet import check_projection_layout
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def init_from_checkpoint(system: torch.nn.Module, path: str | Path) -> None:
                     f"model.init_from '{path}' holds other {prefix[:-1].upper()} weights than {key} "
                     f"({bad[0]} differs); point both at the same model."
                 )
+    check_projection_layout(state, bool(system.cfg.model.unet.use_linear_projection),
+                            f"model.init_from '{path}'")
     load_strict(system, state, f"model.init_from ('{path}')", ignore_keys=NEW_KEYS)
     ema = checkpoint.get("callbacks", {}).get("EMA", {})
     shadow = ema.get("shadow") if isinstance(ema, dict) else None

@@ -42,8 +42,10 @@ def _build(cfg):
     return build_unet(cfg, latent_channels=4, sample_size=4, cross_attention_dim=64, pooled_dim=64)
 
 
-def test_sd_single_file_unet_converts_and_matches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("linear", [False, True], ids=["sd1-conv-proj", "sd2-linear-proj"])
+def test_sd_single_file_unet_converts_and_matches(tmp_path: Path, linear: bool) -> None:
     cfg = _unet_cfg()
+    cfg.use_linear_projection = linear
     torch.manual_seed(0)
     source = _build(cfg)
     with torch.no_grad():
@@ -62,6 +64,10 @@ def test_sd_single_file_unet_converts_and_matches(tmp_path: Path) -> None:
         a = source(x, 10, encoder_hidden_states=ctx, class_labels=pooled).sample
         b = loaded(x, 10, encoder_hidden_states=ctx, class_labels=pooled).sample
     assert torch.equal(a, b)
+    assert loaded.down_blocks[0].attentions[0].proj_in.weight.ndim == (2 if linear else 4)
+    cfg.use_linear_projection = not linear
+    with pytest.raises(CheckpointError, match=f"use_linear_projection: {str(linear).lower()}"):
+        _build(cfg)
 
 
 def test_strict_load_reports_keys_and_ignore_keys_lets_listed_ones_through(tmp_path: Path) -> None:

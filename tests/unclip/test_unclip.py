@@ -183,6 +183,8 @@ def test_init_from_text_only_checkpoint_starts_where_it_was(tmp_path: Path, demo
     wide = tiny_decoder(tmp_path, demo_shards, None, "time", name="wide", init_from=str(src))
     with pytest.raises(CheckpointError, match="do not fit"):
         TextToImageSystem(load_config(wide, ["model.unet.block_out_channels=[32,64]"]))
+    with pytest.raises(CheckpointError, match="linear .*use_linear_projection: true"):
+        TextToImageSystem(load_config(wide, ["model.unet.use_linear_projection=false"]))
 
 
 def test_unclip_config_errors(tmp_path: Path, demo_shards: Path) -> None:
