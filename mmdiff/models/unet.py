@@ -265,7 +265,7 @@ def build_unet(
         )
         unet = UNet2DConditionModel(**kwargs)
         state = _state_from_file(path, unet.config)
-        check_projection_layout(state, bool(cfg.use_linear_projection), f"U-Net weights '{path}'")
+        check_projection_layout(state, bool(cfg.use_linear_projection), f"U-Net file '{path}'")
         load_strict(unet, state, f"U-Net ('{path}')",
                     ignore_keys=list(cfg.get("ignore_keys") or []))
     _check_loaded(
