@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NoReturn, Optional, Sequence
 
 from mmdiff.errors import MmdiffError, UsageError
 
@@ -45,9 +45,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(name: str, value: int) -> None:
+def positive_int(text: str) -> int:
+    """argparse type for counts (images, steps, batch sizes): an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
     if value <= 0:
-        raise UsageError(f"--{name} must be a positive number, got {value}.")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line UsageErrors, like every other mmdiff error
+    (argparse's own prints the whole usage block and exits from inside parse_args)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help).")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -59,9 +73,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UsageError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE.")
-    _positive("n", args.n)
-    _positive("steps", args.steps)
-    _positive("batch-size", args.batch_size)
     if args.prior:
         return _sample_two_stage(args, prompts)
     from mmdiff.api import load
@@ -127,8 +138,6 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
 
 
 def cmd_vary(args: argparse.Namespace) -> int:
-    _positive("n", args.n)
-    _positive("steps", args.steps)
     from mmdiff.data.transforms import read_image_file
     from mmdiff.unclip import vary
 
@@ -142,7 +151,6 @@ def cmd_vary(args: argparse.Namespace) -> int:
 def cmd_interpolate(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}.")
-    _positive("steps", args.steps)
     from mmdiff.data.transforms import read_image_file
     from mmdiff.unclip import interpolate
 
@@ -158,7 +166,7 @@ def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("vary", help="unCLIP: variations of an image from its CLIP image embedding")
     p.add_argument("ckpt", help="text_to_image checkpoint trained with model.image_embed_conditioning")
     p.add_argument("image", help="image file")
-    p.add_argument("--n", type=int, default=8, help="variations (default 8)")
+    p.add_argument("--n", type=positive_int, default=8, help="variations (default 8)")
     p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
     p.add_argument("--out", default="variations", help="output folder (default ./variations)")
     _sampling_options(p)
@@ -167,7 +175,7 @@ def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("ckpt", help="text_to_image checkpoint trained with model.image_embed_conditioning")
     p.add_argument("image_a", help="first image file")
     p.add_argument("image_b", help="last image file")
-    p.add_argument("--n", type=int, default=8, help="frames, both ends included (default 8)")
+    p.add_argument("--n", type=positive_int, default=8, help="frames, both ends included (default 8)")
     p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
     p.add_argument("--out", default="interpolation", help="output folder (default ./interpolation)")
     _sampling_options(p)
@@ -194,7 +202,6 @@ def cmd_shards_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_digits(args: argparse.Namespace) -> int:
-    _positive("n", args.n)
     from mmdiff.api import load
     from mmdiff.eval.digits import evaluate_digits
 
@@ -213,10 +220,6 @@ def cmd_eval_digits(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    for name in ("steps", "beam_size", "top_k", "batch_size"):
-        value = getattr(args, name)
-        if value is not None:
-            _positive(name.replace("_", "-"), value)
     from mmdiff.api import load
     from mmdiff.captioning import caption_files
 
@@ -238,7 +241,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
-    _positive("n", args.n)
     from mmdiff.api import load
     from mmdiff.eval.caption_metrics import roundtrip_digits
 
@@ -272,7 +274,6 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mmdiff.config import load_config
 
-    _positive("steps", args.steps)
     presets = []
     if args.preset:
         from mmdiff.bench import PRESETS
@@ -319,8 +320,6 @@ def _read_prompts(path: Optional[str]) -> List[str]:
 
 def cmd_eval_images(args: argparse.Namespace) -> int:
     metric = args.eval_command
-    _positive("n", args.n)
-    _positive("batch-size", args.batch_size)
     prompts = _read_prompts(args.prompts)
     if metric != "clipscore" and not args.reference:
         raise UsageError(f"{metric} needs --reference SHARDS (the real images to compare with).")
@@ -376,13 +375,13 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
         p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (cycled to --n)")
         p.add_argument("--reference", action="append", metavar="SHARDS",
                        help="reference image shards (repeatable); their captions are the default prompts")
-        p.add_argument("--n", type=int, default=256, help="generated images (default 256)")
-        p.add_argument("--n-reference", type=int, default=None, help="reference images (default --n)")
+        p.add_argument("--n", type=positive_int, default=256, help="generated images (default 256)")
+        p.add_argument("--n-reference", type=positive_int, default=None, help="reference images (default --n)")
         p.add_argument("--extractor", choices=["clip", "inception"], default=None,
                        help="FID/KID features (default: the config's eval.extractor)")
         p.add_argument("--inception-weights", default=None, metavar="FILE",
                        help="local FID Inception weights (default: eval.inception_weights)")
-        p.add_argument("--batch-size", type=int, default=32, help="images per sampler call (default 32)")
+        p.add_argument("--batch-size", type=positive_int, default=32, help="images per sampler call (default 32)")
         p.add_argument("--out", default="eval", help="folder for METRIC.json and the W&B run (default ./eval)")
         p.add_argument("--no-wandb", action="store_true", help="do not log the numbers to W&B")
         _sampling_options(p)
@@ -400,7 +399,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
 
 # ------------------------------------------------------------------------------------- parser
 def _sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_karras, heun, dpmpp_2m, ...")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -410,7 +409,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mmdiff`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mmdiff",
         description="Train and sample multimodal diffusion models (text→image, image→text).",
         epilog=EPILOG,
@@ -434,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="text_to_image checkpoint (.ckpt)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
     p.add_argument("--temperature", type=float, default=None, help="noise temperature (default 1)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per sampler call (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
     p.add_argument("--prior", metavar="PRIOR_CKPT", default=None,
                    help="unCLIP: a prior checkpoint; CKPT is then its image-embedding decoder")
     p.add_argument("--prior-cfg", type=float, default=None, help="the prior's guidance scale (default: its config's)")
@@ -451,14 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = shards.add_parser("demo", help="scikit-learn's digits as captioned image shards")
     p.add_argument("out", help="output folder")
-    p.add_argument("--image-size", type=int, default=32, help="side in pixels (default 32)")
+    p.add_argument("--image-size", type=positive_int, default=32, help="side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0, help="caption/split seed (default 0)")
     p.set_defaults(func=cmd_shards_demo)
     p = shards.add_parser("folder", help="an image folder with .txt captions (or a manifest)")
     p.add_argument("src", help="image folder (ignored with --manifest, which lists paths)")
     p.add_argument("out", help="output folder")
     p.add_argument("--manifest", help="CSV (path,caption) or JSONL manifest instead of sidecars")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     p.set_defaults(func=cmd_shards_folder)
 
@@ -467,17 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = evals.add_parser("digits", help="digit accuracy of text-to-image samples (independent SVC)")
     p.add_argument("ckpt", help="text_to_image checkpoint trained on the digits demo")
-    p.add_argument("--n", type=int, default=20, help="samples per digit (default 20)")
+    p.add_argument("--n", type=positive_int, default=20, help="samples per digit (default 20)")
     p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
     _sampling_options(p)
     p.set_defaults(func=cmd_eval_digits)
     p = evals.add_parser("roundtrip", help="text → image → caption: does the caption name the prompted digit?")
     p.add_argument("t2i_ckpt", help="text_to_image checkpoint trained on the digits demo")
     p.add_argument("caption_ckpt", help="captioning checkpoint")
-    p.add_argument("--n", type=int, default=10, help="samples per digit (default 10)")
+    p.add_argument("--n", type=positive_int, default=10, help="samples per digit (default 10)")
     p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
     p.add_argument("--decoding", default=None, help="caption decoding: greedy, beam, topk, topp")
-    p.add_argument("--caption-steps", type=int, default=None, help="masked caption head steps")
+    p.add_argument("--caption-steps", type=positive_int, default=None, help="masked caption head steps")
     _sampling_options(p)
     p.set_defaults(func=cmd_eval_roundtrip)
 
@@ -486,15 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--decoding", choices=["greedy", "beam", "topk", "topp"], default=None,
                    help="default: the config's (beam is for the ar head)")
-    p.add_argument("--steps", type=int, default=None, help="masked head: denoising steps")
+    p.add_argument("--steps", type=positive_int, default=None, help="masked head: denoising steps")
     p.add_argument("--complete", default=None, metavar="TEXT", help="continue this caption start")
     p.add_argument("--denoise", default=None, metavar="TEXT", help="masked head: re-noise and denoise this caption")
     p.add_argument("--strength", type=float, default=None, help="with --denoise: share re-masked (default 0.5)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (topk/topp)")
-    p.add_argument("--top-k", type=int, default=None, help="topk: tokens kept")
+    p.add_argument("--top-k", type=positive_int, default=None, help="topk: tokens kept")
     p.add_argument("--top-p", type=float, default=None, help="topp: probability mass kept")
-    p.add_argument("--beam-size", type=int, default=None, help="beam: beams kept")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument("--beam-size", type=positive_int, default=None, help="beam: beams kept")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")
@@ -505,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.precompute_dtype=fp32")
     p.add_argument("--out", required=True, help="output folder for the precomputed shards")
     p.add_argument("--split", action="append", choices=["train", "val"], help="only this split (repeatable)")
-    p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default data.val_batch_size)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="encoder batch (default data.val_batch_size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: this rank's GPU)")
     p.add_argument("--overwrite", action="store_true", help="rewrite existing output shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -514,16 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure training, loader, FLOPs, memory and sampling speed of a config")
     p.add_argument("config", help="text_to_image experiment YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.precision=bf16-mixed")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per run (default 20)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed training steps per run (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="interleaved repetitions (default 2)")
     p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling")
     p.add_argument("--precomputed", default=None, metavar="DIR",
                    help="an `mmdiff precompute` folder of this config: also time fit from its shards")
     p.add_argument("--preset", default=None, help="extra overrides by name, e.g. random-weights-sd")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: the config's accelerator)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads for the run (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
     _add_interop_parsers(sub, evals)
@@ -533,7 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return err.exit_code
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

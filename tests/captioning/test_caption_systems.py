@@ -158,7 +158,7 @@ def test_caption_cli_usage_errors(ar_run: Path, tmp_path: Path, capsys) -> None:
     image = str(_png(tmp_path / "x.png", 0))
     ckpt = str(ar_run / "checkpoints" / "last.ckpt")
     assert main(["caption", ckpt, image, "--steps", "0"]) == 2
-    assert "--steps must be a positive number" in capsys.readouterr().err
+    assert "argument --steps: must be a positive number" in capsys.readouterr().err
     assert main(["caption", ckpt, image, "--denoise", "a handwritten digit one"]) == 2
     assert "denoise is for the 'masked' caption head" in capsys.readouterr().err
 

@@ -93,8 +93,8 @@ def test_sample_is_seeded(trained: Path) -> None:
     "args, message",
     [
         (["--n", "3"], "no prompts given"),
-        (["--prompt", "x", "--n", "0"], "--n must be a positive number"),
-        (["--prompt", "x", "--steps", "0"], "--steps must be a positive number"),
+        (["--prompt", "x", "--n", "0"], "argument --n: must be a positive number"),
+        (["--prompt", "x", "--steps", "0"], "argument --steps: must be a positive number"),
     ],
 )
 def test_sample_bad_arguments(trained: Path, args, message, capsys) -> None:
