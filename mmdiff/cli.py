@@ -45,14 +45,26 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (images, steps, batch sizes): an integer of at least 1."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (images, steps, batch sizes): an integer of at least 1."""
+    value = _whole_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for counts that may be zero (warm-up steps): an integer of at least 0."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
     return value
 
 
@@ -514,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="text_to_image experiment YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.precision=bf16-mixed")
     p.add_argument("--steps", type=positive_int, default=20, help="timed training steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--rounds", type=positive_int, default=2, help="interleaved repetitions (default 2)")
     p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling")
     p.add_argument("--precomputed", default=None, metavar="DIR",

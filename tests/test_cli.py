@@ -14,6 +14,7 @@ from mmdiff.cli import main
         (["sample", "x.ckpt", "--n", "four"], "argument --n: must be a whole number, got 'four'"),
         (["bench", "c.yaml", "--rounds", "0"], "mmdiff bench: argument --rounds: must be a positive number"),
         (["bench", "c.yaml", "--threads", "0"], "argument --threads: must be a positive number"),
+        (["bench", "c.yaml", "--warmup", "-1"], "argument --warmup: must be zero or more, got -1"),
         (["caption", "x.ckpt", "y.png", "--beam-size", "0"], "argument --beam-size: must be a positive number"),
         (["eval", "fid", "x.ckpt", "--n-reference", "0"], "argument --n-reference: must be a positive number"),
         (["shards", "folder", "src", "out", "--shard-size", "0"], "argument --shard-size: must be a positive number"),
