@@ -11,7 +11,10 @@ training batch the ranks agree on it (one all-reduce of one integer), and then a
 at the same batch boundary, which resumes exactly (see :mod:`mmdiff.callbacks.data_position`).
 
 ``build_trainer`` turns Lightning's handler off (``SLURMEnvironment(auto_requeue=False)``) and adds
-this callback when the run is SLURM-managed.
+this callback when the run is SLURM-managed. It is a Lightning ``Checkpoint`` so the trainer runs it
+after ``ModelCheckpoint`` (checkpoint callbacks go last, in list order): when the signal lands on a
+periodic-checkpoint step, the requeue file is written after ``last.ckpt`` and holds the periodic
+callback's updated state, and the rerun (which picks the newest file) resumes from it.
 """
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ from typing import Any, Optional
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 
 
-class RequeueOnSignal(Callback):
+class RequeueOnSignal(Checkpoint):
     """Save ``RUN_DIR/hpc_ckpt_N.ckpt`` at the next batch boundary after ``signum``, requeue, stop."""
 
     def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True) -> None:

@@ -81,8 +81,11 @@ class _Toy(L.LightningModule):
 
 
 def _trainer(tmp_path: Path, *callbacks) -> L.Trainer:
+    from lightning.pytorch.callbacks import Checkpoint
+
+    # RequeueOnSignal is a Checkpoint callback; without one, Lightning would add its default ModelCheckpoint.
     return L.Trainer(default_root_dir=str(tmp_path), max_steps=8, accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks), enable_progress_bar=False, enable_model_summary=False,
                      callbacks=[StepSeedCallback(0), *callbacks])
 
 
@@ -99,3 +102,21 @@ def test_requeue_signal_saves_at_the_batch_boundary_and_resumes_exactly(tmp_path
     _trainer(tmp_path / "b").fit(resumed, ckpt_path=requeue.saved)
     assert stopped.noise + resumed.noise == straight.noise  # per-batch seeds: no repeat, no gap
     assert torch.equal(resumed.lin.weight, straight.lin.weight)
+
+
+def test_requeue_checkpoint_is_written_after_a_periodic_one_at_the_same_step(tmp_path: Path) -> None:
+    """A signal landing on a periodic-checkpoint step: hpc_ckpt_1.ckpt is the newest file, so the
+    requeued job resumes from it (and its ModelCheckpoint state already knows that step's file)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mmdiff.cluster import resume_checkpoint
+
+    periodic = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=4, save_last=True)
+    requeue = RequeueOnSignal(requeue=False)
+    _trainer(tmp_path, periodic, requeue).fit(_Toy(signal_at=3))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 4  # the periodic save at the same step
+    assert resume_checkpoint(tmp_path, "last") == requeue.saved
+    saved_state = torch.load(requeue.saved, weights_only=False)["callbacks"]
+    periodic_state = next(v for k, v in saved_state.items() if k.startswith("ModelCheckpoint"))
+    assert periodic_state["last_model_path"] == str(last)
