@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.image.fid import NoTrainInceptionV3
 
+from mmdiff.checkpoints import describe_mismatch, safe_torch_load
 from mmdiff.errors import CheckpointError
 
 INCEPTION_URL = (
@@ -43,21 +45,48 @@ class InceptionFeatures(nn.Module):
                 f"{INCEPTION_URL} (pt_inception-2015-12-05) and set eval.inception_weights to its path, "
                 "or use eval.extractor=clip."
             )
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            self.net = NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=[str(self.num_features)],
-                feature_extractor_weights_path=str(path),
-            )
-        except ModuleNotFoundError:
-            raise CheckpointError(
-                "the FID Inception network needs the torch-fidelity package; "
-                "`pip install torch-fidelity` (or use eval.extractor=clip)."
-            ) from None
+        self.net = _inception_net(path)
 
     def forward(self, images: Tensor) -> Tensor:
         pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return self.net(pixels).reshape(images.shape[0], -1)
+
+
+class _CheckedInceptionV3(NoTrainInceptionV3):
+    """torchmetrics' FID Inception whose weight load reports a mismatch in one sentence.
+
+    torch-fidelity's constructor reads the weights file itself and loads it strictly, with torch's
+    multi-line key report; this override compares keys and shapes first.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._weights_path = path
+        super().__init__(name="inception-v3-compat", features_list=[str(InceptionFeatures.num_features)],
+                         feature_extractor_weights_path=str(path))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ANN001, ANN201 (torch's signature)
+        problem = describe_mismatch(self, state_dict)
+        if problem:
+            raise CheckpointError(
+                f"the FID Inception weights file '{self._weights_path}' does not fit the FID Inception v3: "
+                f"{problem}; download {INCEPTION_URL}."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _inception_net(path: Path) -> nn.Module:
+    """The FID Inception with its weights from ``path``.
+
+    torch-fidelity reads the file with ``torch.load(weights_only=False)``, so it is read here first
+    with :func:`safe_torch_load`: a pickle that would run code is refused before that happens.
+    """
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"the FID Inception weights file '{path}' holds a {type(state).__name__}, not a state dict of "
+            f"tensors; download {INCEPTION_URL}."
+        )
+    return _CheckedInceptionV3(path)
 
 
 def weights_fingerprint(module: nn.Module) -> str:

@@ -1,4 +1,4 @@
-"""FID / KID / CLIP score: sanity on real digits, extractor naming, missing Inception weights, CLI."""
+"""FID / KID / CLIP score: sanity on real digits, extractor naming, the Inception weights file, CLI."""
 from __future__ import annotations
 
 import json
@@ -65,6 +65,65 @@ def test_inception_without_weights_file_names_the_file(tmp_path: Path) -> None:
         build_extractor("inception")
 
 
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init state dict in the layout of pt_inception-2015-12-05 (the real file is a download).
+
+    torch-fidelity's network always loads weights in its constructor, so it is built here with the
+    loader patched out; He-normal convolutions keep the 2048-d features from vanishing with depth.
+    """
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_features_from_a_local_weights_file(inception_weights: Path, digits: torch.Tensor) -> None:
+    extractor = build_extractor("inception", inception_weights=str(inception_weights))
+    assert extractor.name == "inception_v3"
+    features = extractor(digits[:4])
+    assert features.shape == (4, 2048) and torch.isfinite(features).all()
+    assert features.std(0).mean() > 0  # the images are told apart
+    assert torch.equal(extractor(digits[:4]), features)  # eval mode: no batch-norm updates
+
+
+def _write_bad(path: Path, kind: str, good: Path) -> None:
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:4096])
+    elif kind == "not_tensors":
+        torch.save([torch.zeros(1)], path)
+    elif kind == "pickled_object":
+        torch.save({"net": Path("x")}, path)
+    else:  # another network's state dict
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "is not a readable PyTorch checkpoint"),
+    ("not_tensors", "holds a list, not a state dict of tensors"),
+    ("pickled_object", "was refused for safety"),
+    ("other_network", "does not fit the FID Inception v3: .* missing key.* 2 unexpected key"),
+])
+def test_a_bad_inception_weights_file_is_one_clear_error(tmp_path: Path, inception_weights: Path, kind: str,
+                                                         message: str) -> None:
+    bad = tmp_path / f"{kind}.pth"
+    _write_bad(bad, kind, inception_weights)
+    with pytest.raises(CheckpointError, match=message) as err:
+        build_extractor("inception", inception_weights=str(bad))
+    text = str(err.value)
+    assert str(bad) in text and "\n" not in text
+
+
 def test_clip_score_formula() -> None:
     images = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 8, 8)  # image i is filled with i
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
@@ -90,3 +149,13 @@ def test_eval_cli_writes_json_and_wandb_run(tiny_ckpt: Path, demo_shards: Path, 
                  "inception", "--inception-weights", str(missing), "--no-wandb", *common]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0]
+
+
+def test_eval_cli_fid_with_the_inception_extractor(tiny_ckpt: Path, demo_shards: Path, inception_weights: Path,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", "fid", str(tiny_ckpt), "--reference", str(demo_shards / "val-*.tar"), "--extractor",
+                 "inception", "--inception-weights", str(inception_weights), "--no-wandb", "--n", "4",
+                 "--steps", "2", "--device", "cpu", "--out", str(out), "--batch-size", "4"]) == 0
+    result = json.loads((out / "fid.json").read_text())
+    assert result["extractor"] == "inception_v3" and result["fid_inception_v3"] > 0
