@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence
 
+from mmdiff.config import SAMPLER_NAMES
 from mmdiff.errors import MmdiffError, UsageError
 
 log = logging.getLogger("mmdiff")
@@ -66,6 +67,21 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
     return value
+
+
+def output_folder(text: str) -> str:
+    """argparse type for an output folder: absent (it is created later) or an existing folder.
+
+    Checked before any work starts, without creating anything: a path naming a file, or under a
+    file, would otherwise fail only when the first result is written.
+    """
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file, not a folder; pass a folder path")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if not path.exists() and parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be created: '{parent}' is a file")
+    return text
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -180,7 +196,7 @@ def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", help="image file")
     p.add_argument("--n", type=positive_int, default=8, help="variations (default 8)")
     p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
-    p.add_argument("--out", default="variations", help="output folder (default ./variations)")
+    p.add_argument("--out", type=output_folder, default="variations", help="output folder (default ./variations)")
     _sampling_options(p)
     p.set_defaults(func=cmd_vary)
     p = sub.add_parser("interpolate", help="unCLIP: decode a slerp between two images' CLIP embeddings")
@@ -189,7 +205,7 @@ def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image_b", help="last image file")
     p.add_argument("--n", type=positive_int, default=8, help="frames, both ends included (default 8)")
     p.add_argument("--prompt", default="", help="caption the decoder also sees (default: none)")
-    p.add_argument("--out", default="interpolation", help="output folder (default ./interpolation)")
+    p.add_argument("--out", type=output_folder, default="interpolation", help="output folder (default ./interpolation)")
     _sampling_options(p)
     p.set_defaults(func=cmd_interpolate)
 
@@ -311,6 +327,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmdiff.api import load
     from mmdiff.export import export_folder, export_single_file, read_metrics
 
+    if args.format == "diffusers":  # a folder; checked before the checkpoint is loaded
+        try:
+            output_folder(args.out)
+        except argparse.ArgumentTypeError as err:
+            raise UsageError(f"mmdiff export: argument --out: {err}.") from None
     metrics = read_metrics(args.metrics or [])
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device="cpu")
     if args.format == "safetensors":
@@ -394,7 +415,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
         p.add_argument("--inception-weights", default=None, metavar="FILE",
                        help="local FID Inception weights (default: eval.inception_weights)")
         p.add_argument("--batch-size", type=positive_int, default=32, help="images per sampler call (default 32)")
-        p.add_argument("--out", default="eval", help="folder for METRIC.json and the W&B run (default ./eval)")
+        p.add_argument("--out", type=output_folder, default="eval", help="folder for METRIC.json and the W&B run (default ./eval)")
         p.add_argument("--no-wandb", action="store_true", help="do not log the numbers to W&B")
         _sampling_options(p)
         p.set_defaults(func=cmd_eval_images)
@@ -413,7 +434,8 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
-    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_karras, heun, dpmpp_2m, ...")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="NAME",
+                   help=f"{', '.join(SAMPLER_NAMES)} (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")
@@ -446,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    p.add_argument("--out", type=output_folder, default="samples", help="output folder (default ./samples)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
     p.add_argument("--temperature", type=float, default=None, help="noise temperature (default 1)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
@@ -461,13 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="shards_command", metavar="KIND", required=True
     )
     p = shards.add_parser("demo", help="scikit-learn's digits as captioned image shards")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", type=output_folder, help="output folder")
     p.add_argument("--image-size", type=positive_int, default=32, help="side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0, help="caption/split seed (default 0)")
     p.set_defaults(func=cmd_shards_demo)
     p = shards.add_parser("folder", help="an image folder with .txt captions (or a manifest)")
     p.add_argument("src", help="image folder (ignored with --manifest, which lists paths)")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", type=output_folder, help="output folder")
     p.add_argument("--manifest", help="CSV (path,caption) or JSONL manifest instead of sidecars")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
@@ -479,15 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = evals.add_parser("digits", help="digit accuracy of text-to-image samples (independent SVC)")
     p.add_argument("ckpt", help="text_to_image checkpoint trained on the digits demo")
     p.add_argument("--n", type=positive_int, default=20, help="samples per digit (default 20)")
-    p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
+    p.add_argument("--out", type=output_folder, default=None, help="folder for a JSON report and sample grid")
     _sampling_options(p)
     p.set_defaults(func=cmd_eval_digits)
     p = evals.add_parser("roundtrip", help="text → image → caption: does the caption name the prompted digit?")
     p.add_argument("t2i_ckpt", help="text_to_image checkpoint trained on the digits demo")
     p.add_argument("caption_ckpt", help="captioning checkpoint")
     p.add_argument("--n", type=positive_int, default=10, help="samples per digit (default 10)")
-    p.add_argument("--out", default=None, help="folder for a JSON report and sample grid")
-    p.add_argument("--decoding", default=None, help="caption decoding: greedy, beam, topk, topp")
+    p.add_argument("--out", type=output_folder, default=None, help="folder for a JSON report and sample grid")
+    p.add_argument("--decoding", choices=["greedy", "beam", "topk", "topp"], default=None,
+                   help="caption decoding (default: the config's)")
     p.add_argument("--caption-steps", type=positive_int, default=None, help="masked caption head steps")
     _sampling_options(p)
     p.set_defaults(func=cmd_eval_roundtrip)
@@ -514,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="encode a text-to-image config's shards once into latent/text-state shards")
     p.add_argument("config", help="experiment YAML file (the image-shard config)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.precompute_dtype=fp32")
-    p.add_argument("--out", required=True, help="output folder for the precomputed shards")
+    p.add_argument("--out", type=output_folder, required=True, help="output folder for the precomputed shards")
     p.add_argument("--split", action="append", choices=["train", "val"], help="only this split (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="encoder batch (default data.val_batch_size)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: this rank's GPU)")
@@ -541,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and how to see more."""
+    what = err.strerror or type(err).__name__
+    paths = " -> ".join(f"'{p}'" for p in (err.filename, err.filename2) if p is not None)
+    return f"{what}{': ' + paths if paths else ''} ({type(err).__name__}; run with -v for the traceback)."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the process exit code."""
     parser = build_parser()
@@ -564,6 +594,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MmdiffError as err:
         sys.stderr.write(f"error: {err}\n")
         return err.exit_code
+    except OSError as err:  # disk full, permission denied, a path that turned into a file, ...
+        log.debug("file system error", exc_info=True)
+        sys.stderr.write(f"error: {describe_os_error(err)}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -1,9 +1,14 @@
-"""`mmdiff` argument errors: one line on stderr and exit code 2, before any work starts."""
+"""`mmdiff` argument errors: one line on stderr and exit code 2, before any work starts; file-system
+errors during a command: one line and exit code 1."""
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import pytest
 
-from mmdiff.cli import main
+from mmdiff import cli
+from mmdiff.cli import main, output_folder
 
 
 @pytest.mark.parametrize(
@@ -19,6 +24,8 @@ from mmdiff.cli import main
         (["eval", "fid", "x.ckpt", "--n-reference", "0"], "argument --n-reference: must be a positive number"),
         (["shards", "folder", "src", "out", "--shard-size", "0"], "argument --shard-size: must be a positive number"),
         (["precompute", "c.yaml", "--out", "d", "--batch-size", "0"], "argument --batch-size: must be a positive number"),
+        (["sample", "x.ckpt", "--prompt", "a", "--sampler", "nope"], "argument --sampler: invalid choice: 'nope'"),
+        (["eval", "roundtrip", "a.ckpt", "b.ckpt", "--decoding", "nope"], "argument --decoding: invalid choice"),
         (["sample"], "mmdiff sample: the following arguments are required: ckpt"),
         (["nosuch"], "invalid choice: 'nosuch'"),
     ],
@@ -34,3 +41,40 @@ def test_help_still_prints_usage_and_exits_zero(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["sample", "--help"])
     assert exit_info.value.code == 0 and "usage: mmdiff sample" in capsys.readouterr().out
+
+
+def test_output_folder_accepts_new_and_existing_folders(tmp_path: Path) -> None:
+    assert output_folder(str(tmp_path)) == str(tmp_path)
+    assert output_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()  # nothing is created while parsing
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "x.ckpt", "--prompt", "a", "--out", "{file}"],
+    ["vary", "x.ckpt", "y.png", "--out", "{file}/sub"],
+    ["shards", "demo", "{file}"],
+    ["precompute", "c.yaml", "--out", "{file}"],
+    ["eval", "digits", "x.ckpt", "--out", "{file}"],
+    ["export", "x.ckpt", "--out", "{file}"],
+])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path: Path, argv: list, capsys) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    assert main([a.replace("{file}", str(file)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("argument --out" in err[0] or "argument out" in err[0]), err
+    assert str(file) in err[0] and ("is a file, not a folder" in err[0] or "cannot be created" in err[0])
+    assert file.read_text() == "keep me"
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot be created"):
+        output_folder(str(file / "sub"))
+
+
+def test_file_system_errors_are_one_line_with_exit_code_1(monkeypatch, capsys) -> None:
+    def full_disk(args: argparse.Namespace) -> int:
+        raise OSError(28, "No space left on device", "/runs/x/checkpoints/last.ckpt.tmp")
+
+    monkeypatch.setattr(cli, "cmd_config", full_disk)
+    assert main(["config", "c.yaml"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: No space left on device: '/runs/x/checkpoints/last.ckpt.tmp' (OSError; run with -v for "
+                   "the traceback)."]
