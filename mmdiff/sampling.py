@@ -36,6 +36,7 @@ def write_samples(
 ) -> Path:
     """Sample and write ``OUT/0000.png …`` and ``OUT/grid.png`` (a row per prompt); returns OUT."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # fails here, not after the sampling, if OUT cannot be a folder
     options = {k: v for k, v in options.items() if v is not None}
     images = generate(system, prompts, n_per_prompt, batch_size, seed, **options)
     for index, picture in enumerate(to_pil(images)):
