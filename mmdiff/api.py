@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import load_ema_into
 from mmdiff.checkpoints import load_strict, safe_torch_load
@@ -24,6 +25,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def read_training_checkpoint(path: str | Path, mmap: bool = False) -> Tuple[Dict[str, Any], DictConfig]:
+    """A checkpoint ``mmdiff fit`` wrote, and the config it was trained with.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap checks of a large file).
+    Raises :class:`CheckpointError` for any other file.
+    """
+    checkpoint = safe_torch_load(path, mmap=mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"'{path}' is not an mmdiff training checkpoint (no state_dict in it).")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "config" not in hparams:
+        raise CheckpointError(f"'{path}' was not written by mmdiff (no config in its hyper-parameters).")
+    return checkpoint, from_container(hparams["config"])
+
+
 def load(
     ckpt_path: str | Path,
     *,
@@ -37,13 +53,8 @@ def load(
     another kind is refused with a one-line error. EMA weights are swapped in when present.
     """
     path = Path(ckpt_path)
-    checkpoint = safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"'{path}' is not an mmdiff training checkpoint (no state_dict in it).")
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "config" not in hparams:
-        raise CheckpointError(f"'{path}' was not written by mmdiff (no config in its hyper-parameters).")
-    cfg = from_container(hparams["config"])
+    checkpoint, cfg = read_training_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
     if expect is not None and cfg.system != expect:
         raise CheckpointError(
             f"'{path}' is a '{cfg.system}' checkpoint; this command needs a '{expect}' one."

@@ -38,16 +38,17 @@ def _require_file(path: str | Path, what: str = "checkpoint") -> Path:
     return p
 
 
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with user-facing errors.
 
     Raises :class:`CheckpointError` when the file is missing, is not a PyTorch checkpoint, or
     holds a pickle that references anything outside torch's safe allow-list (such a file is
-    refused for safety, and none of its code runs).
+    refused for safety, and none of its code runs). ``mmap=True`` maps the tensors from the file
+    instead of reading them.
     """
     p = _require_file(path)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise unpickling_refusal(path, err) from None
     except Exception as err:  # zip/pickle errors of every kind mean "not a checkpoint"

@@ -196,6 +196,25 @@ def resolve_resume(cfg: DictConfig, resume: Optional[str]) -> Optional[str]:
     return resume
 
 
+def check_resume_fits(system: L.LightningModule, cfg: DictConfig, ckpt_path: str) -> None:
+    """Refuse, in one sentence, a resume checkpoint of another system or another architecture.
+
+    Lightning would find out only inside ``fit``, with torch's multi-line key report; the tensors
+    are memory-mapped here, so a large checkpoint is not read twice.
+    """
+    from mmdiff.api import read_training_checkpoint
+    from mmdiff.checkpoints import describe_mismatch
+
+    checkpoint, trained = read_training_checkpoint(ckpt_path, mmap=True)
+    if trained.system != cfg.system:
+        raise CheckpointError(f"cannot resume from '{ckpt_path}': it is a '{trained.system}' checkpoint and "
+                              f"this config trains '{cfg.system}'.")
+    problem = describe_mismatch(system, checkpoint["state_dict"])
+    if problem:
+        raise CheckpointError(f"cannot resume from '{ckpt_path}': its weights do not fit this config's model "
+                              f"({problem}); resume with the config it was trained with.")
+
+
 def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     """Train ``cfg`` (optionally resuming) and return the run directory.
 
@@ -208,7 +227,10 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     ckpt_path = resolve_resume(cfg, resume_checkpoint(run_dir, resume))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     system = build_system(cfg)
+    if ckpt_path is not None:
+        check_resume_fits(system, cfg, ckpt_path)
     datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")  # a missing shard fails here, before a run folder or W&B run is made
     save_config(cfg, run_dir)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)

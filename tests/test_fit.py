@@ -70,6 +70,40 @@ def test_resume_from_missing_path_is_one_line_error(toy_config: Path, capsys) ->
     assert err == ["error: checkpoint 'nowhere.ckpt' does not exist; pass a .ckpt path or 'last'."]
 
 
+def _altered_checkpoint(toy_config: Path, tmp_path: Path, alter) -> Path:
+    assert main(["fit", str(toy_config), "trainer.max_steps=3"]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    alter(checkpoint)
+    path = tmp_path / "altered.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("alter, message", [
+    (lambda c: c["hyper_parameters"]["config"].update(system="autoencoder"),
+     "it is a 'autoencoder' checkpoint and this config trains 'toy'."),
+    (lambda c: c["state_dict"].update({"head.weight": torch.zeros(1, 4), "extra": torch.zeros(1)}),
+     "its weights do not fit this config's model (1 unexpected key(s) (extra); 1 shape mismatch(es) "
+     "(head.weight (1, 4) vs (1, 3) in the model)); resume with the config it was trained with."),
+])
+def test_resume_from_a_checkpoint_of_another_model_is_one_line_error(toy_config: Path, tmp_path: Path, alter,
+                                                                     message: str, capsys) -> None:
+    path = _altered_checkpoint(toy_config, tmp_path, alter)
+    capsys.readouterr()
+    assert main(["fit", str(toy_config), "run_dir=" + str(tmp_path / "second"), "--resume", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot resume from '{path}': {message}"]
+    assert not (tmp_path / "second").exists()  # refused before the run folder is made
+
+
+def test_missing_shards_fail_before_the_run_folder_is_made(toy_config: Path, tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nowhere" / "train-*.tar"
+    assert main(["fit", str(toy_config), f"data.train_shards={missing}"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: data.train_shards: no shard matches '{missing}'; check the pattern."]
+    assert not (tmp_path / "run").exists()
+
+
 def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> None:
     with caplog.at_level("INFO", logger="mmdiff.progress"):
         assert main(["fit", str(toy_config), "trainer.log_every_n_steps=3"]) == 0
