@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from mmdiff.callbacks.ema import load_ema_into
 from mmdiff.checkpoints import load_strict, safe_torch_load
 from mmdiff.config import from_container
+from mmdiff.devices import resolve_device
 from mmdiff.errors import CheckpointError
 from mmdiff.systems.registry import get_system, system_names
 
@@ -19,10 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``auto`` → CUDA when available, else CPU; any other name must exist here (one-line error)."""
+    return resolve_device(device)
 
 
 def read_training_checkpoint(path: str | Path, mmap: bool = False) -> Tuple[Dict[str, Any], DictConfig]:
@@ -53,6 +52,7 @@ def load(
     another kind is refused with a one-line error. EMA weights are swapped in when present.
     """
     path = Path(ckpt_path)
+    target_device = pick_device(device)  # a device that is not here fails before the file is read
     checkpoint, cfg = read_training_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     if expect is not None and cfg.system != expect:
@@ -71,4 +71,4 @@ def load(
     if system.ema_loaded:
         log.info("using EMA weights from %s", path)
     system.global_step_loaded = int(checkpoint.get("global_step", 0))
-    return system.to(pick_device(device)).eval()
+    return system.to(target_device).eval()

@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mmdiff.devices import resolve_device
 from mmdiff.errors import ConfigError, MmdiffError
 
 log = logging.getLogger(__name__)
@@ -158,10 +159,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def pick_bench_device(cfg: DictConfig, device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
+    """``--device``, or for ``auto`` the GPU when the config's accelerator allows one and there is one."""
     wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
-    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+    return resolve_device(device, allow_gpu=wants_gpu)
 
 
 # ------------------------------------------------------------------------------ the batches

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence
@@ -66,6 +67,40 @@ def non_negative_int(text: str) -> int:
     value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def _finite_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for scales and temperatures (guidance, eta, temperature): a number >= 0."""
+    value = _finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value:g}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for rates and capacities (peak TFLOP/s): a number > 0."""
+    value = _finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than zero, got {value:g}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type for shares (top-p mass, re-masked share): a number in (0, 1]."""
+    value = _finite_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
     return value
 
 
@@ -433,7 +468,7 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
 # ------------------------------------------------------------------------------------- parser
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the config's)")
+    p.add_argument("--cfg", type=non_negative_float, default=None, help="guidance scale (default: the config's)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="NAME",
                    help=f"{', '.join(SAMPLER_NAMES)} (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -469,12 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--out", type=output_folder, default="samples", help="output folder (default ./samples)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
-    p.add_argument("--temperature", type=float, default=None, help="noise temperature (default 1)")
+    p.add_argument("--eta", type=non_negative_float, default=None, help="DDIM eta (default: the config's)")
+    p.add_argument("--temperature", type=non_negative_float, default=None, help="noise temperature (default 1)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
     p.add_argument("--prior", metavar="PRIOR_CKPT", default=None,
                    help="unCLIP: a prior checkpoint; CKPT is then its image-embedding decoder")
-    p.add_argument("--prior-cfg", type=float, default=None, help="the prior's guidance scale (default: its config's)")
+    p.add_argument("--prior-cfg", type=non_negative_float, default=None, help="the prior's guidance scale (default: its config's)")
     _sampling_options(p)
     p.set_defaults(func=cmd_sample)
     _unclip_parsers(sub)
@@ -523,10 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=None, help="masked head: denoising steps")
     p.add_argument("--complete", default=None, metavar="TEXT", help="continue this caption start")
     p.add_argument("--denoise", default=None, metavar="TEXT", help="masked head: re-noise and denoise this caption")
-    p.add_argument("--strength", type=float, default=None, help="with --denoise: share re-masked (default 0.5)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (topk/topp)")
+    p.add_argument("--strength", type=unit_fraction, default=None, help="with --denoise: share re-masked (default 0.5)")
+    p.add_argument("--temperature", type=non_negative_float, default=None, help="sampling temperature (topk/topp)")
     p.add_argument("--top-k", type=positive_int, default=None, help="topk: tokens kept")
-    p.add_argument("--top-p", type=float, default=None, help="topp: probability mass kept")
+    p.add_argument("--top-p", type=unit_fraction, default=None, help="topp: probability mass kept")
     p.add_argument("--beam-size", type=positive_int, default=None, help="beam: beams kept")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -556,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an `mmdiff precompute` folder of this config: also time fit from its shards")
     p.add_argument("--preset", default=None, help="extra overrides by name, e.g. random-weights-sd")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: the config's accelerator)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU if not in the table")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="device peak for MFU if not in the table")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads for the run (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)

@@ -52,6 +52,7 @@ import torch
 from omegaconf import DictConfig
 
 from mmdiff.config import to_container
+from mmdiff.devices import resolve_device
 from mmdiff.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -308,14 +309,6 @@ class _Encoder:
 
 
 # ------------------------------------------------------------------------------------- main
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
     """(raw samples, images, captions) batches of one input shard; corrupt samples are counted."""
     from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
@@ -418,9 +411,7 @@ def precompute(
     env_rank, env_world, local_rank = launch_rank()
     rank = env_rank if rank is None else int(rank)
     world = env_world if world is None else int(world)
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-
+    dev = resolve_device(device, local_rank)
     sources: Dict[str, List[str]] = {}
     for split in splits:
         specs = list(cfg.data.train_shards if split == "train" else cfg.data.val_shards)
@@ -429,8 +420,9 @@ def precompute(
                 raise DataError("data.train_shards is empty; list the image shards to precompute.")
             continue
         sources[split] = expand_shards(specs, f"data.{split}_shards")
+    out = Path(out_dir).expanduser().resolve()  # made once the device and the sources are known good
+    out.mkdir(parents=True, exist_ok=True)
 
-    dev = _pick_device(device, local_rank)
     encoder = _Encoder(cfg, dev)
     meta = encoder.metadata(cfg, sources)
     old = out / METADATA

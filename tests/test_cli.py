@@ -26,6 +26,12 @@ from mmdiff.cli import main, output_folder
         (["precompute", "c.yaml", "--out", "d", "--batch-size", "0"], "argument --batch-size: must be a positive number"),
         (["sample", "x.ckpt", "--prompt", "a", "--sampler", "nope"], "argument --sampler: invalid choice: 'nope'"),
         (["eval", "roundtrip", "a.ckpt", "b.ckpt", "--decoding", "nope"], "argument --decoding: invalid choice"),
+        (["sample", "x.ckpt", "--prompt", "a", "--cfg", "-5"], "argument --cfg: must be zero or more, got -5"),
+        (["sample", "x.ckpt", "--prompt", "a", "--temperature", "nan"], "argument --temperature: must be a finite number"),
+        (["sample", "x.ckpt", "--prompt", "a", "--eta", "lots"], "argument --eta: must be a number, got 'lots'"),
+        (["caption", "x.ckpt", "y.png", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+        (["caption", "x.ckpt", "y.png", "--temperature", "-1"], "argument --temperature: must be zero or more"),
+        (["bench", "c.yaml", "--peak-tflops", "0"], "argument --peak-tflops: must be more than zero, got 0"),
         (["sample"], "mmdiff sample: the following arguments are required: ckpt"),
         (["nosuch"], "invalid choice: 'nosuch'"),
     ],
@@ -78,3 +84,34 @@ def test_file_system_errors_are_one_line_with_exit_code_1(monkeypatch, capsys) -
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: No space left on device: '/runs/x/checkpoints/last.ckpt.tmp' (OSError; run with -v for "
                    "the traceback)."]
+
+
+@pytest.mark.parametrize("name, gpus, message", [
+    ("banana", 0, "unknown device 'banana'; use cpu, cuda, cuda:N or auto."),
+    ("cuda", 0, "device 'cuda': torch sees no CUDA device on this machine; use cpu or auto."),
+    ("cuda:3", 2, "device 'cuda:3': this machine has 2 CUDA device(s), cuda:0 to cuda:1."),
+])
+def test_a_device_that_is_not_here_is_one_line(monkeypatch, name: str, gpus: int, message: str) -> None:
+    import torch
+
+    from mmdiff.devices import resolve_device
+    from mmdiff.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(UsageError) as err:
+        resolve_device(name)
+    assert str(err.value) == message
+    assert resolve_device("auto", local_rank=3) == (torch.device("cuda", 1) if gpus else torch.device("cpu"))
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_sample_on_a_missing_gpu_fails_before_reading_the_checkpoint(monkeypatch, tmp_path: Path, capsys) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    garbage = tmp_path / "x.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(["sample", str(garbage), "--prompt", "a", "--device", "cuda", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: device 'cuda': torch sees no CUDA device on this machine; "
+                                               "use cpu or auto.")
