@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from mmdiff.config import SAMPLER_NAMES
 from mmdiff.errors import MmdiffError, UsageError
@@ -54,22 +54,6 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (images, steps, batch sizes): an integer of at least 1."""
-    value = _whole_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for counts that may be zero (warm-up steps): an integer of at least 0."""
-    value = _whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
-    return value
-
-
 def _finite_number(text: str) -> float:
     try:
         value = float(text)
@@ -80,28 +64,30 @@ def _finite_number(text: str) -> float:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type for scales and temperatures (guidance, eta, temperature): a number >= 0."""
-    value = _finite_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value:g}")
-    return value
+def _ranged(name: str, parse: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str,
+            doc: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then refuse values outside the range ``ok`` accepts."""
+    def convert(text: str) -> Any:
+        value = parse(text)
+        if not ok(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {shown}")
+        return value
+
+    convert.__name__, convert.__doc__ = name, doc
+    return convert
 
 
-def positive_float(text: str) -> float:
-    """argparse type for rates and capacities (peak TFLOP/s): a number > 0."""
-    value = _finite_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than zero, got {value:g}")
-    return value
-
-
-def unit_fraction(text: str) -> float:
-    """argparse type for shares (top-p mass, re-masked share): a number in (0, 1]."""
-    value = _finite_number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
+positive_int = _ranged("positive_int", _whole_number, lambda v: v > 0, "a positive number",
+                       "argparse type for counts (images, steps, batch sizes): an integer of at least 1.")
+non_negative_int = _ranged("non_negative_int", _whole_number, lambda v: v >= 0, "zero or more",
+                           "argparse type for counts that may be zero (warm-up steps): an integer of at least 0.")
+non_negative_float = _ranged("non_negative_float", _finite_number, lambda v: v >= 0, "zero or more",
+                             "argparse type for scales and temperatures (guidance, eta): a number >= 0.")
+positive_float = _ranged("positive_float", _finite_number, lambda v: v > 0, "more than zero",
+                         "argparse type for rates and capacities (peak TFLOP/s): a number > 0.")
+unit_fraction = _ranged("unit_fraction", _finite_number, lambda v: 0 < v <= 1, "in (0, 1]",
+                        "argparse type for shares (top-p mass, re-masked share): a number in (0, 1].")
 
 
 def output_folder(text: str) -> str:
