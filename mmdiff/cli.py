@@ -113,13 +113,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help).")
 
 
+def _read_prompts(path: Optional[str]) -> List[str]:
+    """The non-empty lines of a prompts file (none without a file)."""
+    if path is None:
+        return []
+    from mmdiff.textfiles import read_user_text
+
+    return [line.strip() for line in read_user_text(path, "prompts file").splitlines() if line.strip()]
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    prompts: List[str] = list(args.prompt or [])
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"prompts file '{path}' does not exist.")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts: List[str] = list(args.prompt or []) + _read_prompts(args.prompts_file)
     if not prompts:
         raise UsageError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE.")
     if args.prior:
@@ -363,15 +367,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_prompts(path: Optional[str]) -> List[str]:
-    if path is None:
-        return []
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"prompts file '{file}' does not exist.")
-    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
-
-
 def cmd_eval_images(args: argparse.Namespace) -> int:
     metric = args.eval_command
     prompts = _read_prompts(args.prompts)
@@ -381,6 +376,7 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
         raise UsageError("no prompts: pass --prompts FILE (or --reference SHARDS to use their captions).")
     from mmdiff.api import load
     from mmdiff.eval.generative import cycle_prompts, generate_images, score_images, write_json
+    from mmdiff.sampling import warn_cut_prompts
 
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
     e = system.cfg.eval
@@ -401,6 +397,7 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(str(err)) from None
     options = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+    warn_cut_prompts(system, list(dict.fromkeys(prompts)))  # each distinct prompt once
     images = generate_images(lambda p, seed: system.sample(p, seed=seed, **options), prompts, args.batch_size, args.seed)
     result = score_images(
         images, prompts, [metric], reference=reference, extractor=extractor,

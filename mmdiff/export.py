@@ -33,6 +33,7 @@ from diffusers import DDIMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import UsageError
+from mmdiff.textfiles import read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +214,9 @@ def read_metrics(paths: Sequence[str | Path]) -> Dict[str, Any]:
     merged: Dict[str, Any] = {}
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise UsageError(f"metrics file '{path}' does not exist.")
+        text = read_user_text(path, "metrics file")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise UsageError(f"metrics file '{path}' is not JSON ({err.msg}).") from None
         merged[path.stem] = data

@@ -115,3 +115,19 @@ def test_sample_on_a_missing_gpu_fails_before_reading_the_checkpoint(monkeypatch
     assert main(["sample", str(garbage), "--prompt", "a", "--device", "cuda", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip() == ("error: device 'cuda': torch sees no CUDA device on this machine; "
                                                "use cpu or auto.")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe a prompt\n", "is not UTF-8 text (byte 0xff at offset 0); save it as UTF-8."),
+    (None, "is not a file."),
+])
+def test_an_unreadable_prompts_file_is_one_line(tmp_path: Path, content, message: str, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    if content is None:
+        prompts.mkdir()
+    else:
+        prompts.write_bytes(content)
+    for argv in (["sample", "x.ckpt", "--prompts-file", str(prompts)],
+                 ["eval", "clipscore", "x.ckpt", "--prompts", str(prompts)]):
+        assert main(argv) == 2  # before the (missing) checkpoint is opened
+        assert capsys.readouterr().err.strip() == f"error: prompts file '{prompts}' {message}"

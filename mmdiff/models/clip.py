@@ -33,7 +33,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -260,6 +260,16 @@ class ClipEncoder(nn.Module):
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.tokenizer(list(prompts), context_length=self.context_length).long()
+
+    def prompts_cut_off(self, prompts: Sequence[str]) -> List[int]:
+        """Indices of the prompts longer than the context, which :meth:`tokenize` cuts off.
+
+        open_clip truncates silently (the end-of-text token overwrites the last position), so a
+        prompt is cut exactly when its tokens differ from those of a one-token-longer context.
+        """
+        fitted = self.tokenize(prompts)
+        longer = self.tokenizer(list(prompts), context_length=self.context_length + 1).long()
+        return torch.nonzero((fitted != longer[:, : self.context_length]).any(dim=1)).flatten().tolist()
 
     def _grad_context(self) -> Any:
         """No autograd when frozen; otherwise the caller's grad mode (a ``no_grad`` caller wins)."""

@@ -35,6 +35,22 @@ def test_tokenizer_is_offline_and_sized_by_the_model(encoder: ClipEncoder) -> No
     assert long_prompt.shape == (1, 32) and long_prompt[0, -1].item() == 49407
 
 
+def test_prompts_cut_off_are_exactly_those_past_the_context(encoder: ClipEncoder, caplog) -> None:
+    from mmdiff.sampling import warn_cut_prompts
+
+    fits = "x " * (encoder.context_length - 2)  # 30 words + start and end tokens = the whole context
+    prompts = ["a digit", fits, fits + "x", "seven " * 100]
+    assert encoder.prompts_cut_off(prompts) == [2, 3]
+
+    class System:
+        clip = encoder
+
+    with caplog.at_level("WARNING", logger="mmdiff.sampling"):
+        assert warn_cut_prompts(System(), prompts) == [2, 3]
+    assert "2 of 4 prompt(s) are longer than the text encoder's 32-token context" in caplog.text
+    assert "(prompt 3: 'x x x" in caplog.text
+
+
 def test_text_states_and_pooled_shapes_last_vs_penultimate(encoder: ClipEncoder) -> None:
     tokens = encoder.tokenize(["a digit one", "a digit two"])
     states, pooled = encoder.encode_text(tokens)
