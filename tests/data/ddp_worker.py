@@ -9,8 +9,10 @@ batch (as DDP does), and writes the keys each rank saw to OUT_JSON.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -60,6 +62,7 @@ def fit_with_ddp(rank: int, spec: dict) -> dict:
 
 def main() -> None:
     rank, world, port, spec_path, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests/multiproc.py dumps our stacks on a timeout
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from datakit import img2dataset_sample, sized_shards, write_tar
+from multiproc import run_all
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,20 +28,8 @@ def _run_two_ranks(tmp_path: Path, spec: dict) -> list[dict]:
     env = {k: v for k, v in os.environ.items()  # no launcher/cluster settings leak into the ranks
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
-    procs = [
-        subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", port, str(spec_path),
-                          str(tmp_path / f"rank{rank}.json")], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=100)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    run_all([[sys.executable, str(HERE / "ddp_worker.py"), str(rank), "2", port, str(spec_path),
+              str(tmp_path / f"rank{rank}.json")] for rank in range(2)], tmp_path / "logs", env, 100)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,14 +9,17 @@ Writes what this rank saw to OUT_JSON.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 from collections import defaultdict
 
 
 def main() -> None:
     config, rank, world, port, out_path, *overrides = sys.argv[1:]
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests/multiproc.py dumps our stacks on a timeout
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=world, RANK=rank,
                       LOCAL_RANK=rank, NODE_RANK="0")
     import lightning as L

@@ -12,8 +12,10 @@ per-step losses (and facts about the sharding) to OUT_JSON.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
+import signal
 import sys
 from typing import Any, Dict, Iterator
 
@@ -45,6 +47,7 @@ class FixedBatches(torch.utils.data.IterableDataset):
 
 def main() -> None:
     config, rank, world, num_nodes, port, out_path, strategy = sys.argv[1:8]
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests/multiproc.py dumps our stacks on a timeout
     sharding = sys.argv[8] if len(sys.argv) > 8 else "full"
     rank, world, num_nodes = int(rank), int(world), int(num_nodes)
     torch.set_num_threads(1)

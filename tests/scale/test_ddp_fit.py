@@ -9,7 +9,6 @@ padding, neither training nor validation hangs.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from conftest import HERE, clean_env, free_port
+from multiproc import run_all
 from tiny_configs import tiny_t2i_config
 from datakit import sized_shards
 
@@ -25,18 +25,8 @@ from datakit import sized_shards
 def run_fit(config: Path, tmp_path: Path, *overrides: str, timeout: float = 300) -> List[Dict]:
     port = str(free_port())
     outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "fit_worker.py"), str(config), str(r), "2", port,
-                               str(outs[r]), "trainer.strategy=ddp", *overrides],
-                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the 2-rank fit did not finish within {timeout:.0f} s (a hang?)")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    run_all([[sys.executable, str(HERE / "fit_worker.py"), str(config), str(r), "2", port, str(outs[r]),
+              "trainer.strategy=ddp", *overrides] for r in range(2)], tmp_path / "logs", clean_env(), timeout)
     return [json.loads(o.read_text()) for o in outs]
 
 

@@ -8,7 +8,6 @@ the gradient reduction: losses agree to 1e-4 (measured: ~1e-7).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -16,6 +15,7 @@ from typing import Dict, List
 import pytest
 
 from conftest import HERE, clean_env, free_port
+from multiproc import run_all
 from tiny_configs import tiny_t2i_config
 
 TOL = 1e-4
@@ -25,18 +25,9 @@ def run_ranks(config: Path, tmp_path: Path, world: int, strategy: str, sharding:
               num_nodes: int = 1, timeout: float = 240) -> List[Dict]:
     port = str(free_port())
     outs = [tmp_path / f"{strategy}-{sharding}-{world}-{r}.json" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "parity_worker.py"), str(config), str(r), str(world),
-                               str(num_nodes), port, str(outs[r]), strategy, sharding],
-                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    run_all([[sys.executable, str(HERE / "parity_worker.py"), str(config), str(r), str(world),
+              str(num_nodes), port, str(outs[r]), strategy, sharding] for r in range(world)],
+            tmp_path / f"logs-{strategy}-{sharding}-{world}", clean_env(), timeout)
     return [json.loads(o.read_text()) for o in outs]
 
 

@@ -1,7 +1,6 @@
 """Two "nodes" on localhost with torchrun (one process each), the way docs/scale_out.md shows it."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from conftest import clean_env, free_port
+from multiproc import run_all
 from tiny_configs import tiny_t2i_config
 
 
@@ -38,20 +38,9 @@ def _torchrun(config: Path, strategy: str, *extra: str) -> str:
     """Both "nodes" of ``mmdiff fit CONFIG`` under torchrun; returns their output."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     port = str(free_port())
-    procs = [
-        subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                          "--master-addr", "127.0.0.1", "--master-port", port, "--no-python",
-                          str(Path(sys.executable).parent / "mmdiff"), "fit", str(config),
-                          f"trainer.strategy={strategy}", "trainer.num_nodes=2", "trainer.devices=1", *extra],
-                         env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in (0, 1)
-    ]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return logs[0] + logs[1]
+    logs = run_all([[torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                        "--master-addr", "127.0.0.1", "--master-port", port, "--no-python",
+                        str(Path(sys.executable).parent / "mmdiff"), "fit", str(config),
+                        f"trainer.strategy={strategy}", "trainer.num_nodes=2", "trainer.devices=1", *extra]
+                       for node in (0, 1)], config.parent / f"logs-{strategy}", clean_env(), 300)
+    return "".join(logs)

@@ -1,0 +1,67 @@
+"""Run the processes of a multi-rank test at once, without a pipe deadlock, and stop them all.
+
+Each process writes to its own log file. With ``stdout=PIPE`` a test that waits on rank 0's
+``communicate()`` leaves rank 1's pipe unread: once rank 1 has written a pipe buffer (64 KiB) of
+logs and warnings it blocks in ``write()``, rank 0 then blocks in the next collective, and the test
+reports a hang that is its own. On a timeout every process is sent SIGUSR2 first (the Python
+workers register ``faulthandler`` for it and print every thread's stack), and the failure shows
+the tail of each log.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the whole session: torchrun's and Lightning's children too
+    except ProcessLookupError:
+        pass
+
+
+def run_all(commands: Sequence[Sequence[str]], log_dir: Path, env: Dict[str, str], timeout: float) -> List[str]:
+    """Start ``commands`` together, wait for all (``timeout`` seconds in total) and return their outputs.
+
+    The test fails when a process exits non-zero, with that process's output; the others are then
+    stopped at once, so a rank that died (e.g. on a port another program took) is reported with its
+    own error, not as a hang of the rank that waits for it.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [log_dir / f"process{i}.log" for i in range(len(commands))]
+    procs: List[subprocess.Popen] = []
+    failed: List[int] = []
+    try:
+        for command, log in zip(commands, logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(list(command), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while any(proc.poll() is None for proc in procs):
+            failed = [i for i, proc in enumerate(procs) if proc.returncode not in (None, 0)]
+            if failed:
+                break
+            if time.monotonic() > deadline:
+                for proc in procs:
+                    if proc.poll() is None:
+                        _stop(proc, signal.SIGUSR2)
+                time.sleep(2)
+                tails = "\n".join(f"--- process {i} ---\n{log.read_text()[-6000:]}" for i, log in enumerate(logs))
+                pytest.fail(f"the processes did not finish within {timeout:.0f} s (a hang?); their output:\n{tails}")
+            time.sleep(0.2)
+        failed = failed or [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _stop(proc, signal.SIGKILL)
+                proc.wait()
+    if failed:
+        first = failed[0]
+        pytest.fail(f"process {first} exited with code {procs[first].returncode}:\n{logs[first].read_text()[-4000:]}")
+    return [log.read_text() for log in logs]
