@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import load_ema_into
@@ -17,11 +16,6 @@ from mmdiff.errors import CheckpointError
 from mmdiff.systems.registry import get_system, system_names
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; any other name must exist here (one-line error)."""
-    return resolve_device(device)
 
 
 def read_training_checkpoint(path: str | Path, mmap: bool = False) -> Tuple[Dict[str, Any], DictConfig]:
@@ -52,7 +46,7 @@ def load(
     another kind is refused with a one-line error. EMA weights are swapped in when present.
     """
     path = Path(ckpt_path)
-    target_device = pick_device(device)  # a device that is not here fails before the file is read
+    target_device = resolve_device(device)  # a device that is not here fails before the file is read
     checkpoint, cfg = read_training_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     if expect is not None and cfg.system != expect:

@@ -15,6 +15,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from mmdiff.config import SAMPLER_NAMES
 from mmdiff.errors import MmdiffError, UsageError
+from mmdiff.textfiles import read_user_text
 
 log = logging.getLogger("mmdiff")
 
@@ -117,8 +118,6 @@ def _read_prompts(path: Optional[str]) -> List[str]:
     """The non-empty lines of a prompts file (none without a file)."""
     if path is None:
         return []
-    from mmdiff.textfiles import read_user_text
-
     return [line.strip() for line in read_user_text(path, "prompts file").splitlines() if line.strip()]
 
 

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
 from mmdiff.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
-from mmdiff.checkpoints import unpickling_refusal
+from mmdiff.checkpoints import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.systems.registry import get_system
@@ -203,7 +203,6 @@ def check_resume_fits(system: L.LightningModule, cfg: DictConfig, ckpt_path: str
     are memory-mapped here, so a large checkpoint is not read twice.
     """
     from mmdiff.api import read_training_checkpoint
-    from mmdiff.checkpoints import describe_mismatch
 
     checkpoint, trained = read_training_checkpoint(ckpt_path, mmap=True)
     if trained.system != cfg.system:
