@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 
 def load(ckpt_path: Any, **kwargs: Any) -> Any:
-    """Rebuild a trained system from a checkpoint (see :func:`mmdiff.api.load`)."""
-    from mmdiff.api import load as _load
+    """Rebuild a trained system from a checkpoint (see :func:`mmdiff.inference.api.load`)."""
+    from mmdiff.inference.api import load as _load
 
     return _load(ckpt_path, **kwargs)

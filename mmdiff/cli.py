@@ -15,7 +15,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from mmdiff.config import SAMPLER_NAMES
 from mmdiff.errors import MmdiffError, UsageError
-from mmdiff.textfiles import read_user_text
+from mmdiff.io.textfiles import read_user_text
 
 log = logging.getLogger("mmdiff")
 
@@ -41,7 +41,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from mmdiff.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from mmdiff.training import fit
+    from mmdiff.run.training import fit
 
     run_dir = fit(cfg, resume=args.resume)
     log.info("done: checkpoints in %s", Path(run_dir) / "checkpoints")
@@ -127,8 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE.")
     if args.prior:
         return _sample_two_stage(args, prompts)
-    from mmdiff.api import load
-    from mmdiff.sampling import write_samples
+    from mmdiff.inference.api import load
+    from mmdiff.inference.sample_files import write_samples
 
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
     out = write_samples(
@@ -150,13 +150,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- unCLIP
 def _unclip_decoder(args: argparse.Namespace):
-    from mmdiff.unclip import load_decoder
+    from mmdiff.inference.unclip import load_decoder
 
     return load_decoder(args.ckpt, use_ema=not args.no_ema, device=args.device)
 
 
 def _write_images(images, out: str, nrow: int) -> Path:
-    from mmdiff.images import grid, save_png, to_pil
+    from mmdiff.io.images import grid, save_png, to_pil
 
     folder = Path(out)
     for index, picture in enumerate(to_pil(images)):
@@ -173,8 +173,8 @@ def _decoder_options(args: argparse.Namespace) -> dict:
 def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
     import torch
 
-    from mmdiff.api import load
-    from mmdiff.unclip import check_pair, two_stage_sample
+    from mmdiff.inference.api import load
+    from mmdiff.inference.unclip import check_pair, two_stage_sample
 
     prior = load(args.prior, expect="prior", use_ema=not args.no_ema, device=args.device)
     decoder = _unclip_decoder(args)
@@ -191,7 +191,7 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
 
 def cmd_vary(args: argparse.Namespace) -> int:
     from mmdiff.data.transforms import read_image_file
-    from mmdiff.unclip import vary
+    from mmdiff.inference.unclip import vary
 
     decoder = _unclip_decoder(args)
     image = read_image_file(args.image, int(decoder.cfg.data.image_size))
@@ -204,7 +204,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}.")
     from mmdiff.data.transforms import read_image_file
-    from mmdiff.unclip import interpolate
+    from mmdiff.inference.unclip import interpolate
 
     decoder = _unclip_decoder(args)
     size = int(decoder.cfg.data.image_size)
@@ -254,8 +254,8 @@ def cmd_shards_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_digits(args: argparse.Namespace) -> int:
-    from mmdiff.api import load
-    from mmdiff.eval.digits import evaluate_digits
+    from mmdiff.inference.api import load
+    from mmdiff.eval.digit_judge import evaluate_digits
 
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
     result = evaluate_digits(
@@ -272,8 +272,8 @@ def cmd_eval_digits(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from mmdiff.api import load
-    from mmdiff.captioning import caption_files
+    from mmdiff.inference.api import load
+    from mmdiff.inference.caption_files import caption_files
 
     system = load(args.ckpt, expect="captioning", use_ema=not args.no_ema, device=args.device)
     try:
@@ -293,7 +293,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
     from mmdiff.eval.caption_metrics import roundtrip_digits
 
     t2i = load(args.t2i_ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
@@ -311,7 +311,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from mmdiff.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from mmdiff.precompute import FRAGMENT, fragment_overrides, precompute
+    from mmdiff.jobs.precompute import FRAGMENT, fragment_overrides, precompute
 
     result = precompute(cfg, args.out, splits=args.split or ("train", "val"), batch_size=args.batch_size,
                         device=args.device, overwrite=args.overwrite, progress=not args.no_progress)
@@ -328,13 +328,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     presets = []
     if args.preset:
-        from mmdiff.bench import PRESETS
+        from mmdiff.jobs.bench import PRESETS
 
         if args.preset not in PRESETS:
             raise UsageError(f"unknown --preset '{args.preset}'; choose one of: {', '.join(PRESETS)}.")
         presets = PRESETS[args.preset]
     cfg = load_config(args.config, [*presets, *args.overrides])
-    from mmdiff.bench import format_table, run_bench, write_json
+    from mmdiff.jobs.bench import format_table, run_bench, write_json
 
     sections = args.only.split(",") if args.only else ("train", "fit", "loader", "flops", "sampling")
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, sections=sections,
@@ -348,8 +348,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ interop and image metrics
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmdiff.api import load
-    from mmdiff.export import export_folder, export_single_file, read_metrics
+    from mmdiff.inference.api import load
+    from mmdiff.inference.export import export_folder, export_single_file, read_metrics
 
     if args.format == "diffusers":  # a folder; checked before the checkpoint is loaded
         try:
@@ -373,9 +373,9 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
         raise UsageError(f"{metric} needs --reference SHARDS (the real images to compare with).")
     if not prompts and not args.reference:
         raise UsageError("no prompts: pass --prompts FILE (or --reference SHARDS to use their captions).")
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
     from mmdiff.eval.generative import cycle_prompts, generate_images, score_images, write_json
-    from mmdiff.sampling import warn_cut_prompts
+    from mmdiff.inference.sample_files import warn_cut_prompts
 
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
     e = system.cfg.eval

@@ -94,7 +94,7 @@ def test_file_system_errors_are_one_line_with_exit_code_1(monkeypatch, capsys) -
 def test_a_device_that_is_not_here_is_one_line(monkeypatch, name: str, gpus: int, message: str) -> None:
     import torch
 
-    from mmdiff.devices import resolve_device
+    from mmdiff.run.devices import resolve_device
     from mmdiff.errors import UsageError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)

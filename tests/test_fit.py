@@ -122,10 +122,10 @@ def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
             if trainer.global_step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    import mmdiff.training
+    import mmdiff.run.training
 
-    build_callbacks = mmdiff.training.build_callbacks
-    monkeypatch.setattr(mmdiff.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), Terminate()])
+    build_callbacks = mmdiff.run.training.build_callbacks
+    monkeypatch.setattr(mmdiff.run.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), Terminate()])
     previous = signal.getsignal(signal.SIGTERM)
     try:
         code = main(["fit", str(toy_config)])

@@ -30,7 +30,7 @@ STAGES = [
 
 
 def _stage(name: str, config: str, force: bool) -> Path:
-    from mmdiff.training import fit
+    from mmdiff.run.training import fit
 
     # Plain progress lines instead of a progress bar when the output goes to a file or CI log.
     cfg = load_config(config, [] if sys.stdout.isatty() else ["trainer.enable_progress_bar=false"])
@@ -53,11 +53,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.time()
 
-    from mmdiff.api import load
-    from mmdiff.captioning import evaluate_captioner
+    from mmdiff.inference.api import load
+    from mmdiff.inference.caption_files import evaluate_captioner
     from mmdiff.data.writers import write_demo_shards
-    from mmdiff.eval.digits import digit_prompt, evaluate_digits
-    from mmdiff.sampling import write_samples
+    from mmdiff.eval.digit_judge import digit_prompt, evaluate_digits
+    from mmdiff.inference.sample_files import write_samples
 
     if args.force or not any(DATA.glob("train-*.tar")):
         write_demo_shards(DATA, image_size=32, seed=0)

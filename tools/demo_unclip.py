@@ -35,7 +35,7 @@ OUT = RUNS / "unclip_eval"
 
 
 def _train(name: str, config: str, force: bool) -> Path:
-    from mmdiff.training import fit
+    from mmdiff.run.training import fit
 
     cfg = load_config(config, [] if sys.stdout.isatty() else ["trainer.enable_progress_bar=false"])
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
@@ -70,11 +70,11 @@ def main() -> int:
         checkpoints[name] = _train(name, config, args.force)
         timings[f"train_{name}"] = round(time.time() - t0, 1)
 
-    from mmdiff.api import load
-    from mmdiff.eval.digits import evaluate_digits
-    from mmdiff.eval.unclip import mean_pixel_distance, read_shards, variation_scores
-    from mmdiff.images import grid, save_png
-    from mmdiff.unclip import TwoStage, interpolate, load_decoder, vary
+    from mmdiff.inference.api import load
+    from mmdiff.eval.digit_judge import evaluate_digits
+    from mmdiff.eval.unclip_metrics import mean_pixel_distance, read_shards, variation_scores
+    from mmdiff.io.images import grid, save_png
+    from mmdiff.inference.unclip import TwoStage, interpolate, load_decoder, vary
 
     prior = load(checkpoints["unclip_prior"], expect="prior")
     decoder = load_decoder(checkpoints["unclip_decoder"])

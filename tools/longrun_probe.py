@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmdiff.callbacks.resources import read_rows, summarize
     from mmdiff.config import load_config
     from mmdiff.data.writers import write_demo_shards
-    from mmdiff.training import fit
+    from mmdiff.run.training import fit
 
     out = Path(args.out)
     shards = Path(args.shards) if args.shards else out / "shards"

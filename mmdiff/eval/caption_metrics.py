@@ -236,8 +236,8 @@ def roundtrip_digits(
     ``captioner.caption(images, seed=..., **caption_options) -> [str]``.
     """
     from mmdiff.data.digits import DIGIT_WORDS
-    from mmdiff.eval.digits import classify_digits
-    from mmdiff.sampling import generate
+    from mmdiff.eval.digit_judge import classify_digits
+    from mmdiff.inference.sample_files import generate
 
     if n_per_digit <= 0:
         raise ValueError(f"n_per_digit must be positive, got {n_per_digit}.")
@@ -264,7 +264,7 @@ def roundtrip_digits(
         settings={"seed": seed, **s_opts, **c_opts},
     )
     if out is not None:
-        from mmdiff.images import grid, save_png
+        from mmdiff.io.images import grid, save_png
 
         out_dir = Path(out)
         save_png(grid(images, nrow=n_per_digit), out_dir / "roundtrip_grid.png")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import NoTrainInceptionV3
 
-from mmdiff.checkpoints import describe_mismatch, safe_torch_load
+from mmdiff.io.weights import describe_mismatch, safe_torch_load
 from mmdiff.errors import CheckpointError
 
 INCEPTION_URL = (

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mmdiff.checkpoints import load_state_dict_file, load_strict
+from mmdiff.io.weights import load_state_dict_file, load_strict
 from mmdiff.errors import CheckpointError, ConfigError
-from mmdiff.models.common import precision_dtype
+from mmdiff.models.dtypes import precision_dtype
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 
-from mmdiff.checkpoints import ignored_key, load_state_dict_file, load_strict
+from mmdiff.io.weights import ignored_key, load_state_dict_file, load_strict
 from mmdiff.errors import CheckpointError, ConfigError
-from mmdiff.models.common import diffusers_folder
+from mmdiff.models.dtypes import diffusers_folder
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 
-from mmdiff.checkpoints import ignored_key, load_state_dict_file, load_strict, safe_torch_load
+from mmdiff.io.weights import ignored_key, load_state_dict_file, load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
-from mmdiff.models.common import diffusers_folder
+from mmdiff.models.dtypes import diffusers_folder
 
 log = logging.getLogger(__name__)
 

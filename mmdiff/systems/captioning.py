@@ -360,7 +360,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
             return
         import wandb
 
-        from mmdiff.images import to_pil
+        from mmdiff.io.images import to_pil
 
         pictures = to_pil(torch.stack([r[0] for r in rows]))
         data = [[wandb.Image(p), ref, pred] for p, (_, ref, pred) in zip(pictures, rows)]

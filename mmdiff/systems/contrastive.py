@@ -49,7 +49,7 @@ def load_clip_state(path: str | Path) -> Dict[str, torch.Tensor]:
     ``ClipEncoder`` does the same when ``model.clip.pretrained`` names such a ``.ckpt`` (custom
     architectures); this is the notebook form, e.g. to export the CLIP as safetensors.
     """
-    from mmdiff.checkpoints import load_state_dict_file
+    from mmdiff.io.weights import load_state_dict_file
     from mmdiff.errors import CheckpointError
 
     state = load_state_dict_file(path)

@@ -1,9 +1,9 @@
 """The text_to_image system as an unCLIP decoder: image-embedding conditioning and ``model.init_from``.
 
 ``model.image_embed_conditioning`` (none | time | tokens | both) adds the CLIP image embedding of
-the training image (:func:`~mmdiff.models.prior.scaled_embedding`) to the U-Net's time embedding
+the training image (:func:`~mmdiff.models.prior_net.scaled_embedding`) to the U-Net's time embedding
 (``time_embedding.cond_proj``, see :mod:`mmdiff.models.unet`) and/or as
-``model.image_embed_tokens`` extra context tokens (:class:`~mmdiff.models.prior.ImageEmbedTokens`).
+``model.image_embed_tokens`` extra context tokens (:class:`~mmdiff.models.prior_net.ImageEmbedTokens`).
 Rows where it is dropped (``model.image_embed_dropout``) get the zero vector, which is also the
 unconditional branch of guidance and what text-only sampling passes.
 
@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from mmdiff.checkpoints import load_strict, safe_torch_load
+from mmdiff.io.weights import load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
 from mmdiff.models.unet import check_projection_layout
 

@@ -2,8 +2,8 @@
 
 The frozen CLIP of ``model.clip`` computes both sides from image–caption shards: the target x0 is
 the image's embedding and the condition the caption's text embedding and token states (all in the
-:func:`~mmdiff.models.prior.scaled_embedding` convention). The denoiser
-(:class:`~mmdiff.models.prior.PriorTransformer`, ``model.prior``) predicts x0 as in the paper
+:func:`~mmdiff.models.prior_net.scaled_embedding` convention). The denoiser
+(:class:`~mmdiff.models.prior_net.PriorTransformer`, ``model.prior``) predicts x0 as in the paper
 (``diffusion.prediction_type: sample``); captions are replaced by the empty prompt in
 ``model.caption_dropout`` of the rows, for classifier-free guidance at sampling.
 
@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from mmdiff.config import to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.models.prior import PriorTransformer, scaled_embedding
+from mmdiff.models.prior_net import PriorTransformer, scaled_embedding
 from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
 from mmdiff.systems.contrastive import valid_rows
 from mmdiff.systems.registry import register_system

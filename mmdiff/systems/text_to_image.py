@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from mmdiff.config import VarianceType, to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
+from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
@@ -248,7 +248,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
 
     def _check_precomputed(self) -> None:
         """Load the precompute folder's empty-prompt states and check it fits this model."""
-        from mmdiff.precompute import check_against, find_precompute_dir
+        from mmdiff.jobs.precompute import check_against, find_precompute_dir
 
         folder = find_precompute_dir(self.cfg.data.train_shards)
         if folder is None:

@@ -30,8 +30,8 @@ def _fit(tmp: Path, shards: Path, name: str, steps: int, **model) -> Path:
 
 @pytest.mark.slow
 def test_demo_captioners_name_the_digit(tmp_path: Path, demo_shards: Path) -> None:
-    from mmdiff.api import load
-    from mmdiff.captioning import evaluate_captioner
+    from mmdiff.inference.api import load
+    from mmdiff.inference.caption_files import evaluate_captioner
 
     clip = _fit(tmp_path, demo_shards, "clip", 500)
     ar = _fit(tmp_path, demo_shards, "caption_ar", 500, clip={"pretrained": str(clip)})

@@ -114,7 +114,7 @@ class JudgeCaptioner:
 
     def caption(self, images, seed=0, **_):
         from mmdiff.data.digits import DIGIT_WORDS
-        from mmdiff.eval.digits import classify_digits
+        from mmdiff.eval.digit_judge import classify_digits
 
         return [f"a handwritten digit {DIGIT_WORDS[1 if d == 7 else int(d)]}" for d in classify_digits(images)]
 

@@ -113,7 +113,7 @@ def test_captioner_logs_table_and_metrics_to_wandb(ar_run: Path) -> None:
 
 
 def test_checkpoint_round_trip_keeps_vocabulary(ar_run: Path) -> None:
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
 
     ckpt = torch.load(ar_run / "checkpoints" / "last.ckpt", weights_only=True)
     ids = ckpt["hyper_parameters"]["caption_vocab"]
@@ -200,13 +200,13 @@ def test_caption_config_errors(tmp_path: Path, demo_shards: Path) -> None:
 
 
 def test_eval_roundtrip_cli(monkeypatch, capsys, tmp_path: Path) -> None:
-    import mmdiff.api
+    import mmdiff.inference.api
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_caption_metrics import DigitSampler, JudgeCaptioner
 
     stand_ins = {"text_to_image": DigitSampler(), "captioning": JudgeCaptioner()}
-    monkeypatch.setattr(mmdiff.api, "load", lambda path, expect=None, **_: stand_ins[expect])
+    monkeypatch.setattr(mmdiff.inference.api, "load", lambda path, expect=None, **_: stand_ins[expect])
     assert main(["eval", "roundtrip", "t2i.ckpt", "cap.ckpt", "--n", "2", "--out", str(tmp_path)]) == 0
     assert "round trip: caption names the prompted digit" in capsys.readouterr().out
     assert (tmp_path / "roundtrip.json").is_file()

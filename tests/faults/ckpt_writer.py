@@ -1,6 +1,6 @@
 """Subprocess for the checkpoint-write fault tests: ``python ckpt_writer.py MODE PATH``.
 
-Saves a small checkpoint A to PATH with :func:`mmdiff.atomic.atomic_torch_save`, then a
+Saves a small checkpoint A to PATH with :func:`mmdiff.io.atomic.atomic_torch_save`, then a
 4 MB checkpoint B over it:
 
 * ``block``: B's write stops for good once half its bytes are written, after printing
@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-import mmdiff.atomic as cio
+import mmdiff.io.atomic as cio
 from mmdiff.errors import CheckpointError
 
 B_BYTES = 4 * 2**20

@@ -15,7 +15,7 @@ from PIL import Image
 
 import tiny_configs  # noqa: F401 - registers the toy system
 from datakit import img2dataset_sample
-from mmdiff.checkpoints import safe_torch_load
+from mmdiff.io.weights import safe_torch_load
 
 Sample = Tuple[str, Dict[str, bytes]]
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdiff.atomic import atomic_torch_save
-from mmdiff.checkpoint_io import AtomicCheckpointIO
+from mmdiff.io.atomic import atomic_torch_save
+from mmdiff.run.checkpoint_io import AtomicCheckpointIO
 from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.errors import CheckpointError
-from mmdiff.training import build_system, build_trainer
+from mmdiff.run.training import build_system, build_trainer
 from numerics_kit import toy_config
 
 pytestmark = pytest.mark.faults
@@ -149,7 +149,7 @@ def test_every_strategy_writes_atomically(tmp_path: Path, demo_shards: Path, str
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     if strategy == "auto":
         written = []
-        monkeypatch.setattr("mmdiff.atomic.atomic_torch_save", lambda obj, p: written.append(p))
+        monkeypatch.setattr("mmdiff.io.atomic.atomic_torch_save", lambda obj, p: written.append(p))
         trainer.strategy.connect(system)
         trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(str(tmp_path)))
         assert [Path(p).name for p in written] == ["hpc_ckpt_1.ckpt"]

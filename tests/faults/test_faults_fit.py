@@ -65,7 +65,7 @@ class _DeleteShardAt(L.Callback):
 
 
 def test_shard_disappearing_mid_fit_is_skipped_and_counted(tmp_path: Path, monkeypatch) -> None:
-    import mmdiff.training as training
+    import mmdiff.run.training as training
 
     keep = write_tar(tmp_path / "train-000000.tar", [good(i) for i in range(6)])
     gone = write_tar(tmp_path / "train-000001.tar", [good(i) for i in range(10, 16)])

@@ -269,7 +269,7 @@ def test_shards_folder_writes_only_counter_keys_inside_out(tmp_path: Path) -> No
 
 
 def test_sample_files_are_numbered_whatever_the_prompt(tmp_path: Path) -> None:
-    from mmdiff.sampling import write_samples
+    from mmdiff.inference.sample_files import write_samples
 
     class _Fake:
         def sample(self, prompts, seed, **options):
@@ -283,7 +283,7 @@ def test_sample_files_are_numbered_whatever_the_prompt(tmp_path: Path) -> None:
 
 
 def test_precompute_never_writes_an_unsafe_key(tmp_path: Path) -> None:
-    from mmdiff.precompute import precompute
+    from mmdiff.jobs.precompute import precompute
 
     src = tmp_path / "src"
     samples = [good(0), ("../../escape", {"jpg": image_bytes(1), "txt": b"x"}), good(1),

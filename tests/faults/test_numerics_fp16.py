@@ -16,7 +16,7 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from mmdiff.callbacks.nan_guard import NaNGuard, NonFiniteTrainingError
 from mmdiff.config import load_config
-from mmdiff.training import build_datamodule, build_system
+from mmdiff.run.training import build_datamodule, build_system
 from numerics_kit import FaultyToy, toy_config
 
 pytestmark = pytest.mark.faults

@@ -15,7 +15,7 @@ from mmdiff.callbacks.ema import find_ema
 from mmdiff.callbacks.nan_guard import NaNGuard, grads_finite
 from mmdiff.cli import main
 from mmdiff.config import load_config
-from mmdiff.training import build_callbacks, build_datamodule, build_system, build_trainer
+from mmdiff.run.training import build_callbacks, build_datamodule, build_system, build_trainer
 from numerics_kit import FaultyToy, toy_config
 from wandb_offline import read_run
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdiff.callbacks.eval import ImageEvalCallback
+from mmdiff.callbacks.periodic_eval import ImageEvalCallback
 from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError

@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from safetensors import safe_open
 
-from mmdiff.api import load
+from mmdiff.inference.api import load
 from mmdiff.cli import main
-from mmdiff.export import scheduler_config
+from mmdiff.inference.export import scheduler_config
 
 from interopkit import PROMPTS, tiny_config
 from diffusers_reference import ExportedModel

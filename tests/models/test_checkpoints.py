@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mmdiff.checkpoints import load_state_dict_file, load_strict, safe_torch_load
+from mmdiff.io.weights import load_state_dict_file, load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
 
 

@@ -36,7 +36,7 @@ def test_tokenizer_is_offline_and_sized_by_the_model(encoder: ClipEncoder) -> No
 
 
 def test_prompts_cut_off_are_exactly_those_past_the_context(encoder: ClipEncoder, caplog) -> None:
-    from mmdiff.sampling import warn_cut_prompts
+    from mmdiff.inference.sample_files import warn_cut_prompts
 
     fits = "x " * (encoder.context_length - 2)  # 30 words + start and end tokens = the whole context
     prompts = ["a digit", fits, fits + "x", "seven " * 100]
@@ -45,7 +45,7 @@ def test_prompts_cut_off_are_exactly_those_past_the_context(encoder: ClipEncoder
     class System:
         clip = encoder
 
-    with caplog.at_level("WARNING", logger="mmdiff.sampling"):
+    with caplog.at_level("WARNING", logger="mmdiff.inference.sample_files"):
         assert warn_cut_prompts(System(), prompts) == [2, 3]
     assert "2 of 4 prompt(s) are longer than the text encoder's 32-token context" in caplog.text
     assert "(prompt 3: 'x x x" in caplog.text

@@ -46,7 +46,7 @@ def tiny_cfg_path(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -
 @pytest.fixture(scope="session")
 def precomputed(tmp_path_factory: pytest.TempPathFactory, tiny_cfg_path: Path) -> Path:
     """The tiny config's train (2 shards) and val shards, precomputed once."""
-    from mmdiff.precompute import precompute
+    from mmdiff.jobs.precompute import precompute
 
     out = tmp_path_factory.mktemp("latents")
     precompute(load_config(tiny_cfg_path), out, progress=False, batch_size=64)

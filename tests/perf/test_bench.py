@@ -14,7 +14,7 @@ from mmdiff.errors import ConfigError
 
 def test_bench_runs_every_section_and_writes_json(tiny_cfg_path: Path, precomputed: Path,
                                                   tmp_path: Path) -> None:
-    from mmdiff.bench import format_table, run_bench, write_json
+    from mmdiff.jobs.bench import format_table, run_bench, write_json
 
     cfg = load_config(tiny_cfg_path)
     result = run_bench(cfg, steps=2, warmup=1, rounds=1, loader_batches=2, sample_batch_sizes=(1, 2),
@@ -62,7 +62,7 @@ def test_bench_cli_one_section(tiny_cfg_path: Path, tmp_path: Path, capsys) -> N
 
 
 def test_presets_are_valid_overrides() -> None:
-    from mmdiff.bench import PRESETS
+    from mmdiff.jobs.bench import PRESETS
 
     repo = Path(__file__).resolve().parents[2]
     sd = repo / "configs/sd/sd_256.yaml"
@@ -73,7 +73,7 @@ def test_presets_are_valid_overrides() -> None:
 
 
 def test_bench_refuses_other_systems() -> None:
-    from mmdiff.bench import run_bench
+    from mmdiff.jobs.bench import run_bench
 
     repo = Path(__file__).resolve().parents[2]
     with pytest.raises(ConfigError, match="text_to_image"):

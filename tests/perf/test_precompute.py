@@ -14,7 +14,7 @@ from mmdiff.config import load_config
 from mmdiff.data.decode import decode_array
 from mmdiff.data.tario import iter_samples
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.precompute import (
+from mmdiff.jobs.precompute import (
     EMPTY_PROMPT,
     FRAGMENT,
     METADATA,
@@ -90,7 +90,7 @@ def test_fit_from_precomputed_shards_then_sample(precomputed: Path, tiny_cfg_pat
     text = metrics.read_text()
     assert "train/loss" in text and "val/loss" in text
 
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
 
     system = load(run / "checkpoints" / "last.ckpt", expect="text_to_image", device="cpu")
     images = system.sample(["a handwritten digit one"], seed=0, steps=2)

@@ -1,8 +1,8 @@
-"""One rank of a real 2-process ``mmdiff.training.fit`` (tests/scale/test_ddp_fit.py; not collected).
+"""One rank of a real 2-process ``mmdiff.run.training.fit`` (tests/scale/test_ddp_fit.py; not collected).
 
 usage: python fit_worker.py CONFIG RANK WORLD PORT OUT_JSON [key=value ...]
 
-Runs ``mmdiff.training.fit`` unchanged, with probes added through its build functions: the
+Runs ``mmdiff.run.training.fit`` unchanged, with probes added through its build functions: the
 system's ``log`` (what each rank computed before Lightning reduced it), ``validation_step`` and
 ``preview_images`` are counted per rank, and a callback records the reduced validation metrics.
 Writes what this rank saw to OUT_JSON.
@@ -26,7 +26,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import mmdiff.training as training
+    import mmdiff.run.training as training
     from mmdiff.config import load_config
 
     seen = {"val_batches": 0, "previews": 0, "local_val_loss": [], "val_epochs": [], "train_batches": 0,

@@ -59,7 +59,7 @@ def main() -> None:
     from torch.distributed.tensor import DTensor
 
     from mmdiff.config import load_config
-    from mmdiff.strategies import build_strategy
+    from mmdiff.run.strategies import build_strategy
     from mmdiff.systems.text_to_image import TextToImageSystem
 
     class ParitySystem(TextToImageSystem):

@@ -1,6 +1,6 @@
 """Real 2-process fits of the text-to-image system on CPU (gloo): validation under DDP, uneven shards.
 
-Each rank runs ``mmdiff.training.fit`` (tests/scale/fit_worker.py adds probes): every rank
+Each rank runs ``mmdiff.run.training.fit`` (tests/scale/fit_worker.py adds probes): every rank
 validates its share of the validation set, ``val/loss`` is reduced over ranks, sample grids are
 rendered by rank 0 only, and checkpointing is called on every rank (rank 0 writes; the data
 position inside holds both ranks'). With 3 uneven shards, 2 workers per rank and validation

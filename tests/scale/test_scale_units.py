@@ -17,7 +17,7 @@ from mmdiff.callbacks.requeue import RequeueOnSignal
 from mmdiff.config import STRATEGY_NAMES as CONFIG_NAMES
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
-from mmdiff.strategies import STRATEGY_NAMES, FSDP2Strategy, build_strategy, shard_trainable, trainable_children
+from mmdiff.run.strategies import STRATEGY_NAMES, FSDP2Strategy, build_strategy, shard_trainable, trainable_children
 
 
 def test_strategy_names_agree() -> None:
@@ -109,7 +109,7 @@ def test_requeue_checkpoint_is_written_after_a_periodic_one_at_the_same_step(tmp
     requeued job resumes from it (and its ModelCheckpoint state already knows that step's file)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from mmdiff.cluster import resume_checkpoint
+    from mmdiff.run.cluster import resume_checkpoint
 
     periodic = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=4, save_last=True)
     requeue = RequeueOnSignal(requeue=False)

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from mmdiff.cluster import slurm_allocation
+    from mmdiff.run.cluster import slurm_allocation
 
     rank = int(os.environ["SLURM_PROCID"])
     world = int(os.environ["SLURM_NTASKS"])

@@ -1,4 +1,4 @@
-"""mmdiff.cluster: SLURM allocation from environment variables, trainer overrides, requeue files."""
+"""mmdiff.run.cluster: SLURM allocation from environment variables, trainer overrides, requeue files."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mmdiff.cluster import (
+from mmdiff.run.cluster import (
     apply_slurm_allocation,
     hpc_checkpoint,
     parse_tasks_per_node,
@@ -145,7 +145,7 @@ def test_apply_outside_slurm_returns_config_unchanged(slurm_env) -> None:
 def test_apply_sets_devices_and_nodes_and_warns_on_override(slurm_env, caplog) -> None:
     slurm_env(SRUN_3x2)
     cfg = _cfg(devices="1", num_nodes=1)
-    with caplog.at_level(logging.INFO, logger="mmdiff.cluster"):
+    with caplog.at_level(logging.INFO, logger="mmdiff.run.cluster"):
         out = apply_slurm_allocation(cfg)
     assert out.trainer.devices == "2" and out.trainer.num_nodes == 3
     assert cfg.trainer.devices == "1" and cfg.trainer.num_nodes == 1, "input must not change"
@@ -160,7 +160,7 @@ def test_apply_is_quiet_when_config_agrees_or_says_auto(slurm_env, caplog) -> No
     slurm_env(SRUN_3x2)
     for devices in ("auto", "2"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="mmdiff.cluster"):
+        with caplog.at_level(logging.WARNING, logger="mmdiff.run.cluster"):
             out = apply_slurm_allocation(_cfg(devices=devices, num_nodes=3))
         assert out.trainer.devices == "2" and out.trainer.num_nodes == 3
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -139,7 +139,7 @@ def test_sbatch_runs_two_ranks(cluster: None, tmp_path: Path) -> None:
     fields = [dict(kv.split("=", 1) for kv in p.split(" args=")[0].split()) for p in probes]
     assert sorted(f["rank"] for f in fields) == ["0", "1"]
     for f in fields:
-        # world size from SLURM, from mmdiff.cluster.slurm_allocation, and a real all-reduce
+        # world size from SLURM, from mmdiff.run.cluster.slurm_allocation, and a real all-reduce
         assert f["world"] == "2" and f["alloc_world"] == "2" and f["tasks_per_node"] == "2"
         assert f["sum"] == "3", "ranks did not meet at MASTER_ADDR:MASTER_PORT"
     # CONFIG and overrides reach the command unchanged, spaces included.

@@ -81,7 +81,7 @@ def test_sample_cli_writes_pngs_in_prompt_order(trained: Path, tmp_path: Path) -
 
 
 def test_sample_is_seeded(trained: Path) -> None:
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
 
     system = load(trained / "checkpoints" / "last.ckpt", expect="text_to_image", device="cpu")
     a = system.sample(["a handwritten digit one"], seed=3, steps=2)

@@ -89,7 +89,7 @@ def _png(path: Path, value: int = 200) -> Path:
 
 # ----------------------------------------------------------------------------------------- slerp
 def test_slerp_ends_midpoint_and_norm() -> None:
-    from mmdiff.unclip import slerp
+    from mmdiff.inference.unclip import slerp
 
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
     path = slerp(a, b, torch.linspace(0, 1, 5))
@@ -275,7 +275,7 @@ def test_checkpoints_from_before_the_compile_rename_load() -> None:
 def test_check_pair_names_embedding_sizes() -> None:
     from types import SimpleNamespace
 
-    from mmdiff.unclip import check_pair
+    from mmdiff.inference.unclip import check_pair
 
     prior = SimpleNamespace(embed_dim=32)
     decoder = SimpleNamespace(clip=SimpleNamespace(embed_dim=64))

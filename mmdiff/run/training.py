@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
-from mmdiff.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
-from mmdiff.checkpoints import describe_mismatch, unpickling_refusal
+from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
+from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.systems.registry import get_system
@@ -83,7 +83,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
     """Checkpointing, NaN guard, LR monitor, EMA (when the system has an EMA target), image logging."""
     from mmdiff.callbacks.data_stats import DataStatsCallback
     from mmdiff.callbacks.ema import EMACallback
-    from mmdiff.callbacks.images import ImageLoggingCallback
+    from mmdiff.callbacks.previews import ImageLoggingCallback
     from mmdiff.callbacks.nan_guard import NaNGuard
     from mmdiff.callbacks.progress import ProgressLogCallback
 
@@ -115,7 +115,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
     if getattr(system, "ema_target", None) is not None and cfg.model.use_ema:
         callbacks.append(EMACallback(decay=cfg.model.ema_decay))
     if cfg.eval.every_n_steps > 0 and cfg.system == "text_to_image":
-        from mmdiff.callbacks.eval import ImageEvalCallback
+        from mmdiff.callbacks.periodic_eval import ImageEvalCallback
 
         callbacks.append(ImageEvalCallback(cfg.eval, list(cfg.data.val_shards), cfg.data.image_size,
                                            str(cfg.model.clip.name)))
@@ -131,7 +131,7 @@ def build_trainer(
 ) -> L.Trainer:
     """A Lightning Trainer from ``cfg.trainer``.
 
-    The strategy comes from :func:`mmdiff.strategies.build_strategy` (``fsdp`` = FSDP2 on the
+    The strategy comes from :func:`mmdiff.run.strategies.build_strategy` (``fsdp`` = FSDP2 on the
     trainable modules). With ``trainer.exact_resume`` (default) torch's RNG is reseeded per
     training batch and every rank's data position is checkpointed, so an interrupted-and-resumed
     run trains on exactly what an uninterrupted one would (docs/scale_out.md). Under SLURM the
@@ -141,8 +141,8 @@ def build_trainer(
     """
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from mmdiff.checkpoint_io import AtomicCheckpointIO
-    from mmdiff.strategies import build_strategy
+    from mmdiff.run.checkpoint_io import AtomicCheckpointIO
+    from mmdiff.run.strategies import build_strategy
 
     t = cfg.trainer
     callbacks = list(callbacks)
@@ -202,7 +202,7 @@ def check_resume_fits(system: L.LightningModule, cfg: DictConfig, ckpt_path: str
     Lightning would find out only inside ``fit``, with torch's multi-line key report; the tensors
     are memory-mapped here, so a large checkpoint is not read twice.
     """
-    from mmdiff.api import read_training_checkpoint
+    from mmdiff.inference.api import read_training_checkpoint
 
     checkpoint, trained = read_training_checkpoint(ckpt_path, mmap=True)
     if trained.system != cfg.system:

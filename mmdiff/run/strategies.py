@@ -23,7 +23,7 @@ A system does not need ``configure_model``: :class:`FSDP2Strategy` shards its tr
 submodules itself. A system that wants to choose may define::
 
     def configure_model(self) -> None:
-        shard_trainable(self)        # from mmdiff.strategies; a no-op unless the strategy is fsdp
+        shard_trainable(self)        # from mmdiff.run.strategies; a no-op unless the strategy is fsdp
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 
 from mmdiff.callbacks.ema import find_ema
 from mmdiff.eval.generative import cycle_prompts, generate_images, score_images
-from mmdiff.strategies import has_sharded_parameters
+from mmdiff.run.strategies import has_sharded_parameters
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import load_ema_into
-from mmdiff.checkpoints import load_strict, safe_torch_load
+from mmdiff.io.weights import load_strict, safe_torch_load
 from mmdiff.config import from_container
-from mmdiff.devices import resolve_device
+from mmdiff.run.devices import resolve_device
 from mmdiff.errors import CheckpointError
 from mmdiff.systems.registry import get_system, system_names
 

@@ -8,7 +8,7 @@ from typing import Any, List
 import torch
 from tqdm import tqdm
 
-from mmdiff.images import grid, save_png, to_pil
+from mmdiff.io.images import grid, save_png, to_pil
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from mmdiff.config_guard import check_no_secrets, check_resolvers
+from mmdiff.config.guard import check_no_secrets, check_resolvers
 from mmdiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,12 @@ PRECISION_NAMES = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-t
 # Precisions that train under fp16 autocast with a GradScaler.
 FP16_SCALED = ("16-mixed", "16")
 
-# The names trainer.strategy accepts (mmdiff.strategies.STRATEGY_NAMES; tests keep the two in step).
+# The names trainer.strategy accepts (mmdiff.run.strategies.STRATEGY_NAMES; tests keep the two in step).
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
 
 
 class PrecomputeLatents(str, enum.Enum):
-    """What ``mmdiff precompute`` stores of the VAE posterior (see mmdiff.precompute)."""
+    """What ``mmdiff precompute`` stores of the VAE posterior (see mmdiff.jobs.precompute)."""
 
     distribution = "distribution"  # mean + log-variance: a fresh latent is drawn every step
     mean = "mean"
@@ -929,7 +929,7 @@ def _check_unclip(cfg: DictConfig) -> None:
     )
 
 
-# The arrays a batch of `mmdiff precompute` shards must carry (mmdiff.precompute writes them).
+# The arrays a batch of `mmdiff precompute` shards must carry (mmdiff.jobs.precompute writes them).
 PRECOMPUTED_KEYS = ("latent", "context")
 
 
@@ -1088,7 +1088,7 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Write the resolved config to ``RUN_DIR/config.yaml`` and return the path.
 
     Refuses (:class:`ConfigError`, nothing written) a config that calls a resolver outside the
-    allow-list or holds a secret's value (:mod:`mmdiff.config_guard`).
+    allow-list or holds a secret's value (:mod:`mmdiff.config.guard`).
     """
     check_resolvers(cfg)
     check_no_secrets(cfg)

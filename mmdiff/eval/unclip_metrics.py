@@ -4,7 +4,7 @@ Works on tensors and callables only (never imports a system):
 
 - :func:`read_shards` — images (3×S×S in [-1, 1]), captions and digit labels of webdataset shards;
 - :func:`variation_scores` — how often variations of an image of digit d are judged d by the
-  independent SVC (:mod:`mmdiff.eval.digits`), and their mean pixel distance to the source;
+  independent SVC (:mod:`mmdiff.eval.digit_judge`), and their mean pixel distance to the source;
 - :func:`mean_pixel_distance` — mean |a − b| per pixel on the [0, 1] scale.
 
 "Not a copy" is judged against the distance a copy would have: the decoder's VAE reproduces an
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mmdiff.eval.digits import classify_digits
+from mmdiff.eval.digit_judge import classify_digits
 
 VaryFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (image 3×H×W, n, seed) → n×3×H×W
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdiff.data.digits import DIGIT_WORDS
-from mmdiff.images import grid, save_png
+from mmdiff.io.images import grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def evaluate_digits(
     **sample_options: Any,
 ) -> DigitsResult:
     """Sample ``n_per_digit`` images per digit from ``system.sample`` and score them."""
-    from mmdiff.sampling import generate
+    from mmdiff.inference.sample_files import generate
 
     options = {k: v for k, v in sample_options.items() if v is not None}
     prompts = [digit_prompt(d) for d in range(10)]

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from mmdiff.callbacks.ema import find_ema
-from mmdiff.images import grid, save_png
-from mmdiff.strategies import has_sharded_parameters
+from mmdiff.io.images import grid, save_png
+from mmdiff.run.strategies import has_sharded_parameters
 
 log = logging.getLogger(__name__)
 

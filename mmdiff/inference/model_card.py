@@ -22,7 +22,7 @@ tokenizer = open_clip.get_tokenizer("local-dir:{dir}/text_encoder")
 
 
 def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
-    """Markdown for ``info`` (see :func:`mmdiff.export.export_info`) and the scheduler config."""
+    """Markdown for ``info`` (see :func:`mmdiff.inference.export.export_info`) and the scheduler config."""
     cfg = info["config"]
     data = cfg.get("data", {})
     metrics = info.get("metrics") or {}

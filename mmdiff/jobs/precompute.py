@@ -52,7 +52,7 @@ import torch
 from omegaconf import DictConfig
 
 from mmdiff.config import to_container
-from mmdiff.devices import resolve_device
+from mmdiff.run.devices import resolve_device
 from mmdiff.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

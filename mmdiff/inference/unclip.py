@@ -3,7 +3,7 @@
 ::
 
     import mmdiff
-    from mmdiff import unclip
+    from mmdiff.inference import unclip
     from mmdiff.data.transforms import read_image_file
     prior = mmdiff.load("runs/demo/unclip_prior/checkpoints/last.ckpt", expect="prior")
     decoder = unclip.load_decoder("runs/demo/unclip_decoder/checkpoints/last.ckpt")
@@ -14,7 +14,7 @@ The prior turns a caption into a CLIP image embedding; the decoder (a text_to_im
 ``model.image_embed_conditioning``) turns an image embedding (and optionally the caption) into an
 image. Variations decode one image's own CLIP embedding with different noise; interpolations
 decode embeddings spherically interpolated between two images, with the same noise throughout.
-All embeddings are in the :func:`~mmdiff.models.prior.scaled_embedding` convention.
+All embeddings are in the :func:`~mmdiff.models.prior_net.scaled_embedding` convention.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | float) -> torch.Te
 
 def load_decoder(ckpt: str | Path, **load_options: Any) -> Any:
     """A text_to_image checkpoint trained with image-embedding conditioning (else ``CheckpointError``)."""
-    from mmdiff.api import load
+    from mmdiff.inference.api import load
 
     decoder = load(ckpt, expect="text_to_image", **load_options)
     if decoder.image_embed_mode == "none":
@@ -130,7 +130,7 @@ def interpolate(
 
 class TwoStage:
     """A prior and a decoder as one text → image sampler (``.sample(prompts, seed=...)``), e.g. for
-    :func:`mmdiff.eval.digits.evaluate_digits`; ``prior_options`` go to the prior's sampler."""
+    :func:`mmdiff.eval.digit_judge.evaluate_digits`; ``prior_options`` go to the prior's sampler."""
 
     def __init__(self, prior: Any, decoder: Any, prior_options: Optional[dict] = None, use_text: bool = True) -> None:
         check_pair(prior, decoder)

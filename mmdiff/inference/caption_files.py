@@ -3,7 +3,7 @@
 ::
 
     import mmdiff
-    from mmdiff.captioning import caption_files
+    from mmdiff.inference.caption_files import caption_files
     system = mmdiff.load("runs/demo/caption_ar/checkpoints/last.ckpt", expect="captioning")
     for result in caption_files(system, ["a.png", "b.png"], decoding="beam"):
         print(result.path, result.caption or result.error)

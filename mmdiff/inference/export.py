@@ -33,7 +33,7 @@ from diffusers import DDIMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import UsageError
-from mmdiff.textfiles import read_user_text
+from mmdiff.io.textfiles import read_user_text
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def export_folder(
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
     (out / "mmdiff.json").write_text(json.dumps(info, indent=2, default=str))
-    from mmdiff.model_card import model_card
+    from mmdiff.inference.model_card import model_card
 
     (out / "README.md").write_text(model_card(info, sched))
     if sched["timestep_spacing"] == "linspace":

@@ -1,0 +1,1 @@
+"""Using trained systems: the Python API, sample and caption files, unCLIP, export and model card."""
