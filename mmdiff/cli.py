@@ -311,7 +311,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from mmdiff.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from mmdiff.jobs.precompute import FRAGMENT, fragment_overrides, precompute
+    from mmdiff.data.precomputed import FRAGMENT
+    from mmdiff.jobs.precompute import fragment_overrides, precompute
 
     result = precompute(cfg, args.out, splits=args.split or ("train", "val"), batch_size=args.batch_size,
                         device=args.device, overwrite=args.overwrite, progress=not args.no_progress)

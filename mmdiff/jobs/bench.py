@@ -439,7 +439,7 @@ def _loader_rows(data_cfg: DictConfig, workers_list: Sequence[int], seed: int, *
 
 def precomputed_data(data_cfg: DictConfig, folder: str | Path) -> DictConfig:
     """``data:`` reading an ``mmdiff precompute`` folder instead of the image shards."""
-    from mmdiff.jobs.precompute import read_metadata
+    from mmdiff.data.precomputed import read_metadata
 
     folder = Path(folder).expanduser().resolve()
     meta = read_metadata(folder)
@@ -499,7 +499,7 @@ def bench_fit(system: Any, cfg: DictConfig, device: torch.device, *, steps: int,
     the step, as in ``mmdiff fit``): the config's image shards with online encoding, and the
     shards of ``precomputed_dir`` (an ``mmdiff precompute`` folder of this config) when given."""
     from mmdiff.data.datamodule import ShardDataModule
-    from mmdiff.jobs.precompute import check_against
+    from mmdiff.data.precomputed import check_against
 
     bs = int(cfg.data.batch_size)
     big = {"steps_per_epoch": max(int(cfg.data.steps_per_epoch), warmup + steps + 8)}

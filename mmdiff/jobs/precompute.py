@@ -1,29 +1,9 @@
-"""Precomputed latents and text states: run the frozen VAE and text encoder once, write shards.
+"""The precompute job: run the frozen VAE and text encoder of a config once, write shards.
 
 ``mmdiff precompute CONFIG --out DIR [key=value ...]`` (or :func:`precompute`) reads the image
-shards of a text-to-image config (``data.train_shards`` and ``data.val_shards``) and writes, for
-input shard number ``i`` of a split, ``DIR/{train,val}-iiiiii.tar`` whose samples hold
-
-===================== ===========================================================================
-``latent.npy``        C×h×w, the VAE posterior **mean, unscaled** (``model.precompute_latents``:
-                      ``distribution`` or ``mean``), or one unscaled posterior draw (``sample``)
-``latent_logvar.npy`` C×h×w, the posterior log-variance (``distribution`` only): training draws a
-                      fresh latent ``mean + exp(logvar / 2)·ε`` every step, as online encoding does
-``context.npy``       L×D, the text encoder's token states (``model.clip.text_layer``)
-``pooled.npy``        E, the pooled text embedding
-``txt`` / ``json``    the caption (and the source's json member, copied)
-===================== ===========================================================================
-
-with arrays in ``model.precompute_dtype`` (fp16, or fp32). Images are centre-cropped; random
-crops and flips cannot be replayed on stored latents.
-
-Once per folder: ``precompute.json`` (what made the shards), ``empty_prompt.npz`` (the empty
-prompt's ``context`` and ``pooled``, for caption dropout), ``vae_probe.npy`` (the VAE posterior
-mean of a fixed probe image) and ``precomputed.yaml`` (the config keys that train from the
-folder). Training (``model.precomputed: true``) checks the folder against its own model before
-the first step — latent and text shapes, the probe through its VAE and the empty prompt through
-its text encoder — so shards made with another VAE or text encoder are an error, not a silently
-wrong run.
+shards of a text-to-image config (``data.train_shards`` and ``data.val_shards``) and writes the
+folder :mod:`mmdiff.data.precomputed` describes (and training reads). Images are centre-cropped;
+random crops and flips cannot be replayed on stored latents.
 
 **Latent scale.** Latents are stored unscaled. Training multiplies them by the system's
 ``latent_scale`` (``model.vae.scaling_factor``, or 1/std estimated from the first training
@@ -35,13 +15,15 @@ buffer before decoding, so one checkpoint holds one consistent scale.
 ``LOCAL_RANK``/``SLURM_LOCALID``; rank 0 writes the folder files. Output shards are written under
 a temporary name and renamed when complete; a re-run skips shards that already exist (so a
 preempted job continues), unless ``overwrite``.
+
+This job is one of the two modules outside ``systems/`` that import a system (the bench is the
+other): it builds the frozen encoders exactly as training does.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,18 +35,12 @@ from omegaconf import DictConfig
 
 from mmdiff.config import to_container
 from mmdiff.run.devices import resolve_device
+from mmdiff.data.precomputed import (EMPTY_PROMPT, FORMAT_VERSION, FRAGMENT, METADATA, SPLITS, VAE_PROBE,
+                                     probe_image, read_metadata, store_keys)
 from mmdiff.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METADATA = "precompute.json"
-EMPTY_PROMPT = "empty_prompt.npz"
-VAE_PROBE = "vae_probe.npy"
-FRAGMENT = "precomputed.yaml"
-SPLITS = ("train", "val")
-# Cosine similarity below which a stored reference and this model's own answer disagree.
-MATCH_COSINE = 0.99
 _FIXED_MTIME = 946684800.0  # as mmdiff.data.writers: reproducible tar bytes
 # The model.vae keys that change what the encoder computes (recorded in precompute.json).
 _VAE_KEYS = ("pretrained", "in_channels", "latent_channels", "block_out_channels", "layers_per_block",
@@ -96,30 +72,10 @@ def launch_rank() -> Tuple[int, int, int]:
     return rank, world, local or 0
 
 
-def probe_image(size: int) -> torch.Tensor:
-    """A fixed smooth 1×3×size×size image in [-1, 1], for checking that a VAE is the same one."""
-    y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    image = torch.stack([
-        torch.sin(3 * math.pi * x) * torch.cos(2 * math.pi * y),
-        x * y * 2 - 0.5,
-        torch.cos(2.5 * math.pi * (x + y)) * 0.8,
-    ])
-    return image.clamp(-1, 1).unsqueeze(0)
-
-
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
-
-
-def _store_keys(latents: str) -> List[str]:
-    return ["latent"] + (["latent_logvar"] if latents == "distribution" else []) + ["context", "pooled"]
 
 
 def _value(v: Any) -> Any:
@@ -148,75 +104,6 @@ class PrecomputeResult:
         return f"rank {self.rank}/{self.world} → {self.out_dir}: " + "; ".join(parts)
 
 
-# -------------------------------------------------------------------------------- the folder
-def find_precompute_dir(train_shards: Sequence[str]) -> Optional[Path]:
-    """The folder holding ``precompute.json`` beside the (local) training shards, if any."""
-    from mmdiff.data.shards import expand_shards, local_path
-
-    urls = expand_shards(list(train_shards), "data.train_shards")
-    path = local_path(urls[0]) if urls else None
-    if path is None:
-        return None
-    folder = Path(os.path.expanduser(path)).parent
-    return folder if (folder / METADATA).is_file() else None
-
-
-def read_metadata(folder: str | Path) -> Dict[str, Any]:
-    path = Path(folder) / METADATA
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read {path} ({err}); re-run mmdiff precompute.") from None
-
-
-def load_empty_prompt(folder: str | Path) -> Dict[str, torch.Tensor]:
-    """The stored empty-prompt states ``{"context": 1×L×D, "pooled": 1×E}`` (float32)."""
-    path = Path(folder) / EMPTY_PROMPT
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in ("context", "pooled")}
-    except (OSError, KeyError, ValueError) as err:
-        raise DataError(f"cannot read {path} ({err}); re-run mmdiff precompute.") from None
-
-
-@torch.no_grad()
-def check_against(system: Any, folder: str | Path) -> Dict[str, torch.Tensor]:
-    """Check a precompute folder against a text-to-image system; return its empty-prompt states.
-
-    Raises :class:`DataError` when the stored latents or text states do not fit the system's
-    shapes, or were made by a different VAE or text encoder than the system's.
-    """
-    folder = Path(folder)
-    meta = read_metadata(folder)
-    fix = "re-run `mmdiff precompute` with this config into a new folder (or fix the config)."
-    want_latent = [system.latent_channels, system.latent_size, system.latent_size]
-    if list(meta.get("latent_shape", [])) != want_latent:
-        raise DataError(f"latents in {folder} have shape {meta.get('latent_shape')} but this model "
-                        f"needs {want_latent}; {fix}")
-    clip = system.clip
-    want_context = [clip.context_length, clip.text_width]
-    if list(meta.get("context_shape", [])) != want_context:
-        raise DataError(f"text states in {folder} have shape {meta.get('context_shape')} but this "
-                        f"model's text encoder gives {want_context}; {fix}")
-    empty = load_empty_prompt(folder)
-    mine = system.encode_prompts([""])
-    similarity = min(_cosine(empty[k], mine[k].cpu()) for k in ("context", "pooled"))
-    if similarity < MATCH_COSINE:
-        raise DataError(f"the text states in {folder} were made by a different text encoder than "
-                        f"this config's model.clip (empty-prompt similarity {similarity:.3f}); {fix}")
-    probe_path = folder / VAE_PROBE
-    if probe_path.is_file():
-        stored = torch.from_numpy(np.load(probe_path, allow_pickle=False).astype(np.float32))
-        ours = system.encode_posterior(probe_image(int(meta["image_size"]))).mean.float().cpu()
-        similarity = _cosine(stored, ours) if stored.shape == ours.shape else -1.0
-        if similarity < MATCH_COSINE:
-            raise DataError(f"the latents in {folder} were made by a different VAE than this config's "
-                            f"model.vae (probe similarity {similarity:.3f}); {fix}")
-    log.info("training from precomputed latents and text states in %s (%s, %s)", folder,
-             meta.get("latents"), meta.get("dtype"))
-    return empty
-
-
 def config_fragment(out_dir: Path, latents: str, splits: Sequence[str]) -> str:
     """The YAML that trains from a precompute folder (``base:`` it last, or pass it as overrides)."""
     lines = [
@@ -231,7 +118,7 @@ def config_fragment(out_dir: Path, latents: str, splits: Sequence[str]) -> str:
     lines += [
         "  load_images: false",
         "  caption_key: txt",
-        f"  array_keys: [{', '.join(_store_keys(latents))}]",
+        f"  array_keys: [{', '.join(store_keys(latents))}]",
         "model:",
         "  precomputed: true",
         "",
@@ -245,7 +132,7 @@ def fragment_overrides(out_dir: Path, latents: str, splits: Sequence[str]) -> Li
     if "val" in splits:
         items.append(f"data.val_shards={(out_dir / 'val-*.tar').as_posix()}")
     items += ["data.load_images=false", "data.caption_key=txt",
-              f"data.array_keys=[{','.join(_store_keys(latents))}]", "model.precomputed=true"]
+              f"data.array_keys=[{','.join(store_keys(latents))}]", "model.precomputed=true"]
     return items
 
 
@@ -298,7 +185,7 @@ class _Encoder:
             "latent_shape": [s.latent_channels, s.latent_size, s.latent_size],
             "context_shape": [s.clip.context_length, s.clip.text_width],
             "pooled_dim": s.clip.embed_dim,
-            "array_keys": _store_keys(self.latents),
+            "array_keys": store_keys(self.latents),
             "latent_scale_note": "latents are unscaled; training multiplies by the model's latent_scale",
             "vae": {k: v for k, v in to_container(m.vae).items() if k in _VAE_KEYS},
             "clip": {k: v for k, v in to_container(m.clip).items() if k != "freeze"},
@@ -491,14 +378,4 @@ def _write_folder_files(out: Path, encoder: _Encoder, meta: Dict[str, Any], cfg:
     _atomic_write(out / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
 
 
-__all__ = [
-    "precompute",
-    "PrecomputeResult",
-    "check_against",
-    "find_precompute_dir",
-    "load_empty_prompt",
-    "config_fragment",
-    "fragment_overrides",
-    "launch_rank",
-    "probe_image",
-]
+__all__ = ["precompute", "PrecomputeResult", "config_fragment", "fragment_overrides", "launch_rank"]

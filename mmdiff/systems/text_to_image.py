@@ -248,7 +248,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
 
     def _check_precomputed(self) -> None:
         """Load the precompute folder's empty-prompt states and check it fits this model."""
-        from mmdiff.jobs.precompute import check_against, find_precompute_dir
+        from mmdiff.data.precomputed import check_against, find_precompute_dir
 
         folder = find_precompute_dir(self.cfg.data.train_shards)
         if folder is None:

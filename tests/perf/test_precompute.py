@@ -14,16 +14,8 @@ from mmdiff.config import load_config
 from mmdiff.data.decode import decode_array
 from mmdiff.data.tario import iter_samples
 from mmdiff.errors import ConfigError, DataError
-from mmdiff.jobs.precompute import (
-    EMPTY_PROMPT,
-    FRAGMENT,
-    METADATA,
-    VAE_PROBE,
-    check_against,
-    fragment_overrides,
-    load_empty_prompt,
-    precompute,
-)
+from mmdiff.data.precomputed import EMPTY_PROMPT, FRAGMENT, METADATA, VAE_PROBE, check_against, load_empty_prompt
+from mmdiff.jobs.precompute import fragment_overrides, precompute
 
 
 def _system(cfg_path: Path, *overrides: str):
