@@ -129,6 +129,7 @@ def test_learned_variance_exports_a_ddpm_scheduler_that_reads_it(tmp_path: Path)
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "DDPMScheduler" and sched["variance_type"] == "learned_range"
     assert system.unet.config.out_channels == 2 * system.latent_channels
+    assert "learned variance" in (folder / "README.md").read_text()
     for sampler, cls in (("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)):
         ours = system.sample(PROMPTS, seed=5, sampler=sampler, steps=STEPS)
         theirs = ExportedModel(folder, cls).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0)
@@ -147,6 +148,7 @@ def test_edm_model_with_unit_sigma_data_exports_as_v_prediction(tmp_path: Path) 
     folder = _export(system, tmp_path / "export")
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
+    assert "EDM preconditioning" in (folder / "README.md").read_text()
     assert all(torch.equal(v, before[k]) for k, v in system.unet.state_dict().items())  # system untouched
     ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS)
     theirs = ExportedModel(folder).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0)
@@ -180,6 +182,7 @@ def test_unclip_decoder_exports_its_image_tokens(tmp_path: Path) -> None:
     embeds = scaled_embedding(torch.randn(len(PROMPTS), system.clip.embed_dim, generator=torch.Generator().manual_seed(1)))
     folder = _export(system, tmp_path / "export")
     assert json.loads((folder / "image_tokens" / "config.json").read_text())["n_tokens"] == 3
+    assert "`image_tokens/`" in (folder / "README.md").read_text()
     ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS, image_embeds=embeds)
     theirs = ExportedModel(folder).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0, image_embeds=embeds)
     assert float((ours - theirs).abs().max()) <= 1e-4
