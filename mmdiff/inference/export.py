@@ -6,16 +6,26 @@
     OUT/vae/        diffusion_pytorch_model.safetensors + config.json   (AutoencoderKL; its
                     ``scaling_factor`` is the latent scale the U-Net was trained with)
     OUT/scheduler/  scheduler_config.json   (DDIMScheduler, the training β schedule and the
-                    config's sampling spacing; DDPMScheduler.from_pretrained reads it too)
+                    config's sampling spacing; DDPMScheduler.from_pretrained reads it too; a
+                    DDPMScheduler with ``variance_type: learned_range`` for a learned variance)
     OUT/text_encoder/ open_clip_config.json + open_clip_model.safetensors — loadable with
                     ``open_clip.create_model("local-dir:OUT/text_encoder")``; the ``mmdiff`` entry
                     of the JSON says which text layer the U-Net was trained on
+    OUT/image_tokens/ (unCLIP decoder with image-embedding tokens) config.json + model.safetensors:
+                    ``LayerNorm(Linear(embedding).view(B, N, W))``, appended to the text states
     OUT/mmdiff.json the resolved training config, step, EMA flag, how conditioning is fed
     OUT/README.md   the model card
 
 :func:`export_single_file` writes one ``.safetensors`` with the system's own key names
-(``unet.*``, ``vae.*``, ``clip.model.*``, ``latent_scale``) and the configs as metadata; each
-of mmdiff's ``pretrained:`` loaders accepts it.
+(``unet.*``, ``vae.*``, ``clip.model.*``, ``image_tokens.*``, ``latent_scale``) and the configs
+as metadata; each of mmdiff's ``pretrained:`` loaders accepts it. It holds every model mmdiff
+trains, also those a diffusers folder cannot (EDM preconditioning with σ_data ≠ 1).
+
+EDM preconditioning (``diffusion.edm_preconditioning``) feeds the U-Net ``c_in·x_t`` and the
+integer timestep; diffusers' EDM schedulers feed ``c_in·x`` but ``0.25·log σ`` as the timestep,
+so no diffusers scheduler reproduces it in general. With σ_data = 1, though, ``c_in = 1`` and
+``x_0 = √ᾱ x_t + √(1-ᾱ) F``: v-prediction with ``v = -F``, so the folder gets the U-Net with its
+``conv_out`` negated and ``prediction_type: v_prediction``; other σ_data are refused.
 
 Pooled-text conditioning (``model.unet.use_pooled_text``) is diffusers' ``class_embed_type:
 projection``: call the exported U-Net with ``class_labels=pooled_text`` (the empty prompt's
@@ -29,10 +39,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from mmdiff.config import to_container
-from mmdiff.errors import UsageError
+from mmdiff.errors import CheckpointError, UsageError
 from mmdiff.io.textfiles import read_user_text
 
 log = logging.getLogger(__name__)
@@ -46,22 +56,46 @@ def _value(v: Any) -> Any:
     return getattr(v, "value", v)
 
 
+def _edm_as_v_prediction(cfg: Any) -> bool:
+    """True for an EDM-preconditioned model, which diffusers holds only as v-prediction (σ_data = 1).
+
+    Raises :class:`CheckpointError` for any other σ_data (see the module docstring).
+    """
+    d = cfg.diffusion
+    if not bool(d.edm_preconditioning):
+        return False
+    if float(d.sigma_data) != 1.0:
+        raise CheckpointError(
+            f"cannot export this EDM-preconditioned model (diffusion.sigma_data={float(d.sigma_data):g}) to "
+            "diffusers: its U-Net takes c_in-scaled input with the integer timestep, which no diffusers "
+            "scheduler feeds (only sigma_data=1 maps exactly, to v_prediction); use --format safetensors."
+        )
+    return True
+
+
+def _learned_variance(cfg: Any) -> bool:
+    return str(_value(cfg.diffusion.variance_type)) == "learned_range"
+
+
 def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
     """A ``DDIMScheduler`` config reproducing the training schedule and the sampling spacing.
 
     Named schedules keep their name when diffusers rebuilds the same ᾱ table (within 1e-6);
     otherwise (sigmoid, custom, resolution shift, ...) the exact β table is written as
     ``trained_betas``. ``set_alpha_to_one`` makes DDIM's last step land on the clean sample, as
-    mmdiff's sampler does.
+    mmdiff's sampler does. A learned variance adds ``variance_type: learned_range`` (read by
+    ``DDPMScheduler``); EDM preconditioning is ``v_prediction`` or a :class:`CheckpointError`
+    (:func:`_edm_as_v_prediction`).
     """
     d, s = cfg.diffusion, cfg.sampling
+    prediction = "v_prediction" if _edm_as_v_prediction(cfg) else str(_value(d.prediction_type))
     config: Dict[str, Any] = {
         "num_train_timesteps": int(d.num_train_timesteps),
         "beta_start": float(d.beta_start),
         "beta_end": float(d.beta_end),
         "beta_schedule": _DIFFUSERS_SCHEDULES.get(str(_value(d.beta_schedule)), "linear"),
         "trained_betas": None,
-        "prediction_type": str(_value(d.prediction_type)),
+        "prediction_type": prediction,
         "timestep_spacing": str(_value(s.timestep_spacing)),
         "steps_offset": int(s.steps_offset),
         "clip_sample": False,
@@ -70,6 +104,8 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
         "thresholding": False,
     }
     rebuilt = DDIMScheduler(**config).alphas_cumprod.double()
+    if _learned_variance(cfg):
+        config["variance_type"] = "learned_range"
     if str(_value(d.beta_schedule)) not in _DIFFUSERS_SCHEDULES or float(
         (rebuilt - alphas_cumprod.double()).abs().max()
     ) > _SCHEDULE_TOL:
@@ -130,11 +166,44 @@ def export_info(system: Any, ckpt: Optional[str], use_ema: bool) -> Dict[str, An
         "latent_scale": float(system.latent_scale),
         "latent_shape": [system.latent_channels, system.latent_size, system.latent_size],
         "pooled_text": bool(cfg.model.unet.use_pooled_text),
+        "image_embed_conditioning": str(_value(cfg.model.image_embed_conditioning)),
+        "edm_preconditioning": bool(cfg.diffusion.edm_preconditioning),
         "guidance_scale": float(cfg.sampling.guidance_scale),
         "sampler": str(cfg.sampling.sampler),
         "steps": int(cfg.sampling.steps),
         "config": to_container(cfg),
     }
+
+
+def _image_tokens_config(tokens: torch.nn.Module) -> Dict[str, Any]:
+    """``image_tokens/config.json``: enough to rebuild :class:`~mmdiff.models.prior_net.ImageEmbedTokens`."""
+    return {
+        "embed_dim": int(tokens.proj.in_features),
+        "n_tokens": int(tokens.n_tokens),
+        "width": int(tokens.width),
+        "layer_norm_eps": float(tokens.norm.eps),
+        "forward": "LayerNorm(Linear(image_embed).view(B, n_tokens, width)), appended after the text "
+                   "states in encoder_hidden_states; image_embed is the CLIP image embedding scaled to "
+                   "norm sqrt(embed_dim), zeros for the unconditional branch",
+    }
+
+
+def _save_unet(unet: torch.nn.Module, folder: Path, negate_output: bool) -> None:
+    """``save_pretrained``; with ``negate_output`` the saved U-Net predicts ``-F`` (EDM σ_data = 1 → v)."""
+    if not negate_output:
+        unet.save_pretrained(folder, safe_serialization=True)
+        return
+    conv = unet.conv_out
+    with torch.no_grad():  # a sign flip is exact, so flipping back restores the weights bit for bit
+        conv.weight.neg_()
+        if conv.bias is not None:
+            conv.bias.neg_()
+        try:
+            unet.save_pretrained(folder, safe_serialization=True)
+        finally:
+            conv.weight.neg_()
+            if conv.bias is not None:
+                conv.bias.neg_()
 
 
 def export_folder(
@@ -145,23 +214,35 @@ def export_folder(
     use_ema: bool = True,
     metrics: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write the diffusers-layout folder described in the module docstring; returns ``out``."""
+    """Write the diffusers-layout folder described in the module docstring; returns ``out``.
+
+    Raises :class:`CheckpointError` (before writing anything) for a model diffusers cannot hold.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"export folder '{out}' is not empty; pass a new or empty folder.")
+    edm = _edm_as_v_prediction(system.cfg)
+    sched = scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)
     out.mkdir(parents=True, exist_ok=True)
     system = system.to("cpu").float()
-    system.unet.save_pretrained(out / "unet", safe_serialization=True)
+    _save_unet(system.unet, out / "unet", negate_output=edm)
     system.vae.register_to_config(scaling_factor=float(system.latent_scale))
     system.vae.save_pretrained(out / "vae", safe_serialization=True)
-    sched = scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)
-    DDIMScheduler(**sched).save_pretrained(out / "scheduler")
+    # DDPMScheduler is the diffusers class with a learned_range variance (as DeepFloyd IF ships it).
+    scheduler_cls = DDPMScheduler if "variance_type" in sched else DDIMScheduler
+    scheduler_cls.from_config(sched).save_pretrained(out / "scheduler")
     text_dir = out / "text_encoder"
     text_dir.mkdir()
     (text_dir / "open_clip_config.json").write_text(json.dumps(_clip_export_config(system), indent=2))
     save_file(_plain_state(system.clip.model), str(text_dir / "open_clip_model.safetensors"))
+    tokens = getattr(system, "image_tokens", None)
+    if tokens is not None:
+        tokens_dir = out / "image_tokens"
+        tokens_dir.mkdir()
+        (tokens_dir / "config.json").write_text(json.dumps(_image_tokens_config(tokens), indent=2))
+        save_file(_plain_state(tokens), str(tokens_dir / "model.safetensors"))
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
     (out / "mmdiff.json").write_text(json.dumps(info, indent=2, default=str))
@@ -182,7 +263,11 @@ def export_single_file(
     ckpt: Optional[str] = None,
     use_ema: bool = True,
 ) -> Path:
-    """One ``.safetensors`` of the system's state dict; configs as string metadata."""
+    """One ``.safetensors`` of the system's state dict; configs as string metadata.
+
+    The weights are mmdiff's own (an EDM U-Net keeps its F output), so an EDM model's metadata has
+    no diffusers ``scheduler_config``; its ``mmdiff`` entry holds the diffusion config.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -193,7 +278,7 @@ def export_single_file(
     out.parent.mkdir(parents=True, exist_ok=True)
     system = system.to("cpu").float()
     state = {k: v for k, v in _plain_state(system).items()
-             if k.split(".")[0] in ("unet", "vae", "clip") or k == "latent_scale"}
+             if k.split(".")[0] in ("unet", "vae", "clip", "image_tokens") or k == "latent_scale"}
     info = export_info(system, ckpt, use_ema)
     metadata = {
         "format": "mmdiff-text_to_image",
@@ -201,9 +286,13 @@ def export_single_file(
         "unet_config": json.dumps(dict(system.unet.config), default=list),
         "vae_config": json.dumps({**dict(system.vae.config), "scaling_factor": info["latent_scale"]},
                                  default=list),
-        "scheduler_config": json.dumps(scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)),
         "text_encoder_config": json.dumps(_clip_export_config(system)),
     }
+    if not info["edm_preconditioning"]:
+        metadata["scheduler_config"] = json.dumps(
+            scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod))
+    if getattr(system, "image_tokens", None) is not None:
+        metadata["image_tokens_config"] = json.dumps(_image_tokens_config(system.image_tokens))
     save_file(state, str(out), metadata=metadata)
     log.info("exported %s weights to %s", info["weights"], out)
     return out

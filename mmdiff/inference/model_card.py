@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
@@ -19,6 +19,25 @@ tokenizer = open_clip.get_tokenizer("local-dir:{dir}/text_encoder")
 # embedding; call unet(x, t, encoder_hidden_states=states{pooled}).sample
 # latents: decode vae.decode(latents / vae.config.scaling_factor)
 ```'''
+
+
+def _special_lines(info: Dict[str, Any], scheduler: Dict[str, Any]) -> List[str]:
+    """Card lines for what the plain DDIM loop would get wrong: learned variance, EDM, image embeddings."""
+    lines = []
+    if scheduler.get("variance_type") == "learned_range":
+        lines.append("- learned variance: the U-Net outputs 2× the latent channels (mean, then variance);"
+                     " `DDPMScheduler` (`variance_type: learned_range`) reads both, DDIM takes the first half")
+    if info.get("edm_preconditioning"):
+        lines.append("- trained with EDM preconditioning (σ_data = 1); the exported U-Net's `conv_out` is"
+                     " negated so that it predicts v (`prediction_type: v_prediction`)")
+    mode = info.get("image_embed_conditioning", "none")
+    if mode != "none":
+        lines.append(f"- unCLIP decoder (`{mode}`): pass the CLIP image embedding scaled to norm √E (zeros"
+                     " for the unconditional branch)"
+                     + (" as `timestep_cond`" if mode in ("time", "both") else "")
+                     + ("; `image_tokens/` turns it into context tokens appended to the text states"
+                        if mode in ("tokens", "both") else ""))
+    return lines
 
 
 def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
@@ -49,6 +68,7 @@ def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
         f"- scheduler: {scheduler['beta_schedule'] if scheduler.get('trained_betas') is None else 'trained_betas'}"
         f" β, {scheduler['num_train_timesteps']} steps, prediction `{scheduler['prediction_type']}`,"
         f" spacing `{scheduler['timestep_spacing']}` (offset {scheduler['steps_offset']})",
+        *_special_lines(info, scheduler),
         f"- sampling defaults: {info['sampler']}, {info['steps']} steps, guidance {info['guidance_scale']}",
         "",
         "## Data",

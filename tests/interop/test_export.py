@@ -13,7 +13,7 @@ from mmdiff.inference.api import load
 from mmdiff.cli import main
 from mmdiff.inference.export import scheduler_config
 
-from interopkit import PROMPTS, tiny_config
+from interopkit import PROMPTS, tiny_config, tiny_system, write_checkpoint
 from diffusers_reference import ExportedModel
 
 STEPS = 20
@@ -115,3 +115,84 @@ def test_exported_text_encoder_loads_as_local_dir_clip(tiny_ckpt: Path, exported
     system = load(tiny_ckpt, device="cpu")
     ours, theirs = clip.encode_text(clip.tokenize(PROMPTS)), system.encode_prompts(PROMPTS)
     assert torch.equal(ours[0], theirs["context"]) and torch.equal(ours[1], theirs["pooled"])
+
+
+def _export(system, folder: Path) -> Path:
+    from mmdiff.inference.export import export_folder
+
+    return export_folder(system, folder)
+
+
+def test_learned_variance_exports_a_ddpm_scheduler_that_reads_it(tmp_path: Path) -> None:
+    system = tiny_system(overrides=["diffusion.variance_type=learned_range"])
+    folder = _export(system, tmp_path / "export")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDPMScheduler" and sched["variance_type"] == "learned_range"
+    assert system.unet.config.out_channels == 2 * system.latent_channels
+    assert "learned variance" in (folder / "README.md").read_text()
+    for sampler, cls in (("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)):
+        ours = system.sample(PROMPTS, seed=5, sampler=sampler, steps=STEPS)
+        theirs = ExportedModel(folder, cls).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0)
+        assert float((ours - theirs).abs().max()) <= 1e-4, sampler
+    # the learned variance matters: DDPM with a fixed one lands elsewhere
+    fixed = ExportedModel(folder, DDPMScheduler)
+    fixed.scheduler = DDPMScheduler.from_config(fixed.scheduler.config, variance_type="fixed_small")
+    ours = system.sample(PROMPTS, seed=5, sampler="ddpm", steps=STEPS)
+    assert float((ours - fixed.sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0)).abs().max()) > 1e-3
+
+
+def test_edm_model_with_unit_sigma_data_exports_as_v_prediction(tmp_path: Path) -> None:
+    system = tiny_system(overrides=["diffusion.prediction_type=sample", "diffusion.edm_preconditioning=true",
+                                    "diffusion.sigma_data=1.0"])
+    before = {k: v.clone() for k, v in system.unet.state_dict().items()}
+    folder = _export(system, tmp_path / "export")
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    assert "EDM preconditioning" in (folder / "README.md").read_text()
+    assert all(torch.equal(v, before[k]) for k, v in system.unet.state_dict().items())  # system untouched
+    ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS)
+    theirs = ExportedModel(folder).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0)
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    assert float(ours.std()) > 0.01
+
+
+def test_edm_model_diffusers_cannot_hold_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    system = tiny_system(overrides=["diffusion.prediction_type=sample", "diffusion.edm_preconditioning=true",
+                                    "diffusion.sigma_data=0.5"])
+    ckpt = write_checkpoint(system, tmp_path / "edm.ckpt")
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "export")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sigma_data=0.5" in err[0] and "--format safetensors" in err[0], err
+    assert not (tmp_path / "export").exists()
+    # the single file keeps the model whole, with no diffusers scheduler that would misread it
+    single = tmp_path / "edm.safetensors"
+    assert main(["export", str(ckpt), "--out", str(single), "--format", "safetensors"]) == 0
+    with safe_open(str(single), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert "scheduler_config" not in meta
+    assert json.loads(meta["mmdiff"])["config"]["diffusion"]["sigma_data"] == 0.5
+    assert {f"unet.{k}" for k in system.unet.state_dict()} <= keys
+
+
+def test_unclip_decoder_exports_its_image_tokens(tmp_path: Path) -> None:
+    from mmdiff.models.prior_net import scaled_embedding
+
+    system = tiny_system(overrides=["model.image_embed_conditioning=both", "model.image_embed_tokens=3"])
+    embeds = scaled_embedding(torch.randn(len(PROMPTS), system.clip.embed_dim, generator=torch.Generator().manual_seed(1)))
+    folder = _export(system, tmp_path / "export")
+    assert json.loads((folder / "image_tokens" / "config.json").read_text())["n_tokens"] == 3
+    assert "`image_tokens/`" in (folder / "README.md").read_text()
+    ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS, image_embeds=embeds)
+    theirs = ExportedModel(folder).sample(PROMPTS, seed=5, steps=STEPS, guidance_scale=3.0, image_embeds=embeds)
+    assert float((ours - theirs).abs().max()) <= 1e-4
+    assert float((ours - system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS)).abs().max()) > 1e-3
+
+    single = tmp_path / "decoder.safetensors"
+    from mmdiff.inference.export import export_single_file
+
+    export_single_file(system, single)
+    with safe_open(str(single), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.startswith("image_tokens.")}
+    own = {f"image_tokens.{k}": v for k, v in system.image_tokens.state_dict().items()}
+    assert stored.keys() == own.keys() and all(torch.equal(stored[k], own[k]) for k in own)
