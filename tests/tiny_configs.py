@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-import lightning as L
 import torch
 import yaml
 from torch import nn
 
-from mmdiff.config import to_container
-from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,14 +47,13 @@ def tiny_t2i_config(tmp_path: Path, shards: Path, run: str = "run", **sections: 
 
 
 @register_system("toy")
-class ToySystem(L.LightningModule):
+class ToySystem(System):
     """Predicts an image's mean brightness from its colour means: enough to exercise the wiring."""
 
     def __init__(self, cfg) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.head = nn.Linear(3, 1)
-        self.save_hyperparameters({"config": to_container(cfg)})
+        self.save_config()
 
     def _loss(self, batch) -> torch.Tensor:
         x = batch["image"].mean(dim=(2, 3))
@@ -69,6 +66,3 @@ class ToySystem(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch), sync_dist=True, batch_size=len(batch["caption"]))
-
-    def configure_optimizers(self):
-        return configure_adamw(self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps)

@@ -1,7 +1,9 @@
 """Log a system's preview images (samples, reconstructions) as PNG grids and W&B images.
 
-A system opts in by defining ``preview_images() -> dict[str, Tensor | (Tensor, nrow)]`` with
-images B×3×H×W in [-1, 1].
+The images come from the system's ``preview_images()`` (``dict[str, Tensor | (Tensor, nrow)]``,
+images B×3×H×W in [-1, 1]; none by default), part of the contract of
+:class:`mmdiff.systems.base.System`, which this callback relies on without importing it (callbacks
+sit below systems).
 Previews run at step 0 and then every ``every_n_steps`` optimiser steps, with EMA weights when an
 EMA callback is present. Only rank 0 writes them. With a replicated model only rank 0 samples
 (no collectives, so other ranks simply continue to their next synchronisation point); with an
@@ -47,7 +49,7 @@ class ImageLoggingCallback(L.Callback):
 
     def _maybe_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_logged or not hasattr(pl_module, "preview_images"):
+        if step == self._last_logged:
             return
         if not trainer.is_global_zero and not has_sharded_parameters(pl_module):
             return

@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import lightning as L
 from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import load_ema_into
@@ -13,6 +12,7 @@ from mmdiff.io.weights import load_strict, safe_torch_load
 from mmdiff.config import from_container
 from mmdiff.run.devices import resolve_device
 from mmdiff.errors import CheckpointError
+from mmdiff.systems.base import System
 from mmdiff.systems.registry import get_system, system_names
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def load(
     expect: Optional[str] = None,
     use_ema: bool = True,
     device: str = "auto",
-) -> L.LightningModule:
+) -> System:
     """Rebuild a trained system from its Lightning checkpoint, in eval mode.
 
     ``expect`` names the system the caller needs (e.g. ``"text_to_image"``); a checkpoint of
@@ -56,11 +56,9 @@ def load(
     if cfg.system not in system_names():  # only registry names: nothing is imported by name
         raise CheckpointError(f"'{path}' names an unknown system '{cfg.system}'; it was not written by mmdiff.")
     system_cls = get_system(cfg.system)
-    system = system_cls.from_checkpoint_config(cfg, hparams) if hasattr(
-        system_cls, "from_checkpoint_config"
-    ) else system_cls(cfg)
+    system = system_cls.from_checkpoint_config(cfg, hparams)
     load_strict(system, checkpoint["state_dict"], what=f"checkpoint '{path}'")
-    target = getattr(system, "ema_target", None)
+    target = system.ema_target
     system.ema_loaded = bool(use_ema and target is not None and load_ema_into(target, checkpoint))
     if system.ema_loaded:
         log.info("using EMA weights from %s", path)

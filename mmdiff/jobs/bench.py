@@ -291,18 +291,13 @@ def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int,
                 device: torch.device, precomputed: bool) -> Times:
     """Step times of a minimal hand-written loop over the same modules, batch and precision."""
     from mmdiff.models.vae import encode_finite
-    from mmdiff.systems.common import fused_adamw_setting, lr_lambda, use_fused_adamw
+    from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
 
     unet, vae, clip = system.unet, system.vae, system.clip
     unet.train()
-    o = cfg.optim
     params = [p for p in unet.parameters() if p.requires_grad]
-    extra = {"fused": True} if use_fused_adamw(params, fused_adamw_setting(cfg.trainer)) else {}
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            weight_decay=o.weight_decay, **extra)
-    schedule = str(getattr(o.schedule, "value", o.schedule))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, o.warmup_steps, cfg.trainer.max_steps, schedule, o.min_lr_ratio))
+    optimiser = configure_adamw(params, cfg.optim, cfg.trainer.max_steps, fused=fused_adamw_setting(cfg.trainer))
+    opt, sched = optimiser["optimizer"], optimiser["lr_scheduler"]["scheduler"]
     ema = [p.detach().float().clone() for p in params] if cfg.model.use_ema else None
     alpha_bar = system.diffusion.schedule.alphas_cumprod.to(device=device, dtype=torch.float32)
     num_t = alpha_bar.shape[0]
@@ -653,7 +648,7 @@ def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, sections: Seq
     if float(system.latent_scale) == 0.0:
         system.latent_scale.fill_(1.0)  # estimated from data in real runs; irrelevant to timings
     system.to(dev)
-    from mmdiff.systems.common import enable_tf32, prepare_unet
+    from mmdiff.systems.speed import enable_tf32, prepare_unet
 
     if dev.type == "cuda":
         enable_tf32(bool(cfg.trainer.tf32))

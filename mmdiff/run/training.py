@@ -23,13 +23,14 @@ from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, re
 from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
+from mmdiff.systems.base import System
 from mmdiff.systems.registry import get_system
 
 log = logging.getLogger(__name__)
 
 
-def build_system(cfg: DictConfig) -> L.LightningModule:
-    """Instantiate the LightningModule named by ``cfg.system``."""
+def build_system(cfg: DictConfig) -> System:
+    """Instantiate the system named by ``cfg.system``."""
     return get_system(cfg.system)(cfg)
 
 
@@ -79,7 +80,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
     return [logger]
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -> List[Callback]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, system: System) -> List[Callback]:
     """Checkpointing, NaN guard, LR monitor, EMA (when the system has an EMA target), image logging."""
     from mmdiff.callbacks.data_stats import DataStatsCallback
     from mmdiff.callbacks.ema import EMACallback
@@ -112,7 +113,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: L.LightningModule) -
         callbacks.append(ProgressLogCallback(every_n_steps=t.log_every_n_steps))
     if cfg.logger.kind != LoggerKind.none:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if getattr(system, "ema_target", None) is not None and cfg.model.use_ema:
+    if system.ema_target is not None and cfg.model.use_ema:
         callbacks.append(EMACallback(decay=cfg.model.ema_decay))
     if cfg.eval.every_n_steps > 0 and cfg.system == "text_to_image":
         from mmdiff.callbacks.periodic_eval import ImageEvalCallback

@@ -27,17 +27,16 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Mapping, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
-from mmdiff.config import ReconLoss, from_container, to_container
+from mmdiff.config import ReconLoss, from_container
 from mmdiff.eval.image_metrics import psnr, ssim
 from mmdiff.models.discriminator import PatchDiscriminator, hinge_d_loss
 from mmdiff.models.vae import build_vae
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
+from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 @register_system("autoencoder")
-class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
+class AutoencoderSystem(System):
     """Reconstruction + KL (+ optional PatchGAN) training of ``model.vae``."""
 
     def __init__(
@@ -65,13 +64,12 @@ class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
         """``cfg``: the experiment config. ``vae_config``: a saved diffusers VAE config to build
         the architecture from instead of ``model.vae`` (used when rebuilding from a checkpoint;
         ``config=`` is the hyper-parameter name, so ``load_from_checkpoint`` works too)."""
-        super().__init__()
         cfg = cfg if cfg is not None else config
         if cfg is None:
             raise TypeError("AutoencoderSystem needs the experiment config.")
         if not isinstance(cfg, DictConfig):  # a plain dict from a checkpoint
             cfg = from_container(dict(cfg))
-        self.cfg = cfg
+        super().__init__(cfg)
         v = cfg.model.vae
         vae = AutoencoderKL.from_config(dict(vae_config)) if vae_config else build_vae(v)
         self.vae = vae.train()
@@ -83,7 +81,7 @@ class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
                 n_layers=int(v.disc_layers),
             )
         self.val_images: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        self.save_hyperparameters({"config": to_container(cfg), "vae_config": _plain(vae.config)})
+        self.save_config(vae_config=_plain(vae.config))
 
     @classmethod
     def from_checkpoint_config(
@@ -92,13 +90,6 @@ class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
         """Build the architecture only (weights come from the checkpoint's state dict)."""
         cfg.model.vae.pretrained = None
         return cls(cfg, vae_config=hparams.get("vae_config"))
-
-    def configure_optimizers(self) -> Dict[str, Any]:
-        params = list(self.vae.parameters())
-        if self.discriminator is not None:
-            params += list(self.discriminator.parameters())
-        return configure_adamw(params, self.cfg.optim, self.cfg.trainer.max_steps,
-                               fused=fused_adamw_setting(self.cfg.trainer))
 
     # ------------------------------------------------------------------------------ losses
     def _rec_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -149,13 +140,12 @@ class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x = batch["image"]
         out = self._vae_loss(x, sample=True)
-        logs = {"train/rec": out["rec"].detach(), "train/kl": out["kl"].detach()}
+        logs = {"rec": out["rec"].detach(), "kl": out["kl"].detach()}
         if self.discriminator is not None:
             adv = self._adversarial(x, out)
             out["loss"] = adv["loss"]
-            logs.update({f"train/{k}": adv[k] for k in ("g_loss", "d_loss", "d_weight")})
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, batch_size=x.shape[0])
-        self.log_dict(logs, batch_size=x.shape[0])
+            logs.update({k: adv[k] for k in ("g_loss", "d_loss", "d_weight")})
+        self.log_losses("train", {"loss": out["loss"].detach(), **logs}, batch_size=x.shape[0])
         return out["loss"]
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -163,9 +153,8 @@ class AutoencoderSystem(FusedAdamWClipping, L.LightningModule):
         out = self._vae_loss(x, sample=False)
         recon = out["recon"].clamp(-1.0, 1.0)
         n = x.shape[0]
-        self.log("val/loss", out["loss"], sync_dist=True, batch_size=n)
-        self.log("val/psnr", psnr(recon, x), sync_dist=True, batch_size=n, prog_bar=True)
-        self.log("val/ssim", ssim(recon, x), sync_dist=True, batch_size=n)
+        self.log_losses("val", {"loss": out["loss"], "psnr": psnr(recon, x), "ssim": ssim(recon, x)},
+                        batch_size=n, prog_bar=("psnr",))
         if batch_idx == 0:
             k = min(N_VAL_IMAGES, n)
             self.val_images = (x[:k].detach().float().cpu(), recon[:k].detach().float().cpu())

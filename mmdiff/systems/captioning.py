@@ -23,12 +23,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from mmdiff.config import CaptionHeadKind, to_container
+from mmdiff.config import CaptionHeadKind
 from mmdiff.diffusion.discrete import MaskedDiffusion
 from mmdiff.errors import ConfigError
 from mmdiff.eval.caption_metrics import caption_metrics, clip_score
@@ -42,8 +41,7 @@ from mmdiff.models.caption_heads import (
     teacher_forcing_loss,
 )
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
-from mmdiff.systems.contrastive import all_gather_objects, valid_rows
+from mmdiff.systems.base import System, all_gather_objects, valid_rows
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -78,14 +76,13 @@ def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
 
 
 @register_system("captioning")
-class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
+class CaptioningSystem(System):
     """Caption head (``ar`` or ``masked``) over a frozen or fine-tuned open_clip image tower."""
 
     def __init__(self, cfg: DictConfig, caption_vocab: Optional[List[int]] = None) -> None:
         """``caption_vocab``: the head's tokenizer-id shortlist (from a checkpoint); by default it is
         read from the training captions when ``model.caption.vocab_limit`` > 0."""
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         c = cfg.model.caption
         self.head_kind = _enum(c.head)
         self.clip = ClipEncoder.from_config(cfg.model.clip)
@@ -120,10 +117,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
         auto = cfg.model.clip.pretrained is not None
         self.use_clip_score = bool(auto if c.clip_score is None else c.clip_score)
         self._val: Dict[str, List[Any]] = {}
-        self.save_hyperparameters({
-            "config": to_container(cfg),
-            "caption_vocab": None if caption_vocab is None else [int(i) for i in caption_vocab],
-        })
+        self.save_config(caption_vocab=None if caption_vocab is None else [int(i) for i in caption_vocab])
 
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "CaptioningSystem":
@@ -136,11 +130,6 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
     def ema_target(self) -> torch.nn.Module:
         """The head; the whole system (head + CLIP) when the CLIP is fine-tuned too."""
         return self.head if self.clip.frozen else self
-
-    def configure_optimizers(self) -> Dict[str, Any]:
-        return configure_adamw(
-            self.parameters(), self.cfg.optim, self.cfg.trainer.max_steps, fused=fused_adamw_setting(self.cfg.trainer)
-        )
 
     def image_context(self, images: torch.Tensor) -> ImageContext:
         """Images in [-1, 1] → the head's projected CLIP features."""
@@ -169,9 +158,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self._loss(batch["image"], list(batch["caption"]))
-        bs = batch["image"].shape[0]
-        for name, value in out.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.log_losses("train", out, batch_size=batch["image"].shape[0])
         return out["loss"]
 
     # ------------------------------------------------------------------------------ captions
@@ -319,7 +306,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
         seed = self.cfg.seed * 100003 + batch_idx
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = self._loss(images, refs, generator=gen)
-        self.log("val/loss", out["loss"], sync_dist=True, batch_size=len(keep))
+        self.log_losses("val", {"loss": out["loss"]}, batch_size=len(keep))
         preds = self.caption(images, seed=seed)
         self._val["pred"] += preds
         self._val["ref"] += refs
@@ -346,9 +333,8 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
         metrics = caption_metrics(preds, refs)
         if scores:
             metrics["clip_score"] = sum(scores) / len(scores)
-        for name, value in metrics.items():
-            # Every rank computed the same corpus numbers from the gathered captions.
-            self.log(f"val/{name}", float(value), sync_dist=True)
+        # Every rank computed the same corpus numbers from the gathered captions.
+        self.log_losses("val", {name: float(value) for name, value in metrics.items()})
         log.info("validation: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if self.global_rank == 0 and self._val["table"]:
             self._log_table(self._val["table"])

@@ -25,16 +25,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mmdiff.config import to_container
 from mmdiff.data.digits import digit_from_caption
 from mmdiff.eval.retrieval import digit_prompts, group_ids, recall_at_k, zero_shot_accuracy
 from mmdiff.models.clip import ClipEncoder
-from mmdiff.systems.common import FusedAdamWClipping, fused_adamw_setting, lr_lambda, use_fused_adamw
+from mmdiff.systems.base import System, all_gather_objects, valid_rows
+from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
@@ -59,38 +58,18 @@ def load_clip_state(path: str | Path) -> Dict[str, torch.Tensor]:
     return clip
 
 
-def valid_rows(batch: Dict[str, Any]) -> List[int]:
-    """Indices of the real (not padding-placeholder) rows of a validation batch."""
-    n = len(batch["caption"])
-    valid = batch.get("valid")
-    if valid is None:
-        return list(range(n))
-    return [i for i, ok in enumerate(valid.tolist()) if ok]
-
-
-def all_gather_objects(module: L.LightningModule, obj: Any) -> List[Any]:
-    """``[obj of rank 0, obj of rank 1, …]`` (just ``[obj]`` outside distributed runs)."""
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
-        return [obj]
-    gathered: List[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
-
-
 @register_system("contrastive")
-class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
+class ContrastiveSystem(System):
     """Trains ``model.clip`` with open_clip's ClipLoss; validates zero-shot retrieval and digits."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         clip_cfg = copy.deepcopy(cfg.model.clip)
         clip_cfg.freeze = False
         self.clip = ClipEncoder.from_config(clip_cfg)
         self.loss_fn: Optional[torch.nn.Module] = None
         self._val: Dict[str, List[Any]] = {}
-        self.save_hyperparameters({"config": to_container(cfg)})
+        self.save_config()
 
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "ContrastiveSystem":
@@ -140,9 +119,8 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch["image"], list(batch["caption"]))
-        bs = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/logit_scale", self.logit_scale.exp().detach(), batch_size=bs)
+        self.log_losses("train", {"loss": loss, "logit_scale": self.logit_scale.exp().detach()},
+                        batch_size=batch["image"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -151,7 +129,6 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
 
     def configure_optimizers(self) -> Dict[str, Any]:
         """AdamW without weight decay on gains, biases, embeddings and the temperature (as open_clip)."""
-        o = self.cfg.optim
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -159,20 +136,10 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
             exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
             exclude = exclude or "logit_scale" in name or "embedding" in name
             (no_decay if exclude else decay).append(p)
-        extra = {"fused": True} if use_fused_adamw(decay + no_decay, fused_adamw_setting(self.cfg.trainer)) else {}
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            **extra,
-        )
-        schedule = o.schedule.value if hasattr(o.schedule, "value") else str(o.schedule)
-        max_steps = self.cfg.trainer.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_lambda(step, o.warmup_steps, max_steps, schedule, o.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return configure_adamw(groups, self.cfg.optim, self.cfg.trainer.max_steps,
+                               fused=fused_adamw_setting(self.cfg.trainer))
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -187,7 +154,7 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
         image_emb, text_emb = self.embed_images(images), self.embed_texts(captions)
         loss = F.cross_entropy(self.logit_scale.exp() * image_emb @ text_emb.T, torch.arange(len(keep), device=self.device))
         loss = (loss + F.cross_entropy(self.logit_scale.exp() * text_emb @ image_emb.T, torch.arange(len(keep), device=self.device))) / 2
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(keep))
+        self.log_losses("val", {"loss": loss}, batch_size=len(keep))
         self._val["image"].append(image_emb.float().cpu())
         self._val["text"].append(text_emb.float().cpu())
         self._val["caption"] += captions
@@ -212,9 +179,7 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
             metrics["zero_shot_digits"] = zero_shot_accuracy(
                 image_emb[named], classes, torch.tensor([labels[i] for i in named])
             )
-        for name, value in metrics.items():
-            # Every rank computed the same numbers from the gathered embeddings.
-            self.log(f"val/{name}", value, sync_dist=True)
+        self.log_losses("val", metrics)  # every rank computed the same numbers from the gathered embeddings
         log.info("validation: %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
 
@@ -228,4 +193,4 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
     return out
 
 
-__all__ = ["ContrastiveSystem", "load_clip_state", "retrieval_metrics", "all_gather_objects", "valid_rows"]
+__all__ = ["ContrastiveSystem", "load_clip_state", "retrieval_metrics"]

@@ -17,29 +17,25 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mmdiff.config import to_container
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import PriorTransformer, scaled_embedding
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
-from mmdiff.systems.contrastive import valid_rows
+from mmdiff.systems.base import System, valid_rows
 from mmdiff.systems.registry import register_system
 
 log = logging.getLogger(__name__)
 
 
 @register_system("prior")
-class PriorSystem(FusedAdamWClipping, L.LightningModule):
+class PriorSystem(System):
     """Text → CLIP image embedding by Gaussian diffusion over the embedding."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         p = cfg.model.prior
         self.clip = ClipEncoder.from_config(cfg.model.clip)
         self.embed_dim = self.clip.embed_dim
@@ -48,7 +44,7 @@ class PriorSystem(FusedAdamWClipping, L.LightningModule):
             mlp_ratio=p.mlp_ratio, dropout=p.dropout, text_tokens=p.text_tokens,
         )
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-        self.save_hyperparameters({"config": to_container(cfg)})
+        self.save_config()
 
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "PriorSystem":
@@ -59,12 +55,6 @@ class PriorSystem(FusedAdamWClipping, L.LightningModule):
     @property
     def ema_target(self) -> torch.nn.Module:
         return self.prior
-
-    def configure_optimizers(self) -> Dict[str, Any]:
-        return configure_adamw(
-            self.prior.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
-            fused=fused_adamw_setting(self.cfg.trainer),
-        )
 
     # ------------------------------------------------------------------------------ encoders
     @torch.no_grad()
@@ -103,9 +93,7 @@ class PriorSystem(FusedAdamWClipping, L.LightningModule):
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions = self._captions(list(batch["caption"]), self.cfg.model.caption_dropout)
         out = self._loss(batch["image"], captions)
-        bs = len(captions)
-        for name, value in out.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.log_losses("train", out, batch_size=len(captions))
         return out["loss"]
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
@@ -118,8 +106,7 @@ class PriorSystem(FusedAdamWClipping, L.LightningModule):
         metrics = {k: v for k, v in self._loss(images, captions, generator=gen).items()}
         cos = self.embedding_cosines(images, captions, seed=self.cfg.seed + batch_idx)
         metrics.update({f"cos_{k}": v.mean() for k, v in cos.items()})
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, sync_dist=True, batch_size=len(keep))
+        self.log_losses("val", metrics, batch_size=len(keep))
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()

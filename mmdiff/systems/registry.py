@@ -1,14 +1,15 @@
-"""Name → LightningModule registry: the ``system:`` key of a config picks one.
+"""Name → system registry: the ``system:`` key of a config picks one.
 
-Systems register themselves with :func:`register_system`; :func:`system_names` lists them without
-importing torch-heavy modules, so config checks stay fast.
+A system is a subclass of :class:`mmdiff.systems.base.System` decorated with
+:func:`register_system`; a built-in one also has its line in ``_BUILTIN``, so that
+:func:`system_names` lists it without importing torch-heavy modules and config checks stay fast.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Callable, Dict, Type
 
-# Built-in systems: name → module that registers it when imported.
+# Built-in systems, one line each: name → module that registers it when imported.
 _BUILTIN: Dict[str, str] = {
     "autoencoder": "mmdiff.systems.autoencoder",
     "text_to_image": "mmdiff.systems.text_to_image",
@@ -20,7 +21,7 @@ _REGISTRY: Dict[str, type] = {}
 
 
 def register_system(name: str) -> Callable[[Type], Type]:
-    """Class decorator: make a LightningModule buildable as ``system: NAME``."""
+    """Class decorator: make a :class:`~mmdiff.systems.base.System` buildable as ``system: NAME``."""
 
     def wrap(cls: Type) -> Type:
         _REGISTRY[name] = cls
@@ -35,8 +36,13 @@ def system_names() -> set[str]:
     return set(_BUILTIN) | set(_REGISTRY)
 
 
+def builtin_system_names() -> list[str]:
+    """The names of the systems mmdiff ships, sorted."""
+    return sorted(_BUILTIN)
+
+
 def get_system(name: str) -> type:
-    """The LightningModule class registered as ``name``."""
+    """The :class:`~mmdiff.systems.base.System` class registered as ``name``."""
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:

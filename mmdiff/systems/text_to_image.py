@@ -13,21 +13,21 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
-from mmdiff.config import VarianceType, to_container
+from mmdiff.config import VarianceType
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, enable_tf32, fused_adamw_setting, prepare_unet
 from mmdiff.systems import image_embed
+from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
+from mmdiff.systems.speed import enable_tf32, prepare_unet
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,11 @@ def _plain(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @register_system("text_to_image")
-class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
+class TextToImageSystem(System):
     """Latent diffusion conditioned on open_clip token states (and optionally pooled text)."""
 
     def __init__(self, cfg: DictConfig, vae_config: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         m = cfg.model
         vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
         self.vae_dtype = _DTYPES[str(getattr(m.vae.precision, "value", m.vae.precision))]
@@ -76,7 +75,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         self.speed: Dict[str, Any] = {}  # the U-Net speed switches applied (configure_model)
         if m.init_from is not None:
             image_embed.init_from_checkpoint(self, m.init_from)
-        self.save_hyperparameters({"config": to_container(cfg), "vae_config": _plain(vae.config)})
+        self.save_config(vae_config=_plain(vae.config))
 
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "TextToImageSystem":
@@ -97,12 +96,6 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         super().train(mode)
         self.vae.eval()
         return self
-
-    def configure_optimizers(self) -> Dict[str, Any]:
-        return configure_adamw(
-            self.ema_target.parameters(), self.cfg.optim, self.cfg.trainer.max_steps,
-            fused=fused_adamw_setting(self.cfg.trainer),
-        )
 
     def configure_model(self) -> None:
         """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``, TF32)."""
@@ -236,12 +229,6 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
             return None
         return torch.rand(n) < p
 
-    def _drop_captions(self, captions: List[str]) -> List[str]:
-        drop = self._drop_mask(len(captions))
-        if drop is None:
-            return list(captions)
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
     def on_fit_start(self) -> None:
         if self.precomputed:
             self._check_precomputed()
@@ -290,8 +277,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         bs = len(batch["caption"])
         out = self._loss(batch, self._drop_mask(bs),
                          image_drop=image_embed.drop_mask(bs, self.cfg.model.image_embed_dropout))
-        for name, value in out.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.log_losses("train", out, batch_size=bs)
         return out["loss"]
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
@@ -307,9 +293,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         # Fixed noise and timesteps per batch index, so validation losses are comparable over time.
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100003 + batch_idx)
         out = self._loss(batch, None, generator=gen, sample=False)
-        bs = len(keep)
-        for name, value in out.items():
-            self.log(f"val/{name}", value, sync_dist=True, batch_size=bs)
+        self.log_losses("val", out, batch_size=len(keep))
 
     # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -4,28 +4,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Set
 
-import lightning as L
 import torch
 import yaml
 from torch import nn
 
-from mmdiff.config import to_container
-from mmdiff.systems.common import configure_adamw
+from mmdiff.systems.base import System
+from mmdiff.systems.optim import configure_adamw
 from mmdiff.systems.registry import register_system
 
 
 @register_system("faulty_toy")
-class FaultyToy(L.LightningModule):
+class FaultyToy(System):
     """Regresses an image's mean from its colour means; the loss is NaN on ``bad_steps``."""
 
     bad_steps: Set[int] = set()  # global steps whose loss is NaN (set by the tests)
     loss_scale: float = 1.0  # multiplies the loss (large values overflow fp16 gradients)
 
     def __init__(self, cfg) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.head = nn.Linear(3, 1)
-        self.save_hyperparameters({"config": to_container(cfg)})
+        self.save_config()
 
     @property
     def ema_target(self) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
@@ -13,8 +12,9 @@ from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
 from mmdiff.models.unet import build_unet
-from mmdiff.systems.common import (FusedAdamWClipping, configure_adamw, fused_adamw_setting, prepare_unet,
-                                   use_fused_adamw)
+from mmdiff.systems.base import System
+from mmdiff.systems.optim import configure_adamw, fused_adamw_setting, use_fused_adamw
+from mmdiff.systems.speed import prepare_unet
 
 
 def _unet(cfg):
@@ -99,9 +99,9 @@ def test_fused_adamw_auto_is_off_only_for_fp16_with_clipping(tiny_cfg_path: Path
         load_config(tiny_cfg_path, ["trainer.precision=16-mixed", "trainer.fused_adamw=true"])
 
 
-class _Clipped(FusedAdamWClipping, L.LightningModule):
+class _Clipped(System):
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(None)
         self.layer = torch.nn.Linear(8, 8)
 
 
