@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdiff.data.digits import digit_from_caption
+from mmdiff.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def roundtrip_digits(
         out_dir = Path(out)
         save_png(grid(images, nrow=n_per_digit), out_dir / "roundtrip_grid.png")
         rows = [{"prompt": prompts[t], "caption": c, "judge": j} for t, c, j in zip(truth, captions, judged)]
-        (out_dir / "roundtrip.json").write_text(json.dumps({**asdict(result), "rows": rows}, indent=2))
+        write_text_atomic(out_dir / "roundtrip.json", json.dumps({**asdict(result), "rows": rows}, indent=2))
     return result
 
 

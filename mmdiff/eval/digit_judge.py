@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmdiff.data.digits import DIGIT_WORDS
+from mmdiff.io.atomic import write_text_atomic
 from mmdiff.io.images import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def evaluate_digits(
     if out is not None:
         out_dir = Path(out)
         save_png(grid(images, nrow=n_per_digit), out_dir / "digits_grid.png")
-        (out_dir / "digits_eval.json").write_text(json.dumps(result.__dict__, indent=2))
+        write_text_atomic(out_dir / "digits_eval.json", json.dumps(result.__dict__, indent=2))
     return result
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mmdiff.eval.clip_score import clip_score
 from mmdiff.eval.fid import frechet_distance, kernel_distance
+from mmdiff.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,7 @@ def score_images(
 
 def write_json(result: Dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` as indented JSON (creating the folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
 
 
 __all__ = ["METRICS", "cycle_prompts", "generate_images", "score_images", "write_json"]

@@ -33,6 +33,7 @@ from diffusers import DDIMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import UsageError
+from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
 
 log = logging.getLogger(__name__)
@@ -160,14 +161,15 @@ def export_folder(
     DDIMScheduler(**sched).save_pretrained(out / "scheduler")
     text_dir = out / "text_encoder"
     text_dir.mkdir()
-    (text_dir / "open_clip_config.json").write_text(json.dumps(_clip_export_config(system), indent=2))
-    save_file(_plain_state(system.clip.model), str(text_dir / "open_clip_model.safetensors"))
+    write_text_atomic(text_dir / "open_clip_config.json", json.dumps(_clip_export_config(system), indent=2))
+    with AtomicFile(text_dir / "open_clip_model.safetensors") as f:
+        save_file(_plain_state(system.clip.model), f.name)
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
-    (out / "mmdiff.json").write_text(json.dumps(info, indent=2, default=str))
+    write_text_atomic(out / "mmdiff.json", json.dumps(info, indent=2, default=str))
     from mmdiff.inference.model_card import model_card
 
-    (out / "README.md").write_text(model_card(info, sched))
+    write_text_atomic(out / "README.md", model_card(info, sched))
     if sched["timestep_spacing"] == "linspace":
         log.warning("sampling.timestep_spacing is linspace: diffusers' DDIM steps to t - T//N there, "
                     "so its DDIM samples differ slightly from mmdiff's (see docs/interop.md)")
@@ -204,7 +206,8 @@ def export_single_file(
         "scheduler_config": json.dumps(scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)),
         "text_encoder_config": json.dumps(_clip_export_config(system)),
     }
-    save_file(state, str(out), metadata=metadata)
+    with AtomicFile(out) as f:
+        save_file(state, f.name, metadata=metadata)
     log.info("exported %s weights to %s", info["weights"], out)
     return out
 

@@ -8,6 +8,7 @@ from typing import Any, List
 import torch
 from tqdm import tqdm
 
+from mmdiff.io.atomic import write_text_atomic
 from mmdiff.io.images import grid, save_png, to_pil
 
 log = logging.getLogger(__name__)
@@ -56,5 +57,5 @@ def write_samples(
     for index, picture in enumerate(to_pil(images)):
         save_png(picture, out / f"{index:04d}.png")
     save_png(grid(images, nrow=n_per_prompt), out / "grid.png")
-    (out / "prompts.txt").write_text("".join(f"{i:04d}\t{p}\n" for i, p in enumerate(p for p in prompts for _ in range(n_per_prompt))))
+    write_text_atomic(out / "prompts.txt", "".join(f"{i:04d}\t{p}\n" for i, p in enumerate(p for p in prompts for _ in range(n_per_prompt))))
     return out

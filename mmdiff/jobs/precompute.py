@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from mmdiff.config import to_container
+from mmdiff.io.atomic import AtomicFile, write_bytes_atomic
 from mmdiff.run.devices import resolve_device
 from mmdiff.data.precomputed import (EMPTY_PROMPT, FORMAT_VERSION, FRAGMENT, METADATA, SPLITS, VAE_PROBE,
                                      probe_image, read_metadata, store_keys)
@@ -136,12 +137,6 @@ def fragment_overrides(out_dir: Path, latents: str, splits: Sequence[str]) -> Li
     return items
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------- the encoder
 class _Encoder:
     """The frozen VAE + text encoder of a text-to-image config, built exactly as training builds them."""
@@ -234,28 +229,22 @@ def _write_shard(url: str, out: Path, cfg: DictConfig, encoder: _Encoder, batch_
                  counter: Dict[str, int], bar: Any) -> int:
     from webdataset import TarWriter
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     written = 0
-    try:
-        with open(tmp, "wb") as f:
-            writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
-            for raws, images, captions in _batches(url, cfg, batch_size, counter):
-                arrays = encoder.encode(images, captions)
-                for i, (raw, caption) in enumerate(zip(raws, captions)):
-                    sample = {"__key__": raw.key, "txt": caption.encode("utf-8")}
-                    if "json" in raw.members:
-                        sample["json"] = raw.members["json"]
-                    for name, array in arrays.items():
-                        sample[f"{name}.npy"] = _npy(array[i])
-                    writer.write(sample)
-                written += len(raws)
-                if bar is not None:
-                    bar.update(len(raws))
-            writer.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with AtomicFile(out, remove_leftovers=True) as f:
+        writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
+        for raws, images, captions in _batches(url, cfg, batch_size, counter):
+            arrays = encoder.encode(images, captions)
+            for i, (raw, caption) in enumerate(zip(raws, captions)):
+                sample = {"__key__": raw.key, "txt": caption.encode("utf-8")}
+                if "json" in raw.members:
+                    sample["json"] = raw.members["json"]
+                for name, array in arrays.items():
+                    sample[f"{name}.npy"] = _npy(array[i])
+                writer.write(sample)
+            written += len(raws)
+            if bar is not None:
+                bar.update(len(raws))
+        writer.close()
     return written
 
 
@@ -371,11 +360,11 @@ def _write_folder_files(out: Path, encoder: _Encoder, meta: Dict[str, Any], cfg:
     buf = io.BytesIO()
     np.savez(buf, context=empty["context"].cpu().numpy().astype(np.float32),
              pooled=empty["pooled"].cpu().numpy().astype(np.float32))
-    _atomic_write(out / EMPTY_PROMPT, buf.getvalue())
-    _atomic_write(out / VAE_PROBE, _npy(probe.float().cpu().numpy()))
+    write_bytes_atomic(out / EMPTY_PROMPT, buf.getvalue())
+    write_bytes_atomic(out / VAE_PROBE, _npy(probe.float().cpu().numpy()))
     splits = list(meta["sources"])
-    _atomic_write(out / FRAGMENT, config_fragment(out, meta["latents"], splits).encode())
-    _atomic_write(out / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
+    write_bytes_atomic(out / FRAGMENT, config_fragment(out, meta["latents"], splits).encode())
+    write_bytes_atomic(out / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
 
 
 __all__ = ["precompute", "PrecomputeResult", "config_fragment", "fragment_overrides", "launch_rank"]

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from mmdiff.io.atomic import write_text_atomic
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
@@ -49,8 +50,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     if id_file.is_file():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    write_text_atomic(id_file, run_id)
     return run_id
 
 
