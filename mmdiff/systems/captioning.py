@@ -32,15 +32,9 @@ from mmdiff.config import CaptionHeadKind, to_container
 from mmdiff.diffusion.discrete import MaskedDiffusion
 from mmdiff.errors import ConfigError
 from mmdiff.eval.caption_metrics import caption_metrics, clip_score
-from mmdiff.models.caption_heads import (
-    CaptionTransformer,
-    CaptionVocab,
-    Decoded,
-    ImageContext,
-    decode,
-    masked_logits_fn,
-    teacher_forcing_loss,
-)
+from mmdiff.models.caption_decoding import Decoded, decode, masked_logits_fn
+from mmdiff.models.caption_heads import CaptionTransformer, ImageContext, teacher_forcing_loss
+from mmdiff.models.caption_vocab import CaptionVocab
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting
 from mmdiff.systems.contrastive import all_gather_objects, valid_rows
