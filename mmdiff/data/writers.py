@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmdiff.data.decode import IMAGE_EXTS
@@ -148,6 +149,7 @@ def write_demo_shards(
     (``{"caption", "label", "index"}``). The split is stratified by digit; everything is
     deterministic in ``seed``. Returns ``{"train": [paths], "val": [paths]}``.
     """
+    # Imported here: scikit-learn is slow to import; only the digits demo data needs it.
     from sklearn.datasets import load_digits
 
     if image_size < 8:
@@ -280,8 +282,6 @@ def write_folder_shards(
     bytes; formats other than JPEG/PNG/WebP re-encoded as PNG), ``KEY.txt`` and ``KEY.json``
     (``{"caption", "path"}``).
     """
-    from tqdm import tqdm
-
     if shard_size < 1:
         raise DataError(f"shard_size must be positive, got {shard_size}.")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):

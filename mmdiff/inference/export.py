@@ -28,13 +28,17 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import open_clip
+from safetensors.torch import save_file
 import torch
 from diffusers import DDIMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import UsageError
+from mmdiff.inference.model_card import model_card
 from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
+from mmdiff.models.clip import _custom_model_cfg
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +86,9 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
 
 def _clip_export_config(system: Any) -> Dict[str, Any]:
     """``open_clip_config.json`` for the system's text encoder (open_clip's local-dir format)."""
-    import open_clip
-
     clip_cfg = system.cfg.model.clip
     name = str(clip_cfg.name)
     if name == "custom":
-        from mmdiff.models.clip import _custom_model_cfg
-
         model_cfg = _custom_model_cfg(clip_cfg.arch)
     else:
         model_cfg = open_clip.get_model_config(name.replace("/", "-"))
@@ -147,8 +147,6 @@ def export_folder(
     metrics: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write the diffusers-layout folder described in the module docstring; returns ``out``."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"export folder '{out}' is not empty; pass a new or empty folder.")
@@ -167,7 +165,6 @@ def export_folder(
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
     write_text_atomic(out / "mmdiff.json", json.dumps(info, indent=2, default=str))
-    from mmdiff.inference.model_card import model_card
 
     write_text_atomic(out / "README.md", model_card(info, sched))
     if sched["timestep_spacing"] == "linspace":
@@ -185,8 +182,6 @@ def export_single_file(
     use_ema: bool = True,
 ) -> Path:
     """One ``.safetensors`` of the system's state dict; configs as string metadata."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--format safetensors writes a .safetensors file; '{out}' has another suffix.")

@@ -29,16 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
+from webdataset import TarWriter
 
 from mmdiff.config import to_container
+from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.shards import expand_shards
+from mmdiff.data.tario import ShardError, iter_samples, list_keys
+from mmdiff.data.transforms import ImageTransform
 from mmdiff.io.atomic import AtomicFile, write_bytes_atomic
 from mmdiff.run.devices import resolve_device
 from mmdiff.data.precomputed import (EMPTY_PROMPT, FORMAT_VERSION, FRAGMENT, METADATA, SPLITS, VAE_PROBE,
                                      probe_image, read_metadata, store_keys)
 from mmdiff.errors import ConfigError, DataError
+from mmdiff.systems.text_to_image import TextToImageSystem
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +150,6 @@ class _Encoder:
     """The frozen VAE + text encoder of a text-to-image config, built exactly as training builds them."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
-        import lightning as L
-
-        from mmdiff.systems.text_to_image import TextToImageSystem
-
         # Same seed and construction order as `mmdiff fit`, so randomly initialised (test/demo)
         # encoders are the very ones training will hold.
         L.seed_everything(cfg.seed, verbose=False)
@@ -193,10 +197,6 @@ class _Encoder:
 # ------------------------------------------------------------------------------------- main
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
     """(raw samples, images, captions) batches of one input shard; corrupt samples are counted."""
-    from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
-    from mmdiff.data.tario import ShardError, iter_samples
-    from mmdiff.data.transforms import ImageTransform
-
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
                       max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size))
@@ -227,8 +227,6 @@ def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]
 
 def _write_shard(url: str, out: Path, cfg: DictConfig, encoder: _Encoder, batch_size: int,
                  counter: Dict[str, int], bar: Any) -> int:
-    from webdataset import TarWriter
-
     written = 0
     with AtomicFile(out, remove_leftovers=True) as f:
         writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
@@ -265,11 +263,6 @@ def precompute(
     ``batch_size`` defaults to ``data.val_batch_size``; ``rank``/``world`` default to the launcher's
     environment (see the module docstring). Returns what this rank did.
     """
-    from tqdm import tqdm
-
-    from mmdiff.data.shards import expand_shards
-    from mmdiff.data.tario import ShardError, list_keys
-
     if cfg.system != "text_to_image":
         raise ConfigError(f"mmdiff precompute is for text_to_image configs, not '{cfg.system}'.")
     if cfg.model.precomputed or not cfg.data.load_images:
