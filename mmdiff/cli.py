@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
-from mmdiff.config import SAMPLER_NAMES
+from mmdiff.config import SAMPLER_NAMES, load_config, to_yaml
 from mmdiff.errors import MmdiffError, UsageError
 from mmdiff.io.textfiles import read_user_text
 
@@ -31,16 +31,13 @@ EPILOG = """examples:
 
 # --------------------------------------------------------------------------------- subcommands
 def cmd_config(args: argparse.Namespace) -> int:
-    from mmdiff.config import load_config, to_yaml
-
     sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
     return 0
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from mmdiff.config import load_config
-
     cfg = load_config(args.config, args.overrides)
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.run.training import fit
 
     run_dir = fit(cfg, resume=args.resume)
@@ -127,6 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE.")
     if args.prior:
         return _sample_two_stage(args, prompts)
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.inference.sample_files import write_samples
 
@@ -150,12 +148,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------- unCLIP
 def _unclip_decoder(args: argparse.Namespace):
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.unclip import load_decoder
 
     return load_decoder(args.ckpt, use_ema=not args.no_ema, device=args.device)
 
 
 def _write_images(images, out: str, nrow: int) -> Path:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.io.images import grid, save_png, to_pil
 
     folder = Path(out)
@@ -171,6 +171,7 @@ def _decoder_options(args: argparse.Namespace) -> dict:
 
 
 def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     import torch
 
     from mmdiff.inference.api import load
@@ -190,6 +191,7 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
 
 
 def cmd_vary(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.data.transforms import read_image_file
     from mmdiff.inference.unclip import vary
 
@@ -203,6 +205,7 @@ def cmd_vary(args: argparse.Namespace) -> int:
 def cmd_interpolate(args: argparse.Namespace) -> int:
     if args.n < 2:
         raise UsageError(f"--n must be at least 2 (the two ends), got {args.n}.")
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.data.transforms import read_image_file
     from mmdiff.inference.unclip import interpolate
 
@@ -235,6 +238,7 @@ def _unclip_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_shards_demo(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.data.writers import write_demo_shards
 
     written = write_demo_shards(args.out, image_size=args.image_size, seed=args.seed)
@@ -244,6 +248,7 @@ def cmd_shards_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_folder(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.data.writers import write_folder_shards
 
     paths = write_folder_shards(
@@ -254,6 +259,7 @@ def cmd_shards_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_digits(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.eval.digit_judge import evaluate_digits
 
@@ -272,6 +278,7 @@ def cmd_eval_digits(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.inference.caption_files import caption_files
 
@@ -293,6 +300,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.eval.caption_metrics import roundtrip_digits
 
@@ -308,9 +316,8 @@ def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from mmdiff.config import load_config
-
     cfg = load_config(args.config, args.overrides)
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.data.precomputed import FRAGMENT
     from mmdiff.jobs.precompute import fragment_overrides, precompute
 
@@ -325,10 +332,9 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mmdiff.config import load_config
-
     presets = []
     if args.preset:
+        # Imported in the command: `mmdiff --help` and config errors stay free of torch.
         from mmdiff.jobs.bench import PRESETS
 
         if args.preset not in PRESETS:
@@ -349,6 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ interop and image metrics
 def cmd_export(args: argparse.Namespace) -> int:
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.inference.export import export_folder, export_single_file, read_metrics
 
@@ -374,9 +381,10 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
         raise UsageError(f"{metric} needs --reference SHARDS (the real images to compare with).")
     if not prompts and not args.reference:
         raise UsageError("no prompts: pass --prompts FILE (or --reference SHARDS to use their captions).")
+    # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.eval.generative import cycle_prompts, generate_images, score_images, write_json
-    from mmdiff.inference.sample_files import warn_cut_prompts
+    from mmdiff.eval.generative import warn_cut_prompts
 
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
     e = system.cfg.eval

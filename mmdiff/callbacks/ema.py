@@ -22,6 +22,7 @@ EMA_STATE_KEY = "EMA"
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
+    # Imported here: torch.distributed can be missing from a torch build; only sharded runs get here.
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -69,6 +70,7 @@ class EMACallback(L.Callback):
     def _placed(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """A checkpoint's full shadow tensor laid out like ``param`` (sharded when it is a DTensor)."""
         if _is_dtensor(param):
+            # Imported here: torch.distributed can be missing from a torch build; only sharded runs get here.
             from torch.distributed.tensor import distribute_tensor
 
             return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)

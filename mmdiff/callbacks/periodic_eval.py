@@ -16,6 +16,8 @@ import lightning as L
 import torch
 
 from mmdiff.callbacks.ema import find_ema
+from mmdiff.data.reference import read_reference
+from mmdiff.eval.features import build_extractor
 from mmdiff.eval.generative import cycle_prompts, generate_images, score_images
 from mmdiff.run.strategies import has_sharded_parameters
 
@@ -39,7 +41,6 @@ class ImageEvalCallback(L.Callback):
     def _setup(self, pl_module: L.LightningModule) -> None:
         if self._reference is not None or not self.reference_shards:
             return
-        from mmdiff.data.reference import read_reference
 
         self._reference, self._captions = read_reference(self.reference_shards, self.image_size, self.cfg.n_images)
 
@@ -62,8 +63,6 @@ class ImageEvalCallback(L.Callback):
     @torch.no_grad()
     def evaluate(self, pl_module: L.LightningModule, ema: Any = None) -> dict:
         """Sample and score now (with EMA weights when ``ema`` is given)."""
-        from mmdiff.eval.features import build_extractor
-
         self._setup(pl_module)
         needs_reference = bool({"fid", "kid"} & set(self.metrics))
         if needs_reference and self._reference is None:

@@ -12,6 +12,8 @@ import os
 from typing import Iterable, List, Sequence, Tuple
 from urllib.parse import urlparse
 
+import torch.distributed as dist
+from torch.utils.data import get_worker_info
 from webdataset.shardlists import expand_urls
 
 from mmdiff.errors import DataError
@@ -78,8 +80,6 @@ def _env_int(names: Iterable[str], default: int) -> int:
 
 def rank_and_world() -> Tuple[int, int]:
     """(global rank, world size): from ``torch.distributed`` when initialised, else env, else (0, 1)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     world = _env_int(("WORLD_SIZE",), 1)
@@ -91,8 +91,6 @@ def rank_and_world() -> Tuple[int, int]:
 
 def worker_and_count() -> Tuple[int, int]:
     """(DataLoader worker id, number of workers) of the calling process; (0, 1) in the main process."""
-    from torch.utils.data import get_worker_info
-
     info = get_worker_info()
     if info is None:
         return 0, 1

@@ -6,7 +6,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from mmdiff.errors import DataError
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -59,10 +61,6 @@ def read_image_file(path: str | Path, size: int) -> torch.Tensor:
 
     Raises :class:`~mmdiff.errors.DataError` naming the file when it is missing or not an image.
     """
-    from PIL import UnidentifiedImageError
-
-    from mmdiff.errors import DataError
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"image '{path}' does not exist; pass the path of an image file.")

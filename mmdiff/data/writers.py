@@ -11,19 +11,20 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmdiff.data.decode import IMAGE_EXTS
 from mmdiff.data.digits import caption_for
 from mmdiff.data.keys import unsafe_key_reason
 from mmdiff.errors import DataError
+from mmdiff.io.atomic import AtomicFile
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,13 @@ class AtomicShardWriter:
         self.maxcount = maxcount
         self.paths: List[Path] = []
         self._writer: Optional[TarWriter] = None
-        self._file: Optional[io.BufferedWriter] = None
-        self._tmp: Optional[Path] = None
+        self._file: Optional[AtomicFile] = None
         self._count = 0
 
     def _open(self) -> None:
         final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
-        self._tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        self._file = open(self._tmp, "wb")
-        self._writer = TarWriter(self._file, encoder=False, mtime=_FIXED_MTIME)
+        self._file = AtomicFile(final, remove_leftovers=True)
+        self._writer = TarWriter(self._file.file, encoder=False, mtime=_FIXED_MTIME)
         self._count = 0
 
     def write(self, sample: Mapping[str, Any]) -> None:
@@ -75,25 +74,21 @@ class AtomicShardWriter:
     def _finish(self) -> None:
         if self._writer is None:
             return
-        assert self._file is not None and self._tmp is not None
+        assert self._file is not None
         self._writer.close()
-        self._file.close()
-        final = self.out_dir / f"{self.prefix}-{len(self.paths):06d}.tar"
-        os.replace(self._tmp, final)
-        self.paths.append(final)
-        self._writer = self._file = self._tmp = None
+        self.paths.append(self._file.commit())
+        self._writer = self._file = None
 
     def abort(self) -> None:
         """Delete the shard in progress."""
-        for obj in (self._writer, self._file):
-            try:
-                if obj is not None:
-                    obj.close()
-            except Exception:
-                pass
-        if self._tmp is not None and self._tmp.exists():
-            self._tmp.unlink()
-        self._writer = self._file = self._tmp = None
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except Exception:
+            pass
+        if self._file is not None:
+            self._file.discard()
+        self._writer = self._file = None
 
     def close(self) -> List[Path]:
         """Finish the last shard; return all shard paths."""
@@ -154,6 +149,7 @@ def write_demo_shards(
     (``{"caption", "label", "index"}``). The split is stratified by digit; everything is
     deterministic in ``seed``. Returns ``{"train": [paths], "val": [paths]}``.
     """
+    # Imported here: scikit-learn is slow to import; only the digits demo data needs it.
     from sklearn.datasets import load_digits
 
     if image_size < 8:
@@ -286,8 +282,6 @@ def write_folder_shards(
     bytes; formats other than JPEG/PNG/WebP re-encoded as PNG), ``KEY.txt`` and ``KEY.json``
     (``{"caption", "path"}``).
     """
-    from tqdm import tqdm
-
     if shard_size < 1:
         raise DataError(f"shard_size must be positive, got {shard_size}.")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):

@@ -37,7 +37,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmdiff.data.digits import digit_from_caption
+from mmdiff.data.digits import DIGIT_WORDS, digit_from_caption
+from mmdiff.eval.digit_judge import classify_digits
+from mmdiff.eval.generative import generate
+from mmdiff.io.atomic import write_text_atomic
+from mmdiff.io.images import grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ def _check(preds: Sequence[str], refs: List[List[str]]) -> None:
 # ------------------------------------------------------------------------------------ BLEU
 def bleu4(preds: Sequence[str], references: References) -> float:
     """Corpus BLEU-4 (torchmetrics) of captions against one or more references each."""
+    # Imported here: torchmetrics' text metrics are slow to import; only BLEU needs them.
     from torchmetrics.functional.text import bleu_score
 
     refs = _as_lists(references)
@@ -235,10 +240,6 @@ def roundtrip_digits(
     ``sampler.sample(prompts, seed=..., **sample_options) -> B×3×H×W`` in [-1, 1];
     ``captioner.caption(images, seed=..., **caption_options) -> [str]``.
     """
-    from mmdiff.data.digits import DIGIT_WORDS
-    from mmdiff.eval.digit_judge import classify_digits
-    from mmdiff.inference.sample_files import generate
-
     if n_per_digit <= 0:
         raise ValueError(f"n_per_digit must be positive, got {n_per_digit}.")
     s_opts = {k: v for k, v in dict(sample_options or {}).items() if v is not None}
@@ -264,12 +265,10 @@ def roundtrip_digits(
         settings={"seed": seed, **s_opts, **c_opts},
     )
     if out is not None:
-        from mmdiff.io.images import grid, save_png
-
         out_dir = Path(out)
         save_png(grid(images, nrow=n_per_digit), out_dir / "roundtrip_grid.png")
         rows = [{"prompt": prompts[t], "caption": c, "judge": j} for t, c, j in zip(truth, captions, judged)]
-        (out_dir / "roundtrip.json").write_text(json.dumps({**asdict(result), "rows": rows}, indent=2))
+        write_text_atomic(out_dir / "roundtrip.json", json.dumps({**asdict(result), "rows": rows}, indent=2))
     return result
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mmdiff.data.digits import DIGIT_WORDS
+from mmdiff.eval.generative import generate
+from mmdiff.io.atomic import write_text_atomic
 from mmdiff.io.images import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def digit_classifier() -> Any:
     """An SVC fitted on all 1,797 real digits (held-out accuracy ≈ 99%)."""
+    # Imported here: scikit-learn is slow to import; only the digit judge needs it.
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
 
@@ -75,7 +78,6 @@ def evaluate_digits(
     **sample_options: Any,
 ) -> DigitsResult:
     """Sample ``n_per_digit`` images per digit from ``system.sample`` and score them."""
-    from mmdiff.inference.sample_files import generate
 
     options = {k: v for k, v in sample_options.items() if v is not None}
     prompts = [digit_prompt(d) for d in range(10)]
@@ -87,7 +89,7 @@ def evaluate_digits(
     if out is not None:
         out_dir = Path(out)
         save_png(grid(images, nrow=n_per_digit), out_dir / "digits_grid.png")
-        (out_dir / "digits_eval.json").write_text(json.dumps(result.__dict__, indent=2))
+        write_text_atomic(out_dir / "digits_eval.json", json.dumps(result.__dict__, indent=2))
     return result
 
 

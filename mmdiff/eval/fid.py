@@ -30,6 +30,7 @@ def _check(real: Tensor, fake: Tensor) -> None:
 @torch.no_grad()
 def frechet_distance(real: Tensor, fake: Tensor, extractor: nn.Module, batch_size: int = 64) -> float:
     """FID of ``fake`` against ``real`` in ``extractor``'s feature space."""
+    # Imported here: torchmetrics' image metrics are slow to import; only FID/KID runs need them.
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     _check(real, fake)
@@ -49,6 +50,7 @@ def kernel_distance(
 
     ``subset_size`` is capped at the smaller set's size (torchmetrics needs it ≤ both).
     """
+    # Imported here: torchmetrics' image metrics are slow to import; only FID/KID runs need them.
     from torchmetrics.image.kid import KernelInceptionDistance
 
     _check(real, fake)

@@ -14,9 +14,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from mmdiff.eval.clip_score import clip_score
 from mmdiff.eval.fid import frechet_distance, kernel_distance
+from mmdiff.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,32 @@ def cycle_prompts(prompts: Sequence[str], n: int) -> List[str]:
     if not prompts:
         raise ValueError("at least one prompt is needed to generate images.")
     return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def warn_cut_prompts(system: Any, prompts: List[str]) -> List[int]:
+    """Log a warning naming the prompts the text encoder's context cuts off; return their indices."""
+    clip = getattr(system, "clip", None)
+    if clip is None or not prompts:
+        return []
+    cut = clip.prompts_cut_off(prompts)
+    if cut:
+        first = prompts[cut[0]]
+        log.warning("%d of %d prompt(s) are longer than the text encoder's %d-token context and are cut off "
+                    "(prompt %d: '%s…')", len(cut), len(prompts), clip.context_length, cut[0] + 1, first[:60])
+    return cut
+
+
+def generate(system: Any, prompts: List[str], n_per_prompt: int, batch_size: int, seed: int, **options: Any) -> torch.Tensor:
+    """``n_per_prompt`` images for each prompt, prompt-major, in batches of ``system.sample(prompts, seed=…)``
+    (any object with that method); batch ``i`` seeded ``seed + i``."""
+    warn_cut_prompts(system, prompts)
+    expanded = [p for p in prompts for _ in range(n_per_prompt)]
+    chunks = [expanded[i : i + batch_size] for i in range(0, len(expanded), batch_size)]
+    images = [
+        system.sample(chunk, seed=seed + index, **options).cpu()
+        for index, chunk in enumerate(tqdm(chunks, desc="sampling", unit="batch", disable=len(chunks) < 2))
+    ]
+    return torch.cat(images)
 
 
 def generate_images(sample: SampleFn, prompts: Sequence[str], batch_size: int, seed: int) -> Tensor:
@@ -75,10 +103,8 @@ def score_images(
 
 def write_json(result: Dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` as indented JSON (creating the folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
 
 
-__all__ = ["METRICS", "cycle_prompts", "generate_images", "score_images", "write_json"]
+__all__ = ["METRICS", "cycle_prompts", "generate", "generate_images", "score_images", "warn_cut_prompts",
+           "write_json"]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmdiff.data.digits import DIGIT_WORDS
+
 
 def group_ids(texts: Sequence[str]) -> Tensor:
     """One id per distinct text (case and surrounding whitespace ignored), in first-seen order."""
@@ -70,8 +72,6 @@ def zero_shot_accuracy(image_emb: Tensor, class_emb: Tensor, labels: Tensor) -> 
 
 def digit_prompts(template: str = "a handwritten digit {word}") -> List[str]:
     """The ten class prompts of the digits ({word} → "seven", {numeral} → "7")."""
-    from mmdiff.data.digits import DIGIT_WORDS
-
     return [template.format(word=w, numeral=str(d)) for d, w in enumerate(DIGIT_WORDS)]
 
 

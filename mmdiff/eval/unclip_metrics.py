@@ -20,6 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mmdiff.data.decode import DecodeSpec
+from mmdiff.data.reference import usable_samples
+from mmdiff.data.transforms import ImageTransform
 from mmdiff.eval.digit_judge import classify_digits
 
 VaryFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (image 3×H×W, n, seed) → n×3×H×W
@@ -27,10 +30,6 @@ VaryFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (image 3×H×W, n, 
 
 def read_shards(shards: str | Sequence[str], size: int, limit: Optional[int] = None) -> Tuple[torch.Tensor, List[str], List[int]]:
     """``(images N×3×S×S, captions, labels)`` of the shards' samples (label -1 when none is stored)."""
-    from mmdiff.data.decode import DecodeSpec
-    from mmdiff.data.reference import usable_samples
-    from mmdiff.data.transforms import ImageTransform
-
     transform = ImageTransform(size)
     images: List[torch.Tensor] = []
     captions: List[str] = []

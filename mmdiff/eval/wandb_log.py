@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 def log_eval_to_wandb(result: Dict[str, Any], *, project: str, mode: str, out_dir: str | Path,
                       name: str, config: Dict[str, Any]) -> None:
     """One W&B run (job type ``eval``) whose summary holds ``eval/<key>`` for each number."""
+    # Imported here: wandb takes about a second to import; only runs that log to W&B pay it.
     import wandb
 
     numbers = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}

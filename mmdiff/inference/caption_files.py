@@ -21,8 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmdiff.data.transforms import read_image_file
+from mmdiff.data.decode import DecodeSpec
+from mmdiff.data.reference import usable_samples
+from mmdiff.data.transforms import ImageTransform, read_image_file
 from mmdiff.errors import DataError
+from mmdiff.eval.caption_metrics import caption_metrics
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +88,6 @@ def evaluate_captioner(
 
     Returns the metrics plus ``n`` and a few ``examples`` (reference, generated).
     """
-    from mmdiff.data.decode import DecodeSpec
-    from mmdiff.data.reference import usable_samples
-    from mmdiff.data.transforms import ImageTransform
-    from mmdiff.eval.caption_metrics import caption_metrics
-
     transform = ImageTransform(int(system.cfg.data.image_size))
     spec = DecodeSpec(caption_key=str(system.cfg.data.caption_key))
     images: List[torch.Tensor] = []

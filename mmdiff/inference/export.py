@@ -38,12 +38,17 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import open_clip
+from safetensors.torch import save_file
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import CheckpointError, UsageError
+from mmdiff.inference.model_card import model_card
+from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
+from mmdiff.models.clip import _custom_model_cfg
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +122,9 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
 
 def _clip_export_config(system: Any) -> Dict[str, Any]:
     """``open_clip_config.json`` for the system's text encoder (open_clip's local-dir format)."""
-    import open_clip
-
     clip_cfg = system.cfg.model.clip
     name = str(clip_cfg.name)
     if name == "custom":
-        from mmdiff.models.clip import _custom_model_cfg
-
         model_cfg = _custom_model_cfg(clip_cfg.arch)
     else:
         model_cfg = open_clip.get_model_config(name.replace("/", "-"))
@@ -218,8 +219,6 @@ def export_folder(
 
     Raises :class:`CheckpointError` (before writing anything) for a model diffusers cannot hold.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"export folder '{out}' is not empty; pass a new or empty folder.")
@@ -235,20 +234,21 @@ def export_folder(
     scheduler_cls.from_config(sched).save_pretrained(out / "scheduler")
     text_dir = out / "text_encoder"
     text_dir.mkdir()
-    (text_dir / "open_clip_config.json").write_text(json.dumps(_clip_export_config(system), indent=2))
-    save_file(_plain_state(system.clip.model), str(text_dir / "open_clip_model.safetensors"))
+    write_text_atomic(text_dir / "open_clip_config.json", json.dumps(_clip_export_config(system), indent=2))
+    with AtomicFile(text_dir / "open_clip_model.safetensors") as f:
+        save_file(_plain_state(system.clip.model), f.name)
     tokens = getattr(system, "image_tokens", None)
     if tokens is not None:
         tokens_dir = out / "image_tokens"
         tokens_dir.mkdir()
-        (tokens_dir / "config.json").write_text(json.dumps(_image_tokens_config(tokens), indent=2))
-        save_file(_plain_state(tokens), str(tokens_dir / "model.safetensors"))
+        write_text_atomic(tokens_dir / "config.json", json.dumps(_image_tokens_config(tokens), indent=2))
+        with AtomicFile(tokens_dir / "model.safetensors") as f:
+            save_file(_plain_state(tokens), f.name)
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
-    (out / "mmdiff.json").write_text(json.dumps(info, indent=2, default=str))
-    from mmdiff.inference.model_card import model_card
+    write_text_atomic(out / "mmdiff.json", json.dumps(info, indent=2, default=str))
 
-    (out / "README.md").write_text(model_card(info, sched))
+    write_text_atomic(out / "README.md", model_card(info, sched))
     if sched["timestep_spacing"] == "linspace":
         log.warning("sampling.timestep_spacing is linspace: diffusers' DDIM steps to t - T//N there, "
                     "so its DDIM samples differ slightly from mmdiff's (see docs/interop.md)")
@@ -268,8 +268,6 @@ def export_single_file(
     The weights are mmdiff's own (an EDM U-Net keeps its F output), so an EDM model's metadata has
     no diffusers ``scheduler_config``; its ``mmdiff`` entry holds the diffusion config.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--format safetensors writes a .safetensors file; '{out}' has another suffix.")
@@ -293,7 +291,8 @@ def export_single_file(
             scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod))
     if getattr(system, "image_tokens", None) is not None:
         metadata["image_tokens_config"] = json.dumps(_image_tokens_config(system.image_tokens))
-    save_file(state, str(out), metadata=metadata)
+    with AtomicFile(out) as f:
+        save_file(state, f.name, metadata=metadata)
     log.info("exported %s weights to %s", info["weights"], out)
     return out
 

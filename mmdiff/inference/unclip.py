@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from mmdiff.errors import CheckpointError
+from mmdiff.inference.api import load
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | float) -> torch.Te
 
 def load_decoder(ckpt: str | Path, **load_options: Any) -> Any:
     """A text_to_image checkpoint trained with image-embedding conditioning (else ``CheckpointError``)."""
-    from mmdiff.inference.api import load
-
     decoder = load(ckpt, expect="text_to_image", **load_options)
     if decoder.image_embed_mode == "none":
         raise CheckpointError(

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from mmdiff.io.atomic import AtomicFile
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """B×C×H×W in [-1, 1] → B×H×W×C uint8."""
@@ -30,9 +32,7 @@ def grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically (temp file, then rename) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    # No fsync: sample folders hold thousands of PNGs, and a killed process still leaves whole files.
+    with AtomicFile(path, fsync=False) as f:
+        image.save(f, format="PNG")
+    return Path(path)

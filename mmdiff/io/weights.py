@@ -18,6 +18,8 @@ import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 import torch
 from torch import nn
 
@@ -81,9 +83,6 @@ def unpickling_refusal(path: str | Path, err: pickle.UnpicklingError) -> Checkpo
 
 
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:

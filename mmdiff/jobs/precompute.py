@@ -29,15 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
+from webdataset import TarWriter
 
 from mmdiff.config import to_container
+from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.shards import expand_shards
+from mmdiff.data.tario import ShardError, iter_samples, list_keys
+from mmdiff.data.transforms import ImageTransform
+from mmdiff.io.atomic import AtomicFile, write_bytes_atomic
 from mmdiff.run.devices import resolve_device
 from mmdiff.data.precomputed import (EMPTY_PROMPT, FORMAT_VERSION, FRAGMENT, METADATA, SPLITS, VAE_PROBE,
                                      probe_image, read_metadata, store_keys)
 from mmdiff.errors import ConfigError, DataError
+from mmdiff.systems.text_to_image import TextToImageSystem
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +145,11 @@ def fragment_overrides(out_dir: Path, latents: str, splits: Sequence[str]) -> Li
     return items
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------- the encoder
 class _Encoder:
     """The frozen VAE + text encoder of a text-to-image config, built exactly as training builds them."""
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
-        import lightning as L
-
-        from mmdiff.systems.text_to_image import TextToImageSystem
-
         # Same seed and construction order as `mmdiff fit`, so randomly initialised (test/demo)
         # encoders are the very ones training will hold.
         L.seed_everything(cfg.seed, verbose=False)
@@ -198,10 +197,6 @@ class _Encoder:
 # ------------------------------------------------------------------------------------- main
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
     """(raw samples, images, captions) batches of one input shard; corrupt samples are counted."""
-    from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
-    from mmdiff.data.tario import ShardError, iter_samples
-    from mmdiff.data.transforms import ImageTransform
-
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
                       max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size))
@@ -232,30 +227,22 @@ def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]
 
 def _write_shard(url: str, out: Path, cfg: DictConfig, encoder: _Encoder, batch_size: int,
                  counter: Dict[str, int], bar: Any) -> int:
-    from webdataset import TarWriter
-
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     written = 0
-    try:
-        with open(tmp, "wb") as f:
-            writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
-            for raws, images, captions in _batches(url, cfg, batch_size, counter):
-                arrays = encoder.encode(images, captions)
-                for i, (raw, caption) in enumerate(zip(raws, captions)):
-                    sample = {"__key__": raw.key, "txt": caption.encode("utf-8")}
-                    if "json" in raw.members:
-                        sample["json"] = raw.members["json"]
-                    for name, array in arrays.items():
-                        sample[f"{name}.npy"] = _npy(array[i])
-                    writer.write(sample)
-                written += len(raws)
-                if bar is not None:
-                    bar.update(len(raws))
-            writer.close()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with AtomicFile(out, remove_leftovers=True) as f:
+        writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
+        for raws, images, captions in _batches(url, cfg, batch_size, counter):
+            arrays = encoder.encode(images, captions)
+            for i, (raw, caption) in enumerate(zip(raws, captions)):
+                sample = {"__key__": raw.key, "txt": caption.encode("utf-8")}
+                if "json" in raw.members:
+                    sample["json"] = raw.members["json"]
+                for name, array in arrays.items():
+                    sample[f"{name}.npy"] = _npy(array[i])
+                writer.write(sample)
+            written += len(raws)
+            if bar is not None:
+                bar.update(len(raws))
+        writer.close()
     return written
 
 
@@ -276,11 +263,6 @@ def precompute(
     ``batch_size`` defaults to ``data.val_batch_size``; ``rank``/``world`` default to the launcher's
     environment (see the module docstring). Returns what this rank did.
     """
-    from tqdm import tqdm
-
-    from mmdiff.data.shards import expand_shards
-    from mmdiff.data.tario import ShardError, list_keys
-
     if cfg.system != "text_to_image":
         raise ConfigError(f"mmdiff precompute is for text_to_image configs, not '{cfg.system}'.")
     if cfg.model.precomputed or not cfg.data.load_images:
@@ -371,11 +353,11 @@ def _write_folder_files(out: Path, encoder: _Encoder, meta: Dict[str, Any], cfg:
     buf = io.BytesIO()
     np.savez(buf, context=empty["context"].cpu().numpy().astype(np.float32),
              pooled=empty["pooled"].cpu().numpy().astype(np.float32))
-    _atomic_write(out / EMPTY_PROMPT, buf.getvalue())
-    _atomic_write(out / VAE_PROBE, _npy(probe.float().cpu().numpy()))
+    write_bytes_atomic(out / EMPTY_PROMPT, buf.getvalue())
+    write_bytes_atomic(out / VAE_PROBE, _npy(probe.float().cpu().numpy()))
     splits = list(meta["sources"])
-    _atomic_write(out / FRAGMENT, config_fragment(out, meta["latents"], splits).encode())
-    _atomic_write(out / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
+    write_bytes_atomic(out / FRAGMENT, config_fragment(out, meta["latents"], splits).encode())
+    write_bytes_atomic(out / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
 
 
 __all__ = ["precompute", "PrecomputeResult", "config_fragment", "fragment_overrides", "launch_rank"]

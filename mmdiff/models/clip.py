@@ -33,8 +33,13 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Sequence
 
+import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import CLIP, convert_weights_to_lp, get_cast_dtype
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -54,8 +59,6 @@ _MMDIFF_CLIP_PREFIX = "clip.model."
 
 @functools.lru_cache(maxsize=8)
 def _simple_tokenizer(context_length: int) -> Any:
-    from open_clip.tokenizer import SimpleTokenizer
-
     return SimpleTokenizer(context_length=context_length)
 
 
@@ -90,9 +93,6 @@ def _custom_model_cfg(arch: Any) -> dict[str, Any]:
 
 
 def _build_custom(cfg: DictConfig, precision: str) -> nn.Module:
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from open_clip.model import CLIP, convert_weights_to_lp, get_cast_dtype
-
     model = CLIP(**_custom_model_cfg(cfg.arch), cast_dtype=get_cast_dtype(precision))
     if cfg.pretrained is not None:
         path = Path(str(cfg.pretrained)).expanduser()
@@ -114,8 +114,6 @@ def _build_custom(cfg: DictConfig, precision: str) -> nn.Module:
 
 
 def _build_named(cfg: DictConfig, precision: str) -> tuple[nn.Module, Any]:
-    import open_clip
-
     name = str(cfg.name)
     pretrained = None if cfg.pretrained is None else str(cfg.pretrained)
     has_schema = name.startswith(("hf-hub:", "local-dir:"))
@@ -161,9 +159,6 @@ class ClipEncoder(nn.Module):
         precision: str = "fp32",
     ) -> None:
         super().__init__()
-        from open_clip.model import CLIP
-        from open_clip.transformer import TextTransformer
-
         self.model = model
         self.tokenizer = tokenizer  # open_clip's tokenizer for this model (ids via tokenize())
         self.text_layer = str(getattr(text_layer, "value", text_layer))

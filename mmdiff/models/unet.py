@@ -36,6 +36,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
@@ -161,8 +162,6 @@ def _is_ldm_layout(state: Mapping[str, torch.Tensor]) -> bool:
 def _from_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The original CompVis/Stable Diffusion U-Net layout (``model.diffusion_model.input_blocks…``,
     or the same keys without the prefix) in diffusers names, by diffusers' own converter."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
     ldm = {k if k.startswith(LDM_PREFIX) else LDM_PREFIX + k: v for k, v in state.items()
            if k.startswith(LDM_PREFIX) or not k.startswith(("first_stage_model.", "cond_stage_model."))}
     try:

@@ -38,10 +38,12 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 
+from mmdiff.config import VAEConfig
 from mmdiff.io.weights import ignored_key, load_state_dict_file, load_strict, safe_torch_load
 from mmdiff.errors import CheckpointError
 from mmdiff.models.dtypes import diffusers_folder
@@ -126,8 +128,6 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: Any, source: str) -
         if vae_keys:  # an mmdiff single-file export (or system state dict): keep the VAE's weights
             state = vae_keys
     if _is_ldm_layout(state):
-        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
         state = convert_ldm_vae_checkpoint(dict(state), _block_types(len(cfg.block_out_channels)))
     load_strict(vae, state, f"VAE ('{source}')", ignore_keys=_ignored(cfg))
     return vae
@@ -135,8 +135,6 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: Any, source: str) -
 
 def _ckpt_vae_config(ckpt: Mapping[str, Any], source: str) -> Optional[DictConfig]:
     """The ``model.vae`` section saved in an mmdiff checkpoint's hyper-parameters, if any."""
-    from mmdiff.config import VAEConfig
-
     hp = ckpt.get("hyper_parameters") or {}
     saved = ((hp.get("config") or {}).get("model") or {}).get("vae")
     if not isinstance(saved, Mapping):

@@ -30,7 +30,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator, List, Optional, Union
 
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true",
 
 # -------------------------------------------------------------------------------- sharding
 def _is_sharded(module: nn.Module) -> bool:
+    # Imported here: torch.distributed can be missing from a torch build; only FSDP runs get here.
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
@@ -49,6 +53,7 @@ def _is_sharded(module: nn.Module) -> bool:
 def has_sharded_parameters(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` is a DTensor shard: then every rank must take part in
     its forward passes (sampling for previews or evaluation), since each all-gathers the shards."""
+    # Imported here: torch.distributed can be missing from a torch build; only FSDP runs get here.
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
@@ -83,6 +88,7 @@ def shard_trainable(
     their own dtype. ``mesh`` defaults to the FSDP mesh of the trainer's :class:`FSDP2Strategy`;
     without one (any other strategy) nothing happens. Calling it twice is harmless.
     """
+    # Imported here: torch.distributed can be missing from a torch build; only FSDP runs get here.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh is None:
@@ -127,6 +133,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.fsdp_mesh: Optional[Any] = None
 
     def setup_environment(self) -> None:
+        # Imported here: torch.distributed can be missing from a torch build; only FSDP runs get here.
         from torch.distributed.device_mesh import init_device_mesh
 
         world = self.num_nodes * self.num_processes
@@ -142,10 +149,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup(self, trainer: Any) -> None:
         """ModelParallelStrategy.setup, with the trainable submodules sharded here when the
         system's ``configure_model`` did not (Lightning itself insists on ``configure_model``)."""
-        from lightning.fabric.utilities.init import _materialize_distributed_module
-        from lightning.fabric.utilities.optimizer import _optimizers_to_device
-        from lightning.pytorch.trainer.states import TrainerFn
-
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         shard_trainable(self.lightning_module, self.fsdp_mesh, self.reshard_after_forward)

@@ -14,16 +14,31 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import lightning as L
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from mmdiff.callbacks.data_position import DataPositionCallback, StepSeedCallback
+from mmdiff.callbacks.data_stats import DataStatsCallback
+from mmdiff.callbacks.ema import EMACallback
+from mmdiff.callbacks.nan_guard import NaNGuard
+from mmdiff.callbacks.periodic_eval import ImageEvalCallback
+from mmdiff.callbacks.previews import ImageLoggingCallback
+from mmdiff.callbacks.progress import ProgressLogCallback
+from mmdiff.callbacks.requeue import RequeueOnSignal
+from mmdiff.callbacks.resources import ResourceProbe
+from mmdiff.data.datamodule import ShardDataModule
+from mmdiff.inference.api import read_training_checkpoint
+from mmdiff.io.atomic import write_text_atomic
+from mmdiff.run.checkpoint_io import AtomicCheckpointIO
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.systems.base import System
+from mmdiff.run.strategies import build_strategy
 from mmdiff.systems.registry import get_system
 
 log = logging.getLogger(__name__)
@@ -36,8 +51,6 @@ def build_system(cfg: DictConfig) -> System:
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The webdataset DataModule for ``cfg.data``."""
-    from mmdiff.data.datamodule import ShardDataModule
-
     return ShardDataModule(cfg.data, seed=cfg.seed)
 
 
@@ -50,8 +63,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     if id_file.is_file():
         return id_file.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    write_text_atomic(id_file, run_id)
     return run_id
 
 
@@ -82,12 +94,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, system: System) -> List[Callback]:
     """Checkpointing, NaN guard, LR monitor, EMA (when the system has an EMA target), image logging."""
-    from mmdiff.callbacks.data_stats import DataStatsCallback
-    from mmdiff.callbacks.ema import EMACallback
-    from mmdiff.callbacks.previews import ImageLoggingCallback
-    from mmdiff.callbacks.nan_guard import NaNGuard
-    from mmdiff.callbacks.progress import ProgressLogCallback
-
     t = cfg.trainer
     callbacks: List[Callback] = [
         ModelCheckpoint(
@@ -106,8 +112,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: System) -> List[Call
     if t.nan_guard:
         callbacks.append(NaNGuard(max_bad_steps=t.max_bad_steps))
     if t.probe_resources_every_n_steps > 0:
-        from mmdiff.callbacks.resources import ResourceProbe
-
         callbacks.append(ResourceProbe(run_dir / "resources.csv", t.probe_resources_every_n_steps))
     if not t.enable_progress_bar:
         callbacks.append(ProgressLogCallback(every_n_steps=t.log_every_n_steps))
@@ -116,8 +120,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: System) -> List[Call
     if system.ema_target is not None and cfg.model.use_ema:
         callbacks.append(EMACallback(decay=cfg.model.ema_decay))
     if cfg.eval.every_n_steps > 0 and cfg.system == "text_to_image":
-        from mmdiff.callbacks.periodic_eval import ImageEvalCallback
-
         callbacks.append(ImageEvalCallback(cfg.eval, list(cfg.data.val_shards), cfg.data.image_size,
                                            str(cfg.model.clip.name)))
     return callbacks
@@ -140,22 +142,13 @@ def build_trainer(
     (checkpoint at the next batch boundary on all ranks, then requeue) instead of Lightning's
     handler, which saves wherever the training step happens to be.
     """
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    from mmdiff.run.checkpoint_io import AtomicCheckpointIO
-    from mmdiff.run.strategies import build_strategy
-
     t = cfg.trainer
     callbacks = list(callbacks)
     # Every checkpoint (periodic, last, SLURM requeue) is written atomically, whatever the strategy.
     plugins: List[Any] = [AtomicCheckpointIO()]
     if t.exact_resume:
-        from mmdiff.callbacks.data_position import DataPositionCallback, StepSeedCallback
-
         callbacks += [DataPositionCallback(), StepSeedCallback(cfg.seed)]
     if SLURMEnvironment.detect():
-        from mmdiff.callbacks.requeue import RequeueOnSignal
-
         plugins.append(SLURMEnvironment(auto_requeue=False))
         callbacks.append(RequeueOnSignal())
     return L.Trainer(
@@ -203,8 +196,6 @@ def check_resume_fits(system: L.LightningModule, cfg: DictConfig, ckpt_path: str
     Lightning would find out only inside ``fit``, with torch's multi-line key report; the tensors
     are memory-mapped here, so a large checkpoint is not read twice.
     """
-    from mmdiff.inference.api import read_training_checkpoint
-
     checkpoint, trained = read_training_checkpoint(ckpt_path, mmap=True)
     if trained.system != cfg.system:
         raise CheckpointError(f"cannot resume from '{ckpt_path}': it is a '{trained.system}' checkpoint and "

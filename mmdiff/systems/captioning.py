@@ -28,18 +28,16 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from mmdiff.config import CaptionHeadKind
+from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.shards import expand_shards
+from mmdiff.data.tario import ShardError, iter_samples
 from mmdiff.diffusion.discrete import MaskedDiffusion
 from mmdiff.errors import ConfigError
 from mmdiff.eval.caption_metrics import caption_metrics, clip_score
-from mmdiff.models.caption_heads import (
-    CaptionTransformer,
-    CaptionVocab,
-    Decoded,
-    ImageContext,
-    decode,
-    masked_logits_fn,
-    teacher_forcing_loss,
-)
+from mmdiff.io.images import to_pil
+from mmdiff.models.caption_decoding import Decoded, decode, masked_logits_fn
+from mmdiff.models.caption_heads import CaptionTransformer, ImageContext, teacher_forcing_loss
+from mmdiff.models.caption_vocab import CaptionVocab
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.systems.base import System, all_gather_objects, valid_rows
 from mmdiff.systems.registry import register_system
@@ -55,10 +53,6 @@ def _enum(value: Any) -> str:
 
 def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
     """Up to ``limit`` captions of ``data.train_shards`` in shard order (corrupt samples skipped)."""
-    from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
-    from mmdiff.data.shards import expand_shards
-    from mmdiff.data.tario import ShardError, iter_samples
-
     spec = DecodeSpec(caption_key=str(data_cfg.caption_key), load_images=False)
     count = 0
     for url in expand_shards(list(data_cfg.train_shards)):
@@ -344,9 +338,8 @@ class CaptioningSystem(System):
         loggers = [lg for lg in (self.loggers or []) if isinstance(lg, WandbLogger)]
         if not loggers:
             return
+        # Imported here: wandb takes about a second to import; only runs that log to W&B pay it.
         import wandb
-
-        from mmdiff.io.images import to_pil
 
         pictures = to_pil(torch.stack([r[0] for r in rows]))
         data = [[wandb.Image(p), ref, pred] for p, (_, ref, pred) in zip(pictures, rows)]

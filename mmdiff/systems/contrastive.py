@@ -25,12 +25,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from open_clip.loss import ClipLoss
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from mmdiff.data.digits import digit_from_caption
+from mmdiff.errors import CheckpointError
 from mmdiff.eval.retrieval import digit_prompts, group_ids, recall_at_k, zero_shot_accuracy
+from mmdiff.io.weights import load_state_dict_file
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.systems.base import System, all_gather_objects, valid_rows
 from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
@@ -48,9 +51,6 @@ def load_clip_state(path: str | Path) -> Dict[str, torch.Tensor]:
     ``ClipEncoder`` does the same when ``model.clip.pretrained`` names such a ``.ckpt`` (custom
     architectures); this is the notebook form, e.g. to export the CLIP as safetensors.
     """
-    from mmdiff.io.weights import load_state_dict_file
-    from mmdiff.errors import CheckpointError
-
     state = load_state_dict_file(path)
     clip = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
     if not clip:
@@ -100,8 +100,6 @@ class ContrastiveSystem(System):
 
     # ------------------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
-        from open_clip.loss import ClipLoss
-
         c = self.cfg.model.contrastive
         trainer = self._trainer
         self.loss_fn = ClipLoss(

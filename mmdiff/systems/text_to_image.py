@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType
+from mmdiff.data.precomputed import check_against, find_precompute_dir
 from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
@@ -235,8 +236,6 @@ class TextToImageSystem(System):
 
     def _check_precomputed(self) -> None:
         """Load the precompute folder's empty-prompt states and check it fits this model."""
-        from mmdiff.data.precomputed import check_against, find_precompute_dir
-
         folder = find_precompute_dir(self.cfg.data.train_shards)
         if folder is None:
             log.warning("no precompute.json beside the training shards; caption dropout uses the "

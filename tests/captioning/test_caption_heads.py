@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from mmdiff.diffusion.discrete import MaskedDiffusion
-from mmdiff.models.caption_heads import (
-    CaptionTransformer,
-    CaptionVocab,
-    decode,
-    filter_logits,
-    masked_logits_fn,
-    sequence_logprob,
-    teacher_forcing_loss,
-)
+from mmdiff.models.caption_decoding import decode, filter_logits, masked_logits_fn, sequence_logprob
+from mmdiff.models.caption_heads import CaptionTransformer, teacher_forcing_loss
+from mmdiff.models.caption_vocab import CaptionVocab
 from mmdiff.models.clip import _simple_tokenizer
 
 CAPTIONS = [

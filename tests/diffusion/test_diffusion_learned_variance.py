@@ -89,10 +89,10 @@ def test_learned_variance_lowers_the_bound():
         f"| (context) exact posterior mean, no training | fixed_large (β) | {results['exact_fixed_large']['total']:.3f} "
         f"| {results['exact_fixed_large']['decoder']:.3f} |",
         "",
-        f"Measured: 2-D mixture of 8 Gaussians (radius 0.6, std 0.04, weights ∝ 1,2,3,4,1,2,3,4) quantised to",
-        f"8 bits in [-1, 1]; linear β 1e-4 → 0.02, T = 1000, ε-prediction; an MLP (3×128, SiLU) trained",
+        "Measured: 2-D mixture of 8 Gaussians (radius 0.6, std 0.04, weights ∝ 1,2,3,4,1,2,3,4) quantised to",
+        "8 bits in [-1, 1]; linear β 1e-4 → 0.02, T = 1000, ε-prediction; an MLP (3×128, SiLU) trained",
         f"{TRAIN_STEPS} Adam steps of batch {BATCH} (lr 2e-3, cosine) with low-discrepancy timesteps; the full",
-        f"bound Σ_t L_t + L_prior (all 1000 terms, discretised-Gaussian decoder at t = 0) averaged over",
+        "bound Σ_t L_t + L_prior (all 1000 terms, discretised-Gaussian decoder at t = 0) averaged over",
         f"{EVAL} held-out points.",
     ]
     text = "\n".join(lines)

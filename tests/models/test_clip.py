@@ -36,7 +36,7 @@ def test_tokenizer_is_offline_and_sized_by_the_model(encoder: ClipEncoder) -> No
 
 
 def test_prompts_cut_off_are_exactly_those_past_the_context(encoder: ClipEncoder, caplog) -> None:
-    from mmdiff.inference.sample_files import warn_cut_prompts
+    from mmdiff.eval.generative import warn_cut_prompts
 
     fits = "x " * (encoder.context_length - 2)  # 30 words + start and end tokens = the whole context
     prompts = ["a digit", fits, fits + "x", "seven " * 100]

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-from collections import defaultdict
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ per-step losses (and facts about the sharding) to OUT_JSON.
 """
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import json
 import os

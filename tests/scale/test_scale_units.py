@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO
 from tiny_configs import tiny_t2i_config
 from mmdiff.callbacks.data_position import StepSeedCallback, step_seed
 from mmdiff.callbacks.requeue import RequeueOnSignal

@@ -1,0 +1,53 @@
+"""``mmdiff bench CONFIG``: where the time of a text-to-image config goes, in one run.
+
+:func:`run_bench` measures, on this machine, for the config's model, batch and precision
+(docs/performance.md explains how to read the table):
+
+* **train** — median step time and images/s after warm-up, two ways side by side in one process
+  on the same U-Net, optimiser, batch and precision, interleaved over ``rounds``:
+
+  - ``framework`` (a): ``lightning.Trainer.fit`` of the real :class:`TextToImageSystem`: Lightning's
+    loop and precision plugin, automatic optimisation (zero_grad, backward, gradient clipping, AdamW,
+    LR scheduler), the system's ``training_step`` (caption dropout, frozen encoders or stored
+    arrays, the diffusion loss, ``self.log``) and the EMA callback (when ``model.use_ema``).
+    Batches come from an in-memory loader of one fixed batch (the real loader is measured on its
+    own below); no logger, checkpoints, previews or validation. A step is the interval between
+    consecutive ``on_train_batch_end`` calls, so everything between two steps counts.
+  - ``plain`` (b): a minimal hand-written PyTorch loop doing the same work: batch to device,
+    VAE + text encoder under ``no_grad`` (or the stored arrays), noise, U-Net, ε-MSE, backward,
+    clipping, AdamW, LR schedule, EMA lerp.
+
+  ``overhead`` = (a)/(b). Each runs with **online** encoding (VAE + text encoder every step) and
+  from **precomputed** latents and text states (``model.precomputed``); ``precomputed_speedup``
+  is online/precomputed step time of (a).
+* **loader** — the config's ``ShardDataModule`` alone: images/s decoded and augmented with no
+  workers (one process: the per-worker rate) and with ``data.num_workers``, against the images/s
+  the framework step consumes (``headroom``).
+* **flops** — ``torch.utils.flop_counter`` FLOPs per image of the U-Net's training step
+  (forward + backward), of one U-Net call and of the frozen encoders; achieved FLOP/s, and on a
+  GPU MFU against the device's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`).
+* **memory** — peak CPU RSS, and per section ``torch.cuda.max_memory_allocated`` on a GPU.
+* **sampling** — ms per U-Net call and s/image of a 20-step ``dpmpp_2m`` run with the config's
+  guidance scale (both branches in one U-Net call) at batch 1 and 16, VAE decode included.
+
+Timings on a shared machine are noisy: the load average before and after is in the result.
+
+The package, one job per module: ``timing`` (clocks, statistics), ``batches`` (the fixed inputs),
+``steps`` (the two step runners and the ``train`` section), ``loader`` (the real data pipeline:
+``loader`` and ``fit``), ``flops`` (FLOP counting, MFU), ``sampling_speed``, ``driver``
+(:func:`run_bench`, the targets) and ``report`` (table, JSON).
+"""
+from mmdiff.jobs.bench.batches import make_batch, precomputed_batch
+from mmdiff.jobs.bench.driver import PRESETS, SECTIONS, environment, pick_bench_device, run_bench, targets
+from mmdiff.jobs.bench.flops import PEAK_BF16_TFLOPS, add_achieved, bench_flops, count_flops, peak_bf16_tflops
+from mmdiff.jobs.bench.loader import bench_fit, bench_loader, precomputed_data
+from mmdiff.jobs.bench.report import format_table, write_json
+from mmdiff.jobs.bench.sampling_speed import bench_sampling
+from mmdiff.jobs.bench.steps import bench_train, framework_steps, plain_steps
+
+__all__ = [
+    "PEAK_BF16_TFLOPS", "PRESETS", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
+    "bench_sampling", "bench_train", "count_flops", "environment", "format_table", "framework_steps",
+    "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch",
+    "precomputed_data", "run_bench", "targets", "write_json",
+]

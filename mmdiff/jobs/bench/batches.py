@@ -1,0 +1,62 @@
+"""The bench's inputs: a fixed batch of the config's size, its precomputed form, and the
+precision context the steps run under."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator
+
+import torch
+from omegaconf import DictConfig
+
+
+def precision_context(precision: str, device: torch.device) -> Any:
+    """Autocast for a Lightning precision name (bf16-*/16-*), else no context."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+def make_batch(cfg: DictConfig, batch_size: int, seed: int = 0) -> Dict[str, Any]:
+    """A fixed image/caption batch of the config's size (content does not change timings)."""
+    g = torch.Generator().manual_seed(seed)
+    size = int(cfg.data.image_size)
+    images = (torch.randn(batch_size, 3, size, size, generator=g) * 0.5).clamp(-1, 1)
+    prompts = list(cfg.sampling.prompts) or ["a photo of something"]
+    captions = [prompts[i % len(prompts)] for i in range(batch_size)]
+    return {"image": images, "caption": captions}
+
+
+@torch.no_grad()
+def precomputed_batch(system: Any, batch: Dict[str, Any]) -> Dict[str, Any]:
+    """What `mmdiff precompute` would store for ``batch``: latent mean/logvar, context, pooled."""
+    posterior = system.encode_posterior(batch["image"])
+    cond = system.encode_prompts(batch["caption"])
+    return {
+        "latent": posterior.mean.float().cpu().half(),
+        "latent_logvar": posterior.logvar.float().cpu().half(),
+        "context": cond["context"].cpu().half(),
+        "pooled": cond["pooled"].cpu().half(),
+        "caption": list(batch["caption"]),
+    }
+
+
+class RepeatBatch(torch.utils.data.IterableDataset):
+    """The same batch, ``n`` times."""
+
+    def __init__(self, batch: Dict[str, Any], n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for _ in range(self.n):
+            yield self.batch
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def pinned(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """``batch`` with its tensors in pinned memory when copying to a GPU."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
