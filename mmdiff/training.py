@@ -169,7 +169,10 @@ def build_trainer(
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        val_check_interval=min(t.val_every_n_steps, cfg.data.steps_per_epoch),
+        # Lightning counts val_check_interval in batches, across epochs only with
+        # check_val_every_n_epoch=None (otherwise it must fit in one epoch); a whole number of
+        # accumulation windows per epoch (config check) makes N optimiser steps N × accumulation batches.
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,

@@ -133,3 +133,38 @@ def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
         signal.signal(signal.SIGTERM, previous)
     assert code == 143
     assert "stopped by SIGTERM after step" in capsys.readouterr().err
+
+
+class _RecordValidation(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def _validation_steps(toy_config: Path, monkeypatch, *overrides: str) -> list:
+    import mmdiff.training
+
+    record = _RecordValidation()
+    build_callbacks = mmdiff.training.build_callbacks
+    monkeypatch.setattr(mmdiff.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), record])
+    assert main(["fit", str(toy_config), *overrides]) == 0
+    return record.steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_validation_runs_every_n_optimiser_steps_across_epochs(toy_config: Path, monkeypatch, accumulate: int) -> None:
+    """longrun.yaml-like: an epoch (4 batches) shorter than val_every_n_steps (3 optimiser steps with
+    accumulation 2, 6 without); validation counts optimiser steps and is not cut to the epoch."""
+    every = 3 if accumulate == 2 else 6
+    steps = _validation_steps(toy_config, monkeypatch, "data.batch_size=4", "trainer.max_steps=12",
+                              f"trainer.val_every_n_steps={every}", f"trainer.accumulate_grad_batches={accumulate}",
+                              "trainer.checkpoint_every_n_steps=100")
+    assert steps == list(range(every, 13, every))
+
+
+def test_an_epoch_of_part_accumulation_windows_is_refused(toy_config: Path, capsys) -> None:
+    assert main(["fit", str(toy_config), "data.steps_per_epoch=5", "trainer.accumulate_grad_batches=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: data.steps_per_epoch (5) must be a multiple of trainer.accumulate_grad_batches (2)."]
