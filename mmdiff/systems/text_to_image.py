@@ -25,7 +25,7 @@ from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, enable_tf32, fused_adamw_setting, prepare_unet
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting, prepare_unet
 from mmdiff.systems import image_embed
 from mmdiff.systems.registry import register_system
 
@@ -105,12 +105,10 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``, TF32)."""
+        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``); ``fit`` sets TF32."""
         if self.speed:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type == "cuda":
-            enable_tf32(bool(self.cfg.trainer.tf32))
         self.speed = prepare_unet(self.unet, self.cfg.model.unet, device)
 
     def _frozen(self):
