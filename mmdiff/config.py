@@ -802,6 +802,13 @@ def check_values(cfg: DictConfig) -> None:
     )
     for key in ("accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
         _require(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
+    # Lightning steps the optimiser at every epoch end, so a pass that is not a whole number of
+    # accumulation windows would take a short step and shift every step count after it.
+    _require(
+        d.steps_per_epoch % t.accumulate_grad_batches == 0,
+        f"data.steps_per_epoch ({d.steps_per_epoch}) must be a multiple of trainer.accumulate_grad_batches "
+        f"({t.accumulate_grad_batches}).",
+    )
     _require(
         t.limit_val_batches is None or t.limit_val_batches >= 0,
         f"trainer.limit_val_batches must be >= 0 or null, got {t.limit_val_batches}.",

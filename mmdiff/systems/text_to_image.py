@@ -25,7 +25,7 @@ from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, enable_tf32, fused_adamw_setting, prepare_unet
+from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting, prepare_unet
 from mmdiff.systems import image_embed
 from mmdiff.systems.registry import register_system
 
@@ -105,12 +105,10 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         )
 
     def configure_model(self) -> None:
-        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``, TF32)."""
+        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``); ``fit`` sets TF32."""
         if self.speed:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type == "cuda":
-            enable_tf32(bool(self.cfg.trainer.tf32))
         self.speed = prepare_unet(self.unet, self.cfg.model.unet, device)
 
     def _frozen(self):
@@ -315,12 +313,18 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
     @torch.no_grad()
     def sample(
         self, prompts: List[str], *, seed: int = 0, progress: bool = False,
-        image_embeds: Optional[torch.Tensor] = None, **options: Any
+        image_embeds: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None, **options: Any
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
         ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
-        ``guidance_scale``, ``eta``, ``temperature``, ...); unset ones take the config's ``sampling:``.
+        ``guidance_scale``, ``eta``, ``temperature``, ``strength``, ...); unset ones take the config's
+        ``sampling:``. img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at
+        ``data.image_size``) is encoded and noised to ``strength`` (< 1; ``int(steps·strength)``
+        steps run). Inpainting: ``mask`` (H×W, 1×H×W or 1|B×1×H×W; 1 = regenerate, 0 = keep) also
+        needs ``init_image``; every latent cell touching a pixel to regenerate is generated, the
+        others end as the init image's latents exactly (decoded, the VAE's reconstruction of it).
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         """
@@ -339,6 +343,8 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
             cond["image_embed"] = zeros if image_embeds is None else image_embeds.to(self.device).float()
             if uncond is not None:
                 uncond["image_embed"] = zeros
+        if init_image is not None or mask is not None:
+            kwargs.update(self._init_latents(len(prompts), init_image, mask))
         latents = self.diffusion.sample(
             self.denoise,
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
@@ -350,6 +356,24 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
             **kwargs,
         )
         return self.decode_latents(latents)
+
+    def _init_latents(self, n: int, image: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Dict[str, Any]:
+        """``x_init`` (and ``mask``, 1 = known) latents for ``n`` samples from pixel-space inputs."""
+        size = int(self.cfg.data.image_size)
+        if image is None:
+            raise ValueError("inpainting with a mask needs init_image, the image whose unmasked part is kept.")
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        if image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (3, size, size):
+            raise ValueError(f"init_image must be 3x{size}x{size} (or 1 or {n} of them), got {tuple(image.shape)}.")
+        latents = self.encode_images(image.to(self.device), sample=False)
+        out: Dict[str, Any] = {"x_init": latents.expand(n, *latents.shape[1:]).contiguous()}
+        if mask is not None:
+            mask = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(0) if mask.ndim == 3 else mask
+            if mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, size, size):
+                raise ValueError(f"mask must be {size}x{size} (or 1 or {n} of them), got {tuple(mask.shape)}.")
+            regenerate = torch.nn.functional.adaptive_max_pool2d((mask > 0.5).float(), latents.shape[-2:])
+            out["mask"] = (1.0 - regenerate).to(self.device)
+        return out
 
     def preview_images(self) -> Dict[str, Any]:
         """Fixed prompts × 4 fixed seeds, one column per prompt (for the image-logging callback)."""
