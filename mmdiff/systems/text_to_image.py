@@ -10,8 +10,9 @@ image embedding (:mod:`mmdiff.systems.image_embed`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import lightning as L
 import torch
@@ -25,7 +26,9 @@ from mmdiff.models.prior import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
-from mmdiff.systems.common import FusedAdamWClipping, configure_adamw, fused_adamw_setting, prepare_unet
+from mmdiff.systems.common import (
+    FusedAdamWClipping, configure_adamw, fused_adamw_setting, moments, pool_moments, prepare_unet,
+)
 from mmdiff.systems import image_embed
 from mmdiff.systems.registry import register_system
 
@@ -243,6 +246,16 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
     def on_fit_start(self) -> None:
         if self.precomputed:
             self._check_precomputed()
+        # Here, before any callback's on_train_start (the step-0 preview decodes with this scale)
+        # and on every rank alike. A resumed run has it from its checkpoint, which strategies such
+        # as FSDP2 restore only after this hook.
+        trainer = self.trainer
+        restored_later = trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup
+        if float(self.latent_scale) == 0.0 and not restored_later:
+            datamodule = trainer.datamodule
+            state = datamodule.state_dict()
+            self._estimate_latent_scale(datamodule.train_dataloader())
+            datamodule.load_state_dict(state)  # the estimate's pass is not a training pass
 
     def _check_precomputed(self) -> None:
         """Load the precompute folder's empty-prompt states and check it fits this model."""
@@ -255,26 +268,18 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
             return
         self._empty_states = check_against(self, folder)
 
-    def on_train_start(self) -> None:
-        if float(self.latent_scale) == 0.0:
-            self._estimate_latent_scale()
-
     @torch.no_grad()
-    def _estimate_latent_scale(self) -> None:
-        """Set ``latent_scale`` to 1/std of the first N batches' latents (all ranks pooled)."""
+    def _estimate_latent_scale(self, batches: Iterable[Dict[str, Any]]) -> None:
+        """Set ``latent_scale`` to 1/std of the first N batches' latents (all ranks pooled, every
+        rank getting the same value)."""
         n_batches = self.cfg.model.vae.scale_estimate_batches
-        loader = self.trainer.datamodule.train_dataloader()
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            z = self._raw_latents(batch, sample=True).double()
-            total += torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), device=self.device)])
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        mean = total[0] / total[2]
-        std = torch.sqrt(total[1] / total[2] - mean * mean)
-        self.latent_scale.fill_(float(1.0 / std))
-        log.info("latent scale estimated from %d batches: %.5f", n_batches, float(self.latent_scale))
+        rows = [moments(self._raw_latents(batch, sample=True)) for batch in itertools.islice(batches, n_batches)]
+        local = pool_moments(torch.stack(rows))
+        # The collective needs device tensors: one float32 summary row per rank is accurate enough.
+        count, _, m2 = pool_moments(self.all_gather(local.float().to(self.device))).tolist()
+        scale = (count / m2) ** 0.5
+        self.latent_scale.fill_(scale)
+        log.info("latent scale estimated from %d batches: %.5f", n_batches, scale)
 
     def _loss(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None, generator=None,
               sample: bool = True, image_drop: Optional[torch.Tensor] = None):
