@@ -57,7 +57,7 @@ RULES: Tuple[Rule, ...] = (
 # writes them; remove one when its cause is gone (the test fails until it is removed).
 KNOWN_VIOLATIONS: Set[str] = {
     "module cycle: mmdiff.precompute, mmdiff.systems.text_to_image",
-    "package cycle: mmdiff.config, mmdiff.data, mmdiff.eval, mmdiff.models, mmdiff.precompute, mmdiff.systems",
+    "package cycle: mmdiff.config, mmdiff.data, mmdiff.eval, mmdiff.models, mmdiff.precompute, mmdiff.sampling, mmdiff.systems",
     "mmdiff.eval.caption_metrics -> mmdiff.sampling",
     "mmdiff.eval.digits -> mmdiff.sampling",
 }
