@@ -6,8 +6,8 @@ Where each comes from:
   counts summed over the corpus, uniform 1–4-gram weights, brevity penalty against the closest
   reference length), the definition of NLTK's unsmoothed ``corpus_bleu``; tested against NLTK's
   published worked example. pycocoevalcap's BLEU (what COCO captioning papers report) is the same
-  formula except that it adds 1e-9 to every n-gram count, so a caption set with no matching 4-gram
-  scores ~1e-4 there and 0 here. torchmetrics is already installed with Lightning.
+  formula except that it adds 1e-15 to each matched and 1e-9 to each total n-gram count, so a
+  caption set with no matching 4-gram scores a small positive number there and 0 here. torchmetrics is already installed with Lightning.
 * **CIDEr-D** — torchmetrics (1.9) has no CIDEr, and pycocoevalcap is not a dependency: its
   BLEU/CIDEr scorers are pure Python but its PTB tokenizer (and METEOR/SPICE) need Java, and the
   package pulls in pycocotools. CIDEr-D is ~60 lines, so :func:`cider_d` follows pycocoevalcap's
