@@ -47,6 +47,22 @@ def test_worse_captions_score_lower() -> None:
     assert exact_match(["the digit 7"], [["a handwritten digit seven", "the digit 7"]]) == 1.0
 
 
+# The worked example of NLTK's bleu_score docstrings (the BLEU paper's sentences); NLTK documents
+# sentence_bleu = 0.5045... for the first pair and corpus_bleu = 0.5920... for both. Lower-casing
+# (our normalize) changes no n-gram match here: "Party" only occurs where "party" matches anyway.
+_H1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
+_R1 = ["It is a guide to action that ensures that the military will forever heed Party commands",
+       "It is the guiding principle which guarantees the military forces always being under the command of the Party",
+       "It is the practical guide for the army always to heed the directions of the party"]
+_H2 = "he read the book because he was interested in world history"
+_R2 = ["he was interested in world history because he read the book"]
+
+
+def test_bleu4_matches_the_published_worked_example() -> None:
+    assert bleu4([_H1], [_R1]) == pytest.approx(0.5045666840058485, abs=1e-6)
+    assert bleu4([_H1, _H2], [_R1, _R2]) == pytest.approx(0.5920778868801042, abs=1e-6)
+
+
 def test_cider_of_a_single_image_is_zero() -> None:
     # CIDEr-D's IDF comes from the evaluated set: one image means every n-gram is everywhere.
     assert cider_d(["a b c"], ["a b c"]) == 0.0
