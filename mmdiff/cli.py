@@ -24,6 +24,7 @@ EPILOG = """examples:
   mmdiff fit configs/demo/vae.yaml                # train the demo VAE
   mmdiff fit configs/demo/text_to_image.yaml trainer.max_steps=100
   mmdiff sample runs/demo/t2i/checkpoints/last.ckpt --prompt "a handwritten digit seven" --n 8
+  mmdiff sample CKPT --prompt "a handwritten digit one" --init-image seven.png --strength 0.6 [--mask m.png]
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
   mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out export/t2i   # diffusers folder
 """
@@ -122,13 +123,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts: List[str] = list(args.prompt or []) + _read_prompts(args.prompts_file)
     if not prompts:
         raise UsageError("no prompts given; pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    if args.init_image is None and (args.mask is not None or args.strength is not None):
+        raise UsageError(f"{'--mask' if args.mask is not None else '--strength'} needs --init-image IMG, "
+                         "the image to start from.")
+    if args.prior and args.init_image is not None:
+        raise UsageError("--init-image is for one-stage sampling; leave out --prior.")
     if args.prior:
         return _sample_two_stage(args, prompts)
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
-    from mmdiff.inference.sample_files import write_samples
+    from mmdiff.inference.sample_files import init_tensors, read_init_images, write_samples
 
+    init = read_init_images(args.init_image, args.mask) if args.init_image is not None else None
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
+    image_options = {}
+    if init is not None:
+        image_options["init_image"], image_options["mask"] = init_tensors(*init, int(system.cfg.data.image_size))
+        strength = args.strength if args.strength is not None else float(system.cfg.sampling.strength)
+        if args.mask is None and strength >= 1.0:
+            log.warning("strength 1 starts from pure noise and ignores the init image; pass --strength below 1")
     out = write_samples(
         system,
         prompts,
@@ -141,6 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         guidance_scale=args.cfg,
         eta=args.eta,
         temperature=args.temperature,
+        strength=args.strength,
+        **image_options,
     )
     log.info("wrote %d images and %s", args.n * len(prompts), out / "grid.png")
     return 0
@@ -501,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", metavar="PRIOR_CKPT", default=None,
                    help="unCLIP: a prior checkpoint; CKPT is then its image-embedding decoder")
     p.add_argument("--prior-cfg", type=non_negative_float, default=None, help="the prior's guidance scale (default: its config's)")
+    p.add_argument("--init-image", metavar="IMG", default=None,
+                   help="img2img: start from this image, noised to --strength (resized and centre-cropped)")
+    p.add_argument("--strength", type=unit_fraction, default=None,
+                   help="with --init-image: share of the schedule re-run, in (0, 1] (default: the config's sampling.strength)")
+    p.add_argument("--mask", metavar="MASK", default=None,
+                   help="inpainting, with --init-image: an image of its size, white = regenerate, black = keep")
     _sampling_options(p)
     p.set_defaults(func=cmd_sample)
     _unclip_parsers(sub)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from mmdiff import cli
 from mmdiff.cli import main, output_folder
@@ -29,6 +31,8 @@ from mmdiff.cli import main, output_folder
         (["sample", "x.ckpt", "--prompt", "a", "--cfg", "-5"], "argument --cfg: must be zero or more, got -5"),
         (["sample", "x.ckpt", "--prompt", "a", "--temperature", "nan"], "argument --temperature: must be a finite number"),
         (["sample", "x.ckpt", "--prompt", "a", "--eta", "lots"], "argument --eta: must be a number, got 'lots'"),
+        (["sample", "x.ckpt", "--prompt", "a", "--strength", "0"], "argument --strength: must be in (0, 1], got 0"),
+        (["sample", "x.ckpt", "--prompt", "a", "--strength", "1.5"], "argument --strength: must be in (0, 1], got 1.5"),
         (["caption", "x.ckpt", "y.png", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
         (["caption", "x.ckpt", "y.png", "--temperature", "-1"], "argument --temperature: must be zero or more"),
         (["bench", "c.yaml", "--peak-tflops", "0"], "argument --peak-tflops: must be more than zero, got 0"),
@@ -131,3 +135,92 @@ def test_an_unreadable_prompts_file_is_one_line(tmp_path: Path, content, message
                  ["eval", "clipscore", "x.ckpt", "--prompts", str(prompts)]):
         assert main(argv) == 2  # before the (missing) checkpoint is opened
         assert capsys.readouterr().err.strip() == f"error: prompts file '{prompts}' {message}"
+
+
+# ------------------------------------------------------------------------- img2img and inpainting
+def _png(path: Path, size: int = 16, left: int = 255) -> Path:
+    """A greyscale-looking RGB square: ``left`` in the left half, 40 in the right half."""
+    pixels = torch.full((size, size, 3), 40, dtype=torch.uint8)
+    pixels[:, : size // 2] = left
+    Image.fromarray(pixels.numpy()).save(path)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-image", "{tmp}/nowhere.png"], "init image '{tmp}/nowhere.png' does not exist; pass the path of an image file."),
+    (["--init-image", "{tmp}/notes.txt"],
+     "init image '{tmp}/notes.txt' is not a readable image (UnidentifiedImageError); pass a PNG or JPEG file."),
+    (["--init-image", "{tmp}/img.png", "--mask", "{tmp}/notes.txt"],
+     "mask '{tmp}/notes.txt' is not a readable image (UnidentifiedImageError); pass a PNG or JPEG file."),
+    (["--init-image", "{tmp}/img.png", "--mask", "{tmp}/small.png"],
+     "mask '{tmp}/small.png' is 8x8 pixels but init image '{tmp}/img.png' is 16x16; pass a mask of the image's size."),
+    (["--mask", "{tmp}/img.png"], "--mask needs --init-image IMG, the image to start from."),
+    (["--strength", "0.5"], "--strength needs --init-image IMG, the image to start from."),
+    (["--init-image", "{tmp}/img.png", "--prior", "{tmp}/prior.ckpt"],
+     "--init-image is for one-stage sampling; leave out --prior."),
+])
+def test_bad_init_image_or_mask_is_one_line_before_any_work(tmp_path: Path, extra: list, message: str, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    _png(tmp_path / "img.png")
+    _png(tmp_path / "small.png", size=8)
+    garbage = tmp_path / "x.ckpt"
+    garbage.write_bytes(b"not a checkpoint")  # read, it would be another error (exit code 1)
+    out = tmp_path / "out"
+    argv = ["sample", str(garbage), "--prompt", "a", "--out", str(out), *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: " + message.replace("{tmp}", str(tmp_path))]
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_t2i_ckpt(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
+    from tiny_configs import tiny_t2i_config
+
+    tmp = tmp_path_factory.mktemp("t2i")
+    assert main(["fit", str(tiny_t2i_config(tmp, demo_shards, trainer={"max_steps": 1}))]) == 0
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_strength_sets_how_many_sampler_steps_run(tiny_t2i_ckpt: Path) -> None:
+    from mmdiff.inference.api import load
+
+    system = load(tiny_t2i_ckpt, expect="text_to_image", device="cpu")
+    calls = []
+    denoise = system.denoise
+    system.denoise = lambda *a, **k: (calls.append(1), denoise(*a, **k))[1]
+    image = torch.zeros(3, 16, 16)
+    for strength, steps in ((0.3, 3), (0.55, 5), (0.99, 9), (1.0, 10)):
+        calls.clear()
+        system.sample(["a handwritten digit one"], init_image=image, strength=strength, steps=10, sampler="ddim")
+        assert len(calls) == steps, strength
+
+
+def test_inpainting_keeps_the_init_images_latents_outside_the_mask(tiny_t2i_ckpt: Path) -> None:
+    """Latent cells with no pixel to regenerate end as the init image's latents exactly (the known
+    region is re-imposed at the noise level of every step, the last one noiseless); the others are new."""
+    from mmdiff.inference.api import load
+
+    system = load(tiny_t2i_ckpt, expect="text_to_image", device="cpu")
+    ends = []
+    decode = system.decode_latents
+    system.decode_latents = lambda latents: (ends.append(latents.clone()), decode(latents))[1]
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(16, 16)
+    mask[:, :9] = 1  # regenerate pixel columns 0-8: latent columns 0-4 (8 latents of 2 pixels)
+    images = system.sample(["a handwritten digit one", "a handwritten digit two"], init_image=image, mask=mask,
+                           steps=4, sampler="ddpm", seed=1)
+    init = system.encode_images(image, sample=False)
+    (latents,) = ends
+    assert images.shape == (2, 3, 16, 16) and latents.shape[-1] == 8
+    assert torch.equal(latents[..., 5:], init.expand(2, -1, -1, -1)[..., 5:])
+    assert not torch.isclose(latents[..., :5], init.expand(2, -1, -1, -1)[..., :5]).any()
+
+
+def test_sample_cli_img2img_and_inpainting_end_to_end(tiny_t2i_ckpt: Path, tmp_path: Path) -> None:
+    image, mask = _png(tmp_path / "img.png", size=24), _png(tmp_path / "mask.png", size=24)
+    for extra in (["--strength", "0.5"], ["--mask", str(mask)]):
+        out = tmp_path / extra[0].strip("-")
+        assert main(["sample", str(tiny_t2i_ckpt), "--prompt", "a handwritten digit one", "--n", "2", "--steps", "4",
+                     "--device", "cpu", "--out", str(out), "--init-image", str(image), *extra]) == 0
+        assert sorted(p.name for p in out.glob("*.png")) == ["0000.png", "0001.png", "grid.png"]
+        assert Image.open(out / "0000.png").size == (16, 16)

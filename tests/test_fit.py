@@ -133,3 +133,92 @@ def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
         signal.signal(signal.SIGTERM, previous)
     assert code == 143
     assert "stopped by SIGTERM after step" in capsys.readouterr().err
+
+
+class _RecordValidation(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def _validation_steps(toy_config: Path, monkeypatch, *overrides: str) -> list:
+    import mmdiff.run.training
+
+    record = _RecordValidation()
+    build_callbacks = mmdiff.run.training.build_callbacks
+    monkeypatch.setattr(mmdiff.run.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), record])
+    assert main(["fit", str(toy_config), *overrides]) == 0
+    return record.steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_validation_runs_every_n_optimiser_steps_across_epochs(toy_config: Path, monkeypatch, accumulate: int) -> None:
+    """longrun.yaml-like: an epoch (4 batches) shorter than val_every_n_steps (3 optimiser steps with
+    accumulation 2, 6 without); validation counts optimiser steps and is not cut to the epoch."""
+    every = 3 if accumulate == 2 else 6
+    steps = _validation_steps(toy_config, monkeypatch, "data.batch_size=4", "trainer.max_steps=12",
+                              f"trainer.val_every_n_steps={every}", f"trainer.accumulate_grad_batches={accumulate}",
+                              "trainer.checkpoint_every_n_steps=100")
+    assert steps == list(range(every, 13, every))
+
+
+def test_an_epoch_of_part_accumulation_windows_is_refused(toy_config: Path, capsys) -> None:
+    assert main(["fit", str(toy_config), "data.steps_per_epoch=5", "trainer.accumulate_grad_batches=2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: data.steps_per_epoch (5) must be a multiple of trainer.accumulate_grad_batches (2)."]
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("text_to_image", ["model.vae.pretrained=null", "model.clip.pretrained=null", "model.vae.scale_estimate_batches=1"]),
+    ("vae", []),
+    ("clip", []),
+    ("caption_ar", ["model.clip.pretrained=null"]),
+    ("prior", ["model.clip.pretrained=null"]),
+])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_trainer_tf32_reaches_torch_for_every_system(config: str, overrides: list, tf32: bool, tmp_path: Path,
+                                                    demo_shards: Path, monkeypatch) -> None:
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    seen: list = []
+    monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: seen.append((matmul.fp32_precision, conv.fp32_precision)))
+    start = "ieee" if tf32 else "tf32"  # the opposite of what the run asks for
+    matmul.fp32_precision = conv.fp32_precision = start
+    try:
+        assert main(["fit", str(Path(__file__).resolve().parents[1] / "configs/demo" / f"{config}.yaml"), *overrides,
+                     f"run_dir={tmp_path / 'run'}", f"data.train_shards={demo_shards / 'train-*.tar'}",
+                     f"data.val_shards={demo_shards / 'val-*.tar'}", "data.num_workers=0", "logger.kind=csv",
+                     "trainer.accelerator=cpu", "trainer.devices=1", f"trainer.tf32={str(tf32).lower()}"]) == 0
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+    mode = "tf32" if tf32 else "ieee"
+    assert seen == [(mode, mode)]
+
+
+def test_fit_hides_expected_library_warnings_and_keeps_others(toy_config: Path, monkeypatch) -> None:
+    import warnings
+
+    from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+    import mmdiff.run.training
+
+    class FrozenPartAndOtherWarnings(L.Callback):
+        def setup(self, trainer, pl_module, stage) -> None:
+            pl_module.head.eval()  # as a frozen encoder is: Lightning warns about it at the start of training
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            warnings.warn("a warning of the user's own", UserWarning)
+            warnings.warn_explicit("another Lightning warning", PossibleUserWarning, "fit_loop.py", 1,
+                                   module="lightning.pytorch.loops.fit_loop")
+
+    build_callbacks = mmdiff.run.training.build_callbacks
+    monkeypatch.setattr(mmdiff.run.training, "build_callbacks",
+                        lambda *a, **k: [*build_callbacks(*a, **k), FrozenPartAndOtherWarnings()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", str(toy_config)]) == 0
+    messages = [str(w.message) for w in caught]
+    assert "a warning of the user's own" in messages and "another Lightning warning" in messages
+    assert not [m for m in messages if "in eval mode" in m or "LeafSpec" in m]

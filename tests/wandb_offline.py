@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
+import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
 BLOCK = 32 * 1024
@@ -46,7 +47,13 @@ def records(path: Path) -> Iterator[pb.Record]:
 
 def read_run(run_dir: Path) -> Dict[str, Any]:
     """``{"config": {key: value}, "history": [{key: value}, ...], "exit_code": int or None}`` from
-    an offline run folder (``exit_code`` is None while the run was never finished)."""
+    an offline run folder (``exit_code`` is None while the run was never finished).
+
+    ``run.finish()`` returns once the W&B service has handled the exit record, but the service
+    (a separate process) writes and closes the file on its own time; ``wandb.teardown()`` waits
+    for that process to exit, after which every run this process started is on disk. The next
+    ``wandb.init`` starts a new service."""
+    wandb.teardown()
     (wandb_file,) = Path(run_dir).glob("run-*.wandb")
     config: Dict[str, Any] = {}
     history: List[Dict[str, Any]] = []

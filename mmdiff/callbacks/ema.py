@@ -40,7 +40,7 @@ class EMACallback(L.Callback):
         self.decay = decay
         self.num_updates = 0
         self.shadow: Optional[List[torch.Tensor]] = None
-        self._last_step = -1
+        self._last_step = 0  # the optimiser step the shadow last took in (set in on_train_start)
 
     @property
     def state_key(self) -> str:
@@ -56,6 +56,12 @@ class EMACallback(L.Callback):
             self.shadow = [p.detach().float().clone() for p in params]
         else:
             self._match_layout(params)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The shadow already holds the weights of the current step (fresh: the initial copy;
+        # resumed: the checkpoint's), so with gradient accumulation the micro-batches before the
+        # next optimiser step must not count as an update.
+        self._last_step = trainer.global_step
 
     def _match_layout(self, params: List[nn.Parameter]) -> None:
         """Lay the shadow out like ``params``: a checkpoint's full tensors onto the device, or into

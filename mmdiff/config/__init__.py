@@ -121,6 +121,10 @@ PRECISION_NAMES = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-t
 # Precisions that train under fp16 autocast with a GradScaler.
 FP16_SCALED = ("16-mixed", "16")
 
+# Precisions that cast every weight (frozen encoders included) while the systems keep latents,
+# context and losses in float32: the first convolution would fail on mixed dtypes.
+WHOLE_MODEL_PRECISIONS = ("bf16-true", "16-true", "64-true", "64")
+
 # The names trainer.strategy accepts (mmdiff.run.strategies.STRATEGY_NAMES; tests keep the two in step).
 STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
 
@@ -794,6 +798,12 @@ def check_values(cfg: DictConfig) -> None:
         str(t.precision) in PRECISION_NAMES,
         f"unknown trainer.precision '{t.precision}'; choose one of: {', '.join(PRECISION_NAMES)}.",
     )
+    _require(
+        str(t.precision) not in WHOLE_MODEL_PRECISIONS,
+        f"trainer.precision={t.precision} is not supported (it casts every weight, while mmdiff keeps "
+        "latents, conditioning and losses in float32); "
+        "use bf16-mixed, 16-mixed or 32-true.",
+    )
     _require(t.gradient_clip_val >= 0, f"trainer.gradient_clip_val must be >= 0 (0 = off), got {t.gradient_clip_val}.")
     _require(
         not (t.fused_adamw is True and str(t.precision) in FP16_SCALED and t.gradient_clip_val > 0),
@@ -802,6 +812,13 @@ def check_values(cfg: DictConfig) -> None:
     )
     for key in ("accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps", "checkpoint_every_n_steps"):
         _require(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
+    # Lightning steps the optimiser at every epoch end, so a pass that is not a whole number of
+    # accumulation windows would take a short step and shift every step count after it.
+    _require(
+        d.steps_per_epoch % t.accumulate_grad_batches == 0,
+        f"data.steps_per_epoch ({d.steps_per_epoch}) must be a multiple of trainer.accumulate_grad_batches "
+        f"({t.accumulate_grad_batches}).",
+    )
     _require(
         t.limit_val_batches is None or t.limit_val_batches >= 0,
         f"trainer.limit_val_batches must be >= 0 or null, got {t.limit_val_batches}.",

@@ -148,7 +148,9 @@ def sample_timesteps(
         t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=gen_device)
     elif method == "low_discrepancy":
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        u0 = torch.rand((), generator=generator, dtype=torch.float64, device=gen_device).cpu()
+        # float64 only on the CPU (unchanged draws there): MPS has no float64, GPUs are slow at it.
+        dtype = torch.float64 if gen_device.type == "cpu" else torch.float32
+        u0 = torch.rand((), generator=generator, dtype=dtype, device=gen_device).cpu().double()
         u = (u0 + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
         t = (u * num_timesteps).floor().long().clamp(max=num_timesteps - 1)
     else:

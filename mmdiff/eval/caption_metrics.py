@@ -2,14 +2,19 @@
 
 Where each comes from:
 
-* **BLEU-4** — torchmetrics' ``bleu_score`` (corpus BLEU of Papineni et al., uniform 1–4-gram
-  weights, brevity penalty). torchmetrics is already installed with Lightning.
+* **BLEU-4** — torchmetrics' ``bleu_score``: corpus BLEU of Papineni et al. (clipped n-gram
+  counts summed over the corpus, uniform 1–4-gram weights, brevity penalty against the closest
+  reference length), the definition of NLTK's unsmoothed ``corpus_bleu``; tested against NLTK's
+  published worked example. pycocoevalcap's BLEU (what COCO captioning papers report) is the same
+  formula except that it adds 1e-15 to each matched and 1e-9 to each total n-gram count, so a
+  caption set with no matching 4-gram scores a small positive number there and 0 here. torchmetrics is already installed with Lightning.
 * **CIDEr-D** — torchmetrics (1.9) has no CIDEr, and pycocoevalcap is not a dependency: its
   BLEU/CIDEr scorers are pure Python but its PTB tokenizer (and METEOR/SPICE) need Java, and the
   package pulls in pycocotools. CIDEr-D is ~60 lines, so :func:`cider_d` follows pycocoevalcap's
   ``cider_scorer.py`` line by line instead (document frequencies over the evaluated corpus' references,
   TF-IDF n-gram vectors for n = 1..4, clipped counts, Gaussian length penalty σ = 6, × 10), including its
-  quirk of measuring length in bigrams. Like there, the IDF comes from the evaluated set: with a
+  quirk of measuring length in bigrams: the COCO caption evaluation's "CIDEr" (which is CIDEr-D),
+  what captioning papers report. Like there, the IDF comes from the evaluated set: with a
   single image every n-gram is in every "document" and the score is 0.
 * Both run on lower-cased text with punctuation removed and whitespace tokens — a stand-in for the
   PTB tokenizer of the COCO toolkit, so absolute numbers are close to but not identical with it.

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
+import torch_fidelity.feature_extractor_inceptionv3 as fi
 from torch import Tensor, nn
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from mmdiff.io.weights import describe_mismatch, safe_torch_load
@@ -53,40 +55,58 @@ class InceptionFeatures(nn.Module):
 
 
 class _CheckedInceptionV3(NoTrainInceptionV3):
-    """torchmetrics' FID Inception whose weight load reports a mismatch in one sentence.
+    """torchmetrics' FID Inception, built from a state dict that was already read safely.
 
-    torch-fidelity's constructor reads the weights file itself and loads it strictly, with torch's
-    multi-line key report; this override compares keys and shapes first.
+    torch-fidelity's constructor reads the weights file itself with ``torch.load(weights_only=False)``
+    (or downloads it); this one builds the same layers without any file access, then loads
+    ``state`` after comparing keys and shapes, so a mismatch is one sentence. The layers are
+    torch-fidelity's own blocks in its order; a strict load catches any drift between versions.
     """
 
-    def __init__(self, path: Path) -> None:
-        self._weights_path = path
-        super().__init__(name="inception-v3-compat", features_list=[str(InceptionFeatures.num_features)],
-                         feature_extractor_weights_path=str(path))
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ANN001, ANN201 (torch's signature)
-        problem = describe_mismatch(self, state_dict)
+    def __init__(self, state: Dict[str, Tensor], path: Path) -> None:
+        FeatureExtractorBase.__init__(self, "inception-v3-compat", [str(InceptionFeatures.num_features)])
+        self.feature_extractor_internal_dtype = torch.float32
+        self.use_antialias = True  # NoTrainInceptionV3's default
+        self.Conv2d_1a_3x3 = fi.BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = fi.BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = fi.BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.MaxPool_1 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Conv2d_3b_1x1 = fi.BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = fi.BasicConv2d(80, 192, kernel_size=3)
+        self.MaxPool_2 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Mixed_5b = fi.InceptionA(192, pool_features=32)
+        self.Mixed_5c = fi.InceptionA(256, pool_features=64)
+        self.Mixed_5d = fi.InceptionA(288, pool_features=64)
+        self.Mixed_6a = fi.InceptionB(288)
+        self.Mixed_6b = fi.InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = fi.InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = fi.InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = fi.InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = fi.InceptionD(768)
+        self.Mixed_7b = fi.InceptionE_1(1280)
+        self.Mixed_7c = fi.InceptionE_2(2048)
+        self.AvgPool = nn.AdaptiveAvgPool2d(output_size=(1, 1))
+        self.fc = nn.Linear(2048, 1008)
+        problem = describe_mismatch(self, state)
         if problem:
             raise CheckpointError(
-                f"the FID Inception weights file '{self._weights_path}' does not fit the FID Inception v3: "
+                f"the FID Inception weights file '{path}' does not fit the FID Inception v3: "
                 f"{problem}; download {INCEPTION_URL}."
             )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.load_state_dict(state)
+        self.requires_grad_(False)
+        self.eval()
 
 
 def _inception_net(path: Path) -> nn.Module:
-    """The FID Inception with its weights from ``path``.
-
-    torch-fidelity reads the file with ``torch.load(weights_only=False)``, so it is read here first
-    with :func:`safe_torch_load`: a pickle that would run code is refused before that happens.
-    """
+    """The FID Inception with its weights read once from ``path``, by :func:`safe_torch_load`."""
     state = safe_torch_load(path)
     if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(
             f"the FID Inception weights file '{path}' holds a {type(state).__name__}, not a state dict of "
             f"tensors; download {INCEPTION_URL}."
         )
-    return _CheckedInceptionV3(path)
+    return _CheckedInceptionV3(state, path)
 
 
 def weights_fingerprint(module: nn.Module) -> str:

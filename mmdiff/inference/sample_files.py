@@ -1,9 +1,15 @@
-"""Write text-to-image samples to disk: one PNG per sample in prompt order, plus a grid."""
+"""Write text-to-image samples to disk: one PNG per sample in prompt order, plus a grid; read the
+init image and mask of img2img and inpainting."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional, Tuple
 
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mmdiff.data.transforms import ImageTransform
+from mmdiff.errors import UsageError
 from mmdiff.eval.generative import generate
 from mmdiff.io.atomic import write_text_atomic
 from mmdiff.io.images import grid, save_png, to_pil
@@ -29,3 +35,40 @@ def write_samples(
     save_png(grid(images, nrow=n_per_prompt), out / "grid.png")
     write_text_atomic(out / "prompts.txt", "".join(f"{i:04d}\t{p}\n" for i, p in enumerate(p for p in prompts for _ in range(n_per_prompt))))
     return out
+
+
+def _open_image(path: str | Path, what: str, mode: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise UsageError(f"{what} '{path}' does not exist; pass the path of an image file.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"{what} '{path}' is not a readable image ({type(err).__name__}); pass a PNG or JPEG file.") from None
+
+
+def read_init_images(image: str | Path, mask: Optional[str | Path] = None) -> Tuple[Image.Image, Optional[Image.Image]]:
+    """The init image (RGB) and optional inpainting mask (greyscale) files of img2img / inpainting.
+
+    Raises :class:`UsageError` (one line) for a missing or unreadable file or a mask whose size is
+    not the image's, so a command fails before it loads a checkpoint.
+    """
+    picture = _open_image(image, "init image", "RGB")
+    if mask is None:
+        return picture, None
+    stencil = _open_image(mask, "mask", "L")
+    if stencil.size != picture.size:
+        raise UsageError(f"mask '{mask}' is {stencil.size[0]}x{stencil.size[1]} pixels but init image '{image}' is "
+                         f"{picture.size[0]}x{picture.size[1]}; pass a mask of the image's size.")
+    return picture, stencil
+
+
+def init_tensors(picture: Image.Image, stencil: Optional[Image.Image], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """PIL init image and mask → ``init_image`` 1×3×size×size in [-1, 1] and ``mask`` 1×1×size×size
+    (1 where the mask is white: regenerate; 0 where black: keep), resized and centre-cropped alike."""
+    transform = ImageTransform(size)
+    image = transform(picture).unsqueeze(0)
+    if stencil is None:
+        return image, None
+    return image, (transform(stencil)[:1].unsqueeze(0) > 0).float()  # [-1, 1]: > 0 is lighter than mid-grey

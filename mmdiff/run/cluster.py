@@ -9,9 +9,10 @@ How a SLURM run fits together (see ``slurm/README.md``):
   SLURM (``SLURM_NTASKS`` set, job name not ``bash``/``interactive``) and takes ranks from it.
   Lightning refuses to start when ``trainer.devices`` / ``trainer.num_nodes`` disagree with
   ``--ntasks-per-node`` / ``--nodes``; :func:`apply_slurm_allocation` makes them agree.
-- ``--signal=SIGUSR1@90``: Lightning's SLURM handler saves ``hpc_ckpt_<N+1>.ckpt`` in the
-  trainer's ``default_root_dir`` (mmdiff's run directory, *not* ``checkpoints/``) and runs
-  ``scontrol requeue``. The requeued job keeps its ``SLURM_JOB_ID`` and reruns the same command.
+- ``--signal=SIGUSR1@90``: mmdiff's :class:`~mmdiff.callbacks.requeue.RequeueOnSignal` (Lightning's
+  own handler is turned off) has all ranks save ``hpc_ckpt_<N+1>.ckpt`` at the next batch boundary
+  in the trainer's ``default_root_dir`` (mmdiff's run directory, *not* ``checkpoints/``), then rank 0
+  runs ``scontrol requeue``. The requeued job keeps its ``SLURM_JOB_ID`` and reruns the same command.
 - On the rerun Lightning resumes from the newest ``hpc_ckpt_N.ckpt`` only when ``fit`` gets
   ``ckpt_path=None``; ``ckpt_path="last"`` and explicit paths never look at it.
   :func:`resume_checkpoint` turns the user's request into an explicit path that accounts for it.
@@ -31,7 +32,7 @@ from mmdiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: File name Lightning's SLURM requeue handler writes: ``hpc_ckpt_<N>.ckpt``, N = 1, 2, ...
+#: File name the requeue callback (``RequeueOnSignal``) writes, Lightning's ``hpc_ckpt_<N>.ckpt``, N = 1, 2, ...
 HPC_CHECKPOINT_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 # Lightning treats jobs with these names as interactive allocations, not as SLURM-managed runs.
@@ -187,9 +188,9 @@ def _hpc_checkpoints(run_dir: PathLike) -> List[tuple[int, Path]]:
 def hpc_checkpoint(run_dir: PathLike) -> Optional[Path]:
     """The newest ``hpc_ckpt_N.ckpt`` (highest N) directly in ``run_dir``, or ``None``.
 
-    This is the file Lightning's SLURM requeue handler writes (into the trainer's
-    ``default_root_dir``, which mmdiff sets to the run directory) and the one Lightning itself
-    resumes from when ``fit(ckpt_path=None)`` runs under SLURM.
+    This is the file :class:`~mmdiff.callbacks.requeue.RequeueOnSignal` writes (into the trainer's
+    ``default_root_dir``, which mmdiff sets to the run directory, under Lightning's file name) and
+    the one Lightning itself resumes from when ``fit(ckpt_path=None)`` runs under SLURM.
     """
     found = _hpc_checkpoints(run_dir)
     return found[-1][1] if found else None

@@ -6,12 +6,14 @@ files, and is the only place a run writes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import lightning as L
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -37,16 +39,38 @@ from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, re
 from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
-from mmdiff.systems.base import System
 from mmdiff.run.strategies import build_strategy
+from mmdiff.systems.base import System
+from mmdiff.systems.speed import enable_tf32
 from mmdiff.systems.registry import get_system
 
 log = logging.getLogger(__name__)
 
+#: Library warnings every run raises that tell its reader nothing (message regexes, Lightning's only).
+EXPECTED_WARNINGS = (
+    # The frozen encoders (VAE, CLIP) are meant to stay in eval mode while the rest trains.
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # Lightning's own pytree helper uses a torch class torch has deprecated; nothing a user can change.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
-def build_system(cfg: DictConfig) -> System:
-    """Instantiate the system named by ``cfg.system``."""
-    return get_system(cfg.system)(cfg)
+
+@contextlib.contextmanager
+def expected_warnings_silenced() -> Iterator[None]:
+    """Hide :data:`EXPECTED_WARNINGS` (raised from Lightning's modules) inside the block; others still show."""
+    with warnings.catch_warnings():
+        for pattern in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, module=r"lightning\.")
+        yield
+
+
+def build_system(cfg: DictConfig, resume_hparams: Optional[Dict[str, Any]] = None) -> System:
+    """Instantiate the system named by ``cfg.system``; when resuming, from the checkpoint's
+    hyper-parameters too (:meth:`System.for_resume`)."""
+    system_cls = get_system(cfg.system)
+    if resume_hparams is not None:
+        return system_cls.for_resume(cfg, resume_hparams)
+    return system_cls(cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -163,7 +187,10 @@ def build_trainer(
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        val_check_interval=min(t.val_every_n_steps, cfg.data.steps_per_epoch),
+        # Lightning counts val_check_interval in batches, across epochs only with
+        # check_val_every_n_epoch=None (otherwise it must fit in one epoch); a whole number of
+        # accumulation windows per epoch (config check) makes N optimiser steps N × accumulation batches.
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
@@ -190,16 +217,19 @@ def resolve_resume(cfg: DictConfig, resume: Optional[str]) -> Optional[str]:
     return resume
 
 
-def check_resume_fits(system: L.LightningModule, cfg: DictConfig, ckpt_path: str) -> None:
-    """Refuse, in one sentence, a resume checkpoint of another system or another architecture.
-
-    Lightning would find out only inside ``fit``, with torch's multi-line key report; the tensors
-    are memory-mapped here, so a large checkpoint is not read twice.
-    """
+def read_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> Dict[str, Any]:
+    """The resume checkpoint, its tensors memory-mapped (so a large file is not read twice);
+    one sentence refuses a checkpoint of another system."""
     checkpoint, trained = read_training_checkpoint(ckpt_path, mmap=True)
     if trained.system != cfg.system:
         raise CheckpointError(f"cannot resume from '{ckpt_path}': it is a '{trained.system}' checkpoint and "
                               f"this config trains '{cfg.system}'.")
+    return checkpoint
+
+
+def check_resume_fits(system: L.LightningModule, checkpoint: Dict[str, Any], ckpt_path: str) -> None:
+    """Refuse, in one sentence, a resume checkpoint of another architecture (Lightning would find
+    out only inside ``fit``, with torch's multi-line key report)."""
     problem = describe_mismatch(system, checkpoint["state_dict"])
     if problem:
         raise CheckpointError(f"cannot resume from '{ckpt_path}': its weights do not fit this config's model "
@@ -215,11 +245,14 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     cfg = apply_slurm_allocation(cfg)
     run_dir = Path(cfg.run_dir)
     check_precision(cfg)
+    enable_tf32(bool(cfg.trainer.tf32))  # process-wide torch settings, whatever the system
     ckpt_path = resolve_resume(cfg, resume_checkpoint(run_dir, resume))
+    resumed = read_resume_checkpoint(cfg, ckpt_path) if ckpt_path is not None else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    system = build_system(cfg)
-    if ckpt_path is not None:
-        check_resume_fits(system, cfg, ckpt_path)
+    system = build_system(cfg, resumed["hyper_parameters"] if resumed is not None else None)
+    if resumed is not None:
+        check_resume_fits(system, resumed, ckpt_path)
+        del resumed  # Lightning reads the file again inside fit
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # a missing shard fails here, before a run folder or W&B run is made
     save_config(cfg, run_dir)
@@ -229,7 +262,8 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
     try:
         # Explicit weights_only: a resumed checkpoint is a user path, and torch's default can be
         # switched off by an environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
-        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with expected_warnings_silenced():
+            trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as err:  # only the resume checkpoint is unpickled in fit
         raise unpickling_refusal(ckpt_path or "?", err) from None
     except BaseException as err:

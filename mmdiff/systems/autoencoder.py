@@ -19,7 +19,8 @@ clipping and accumulation working — which manual optimisation with two optimis
 
 Logs ``train/loss``, ``train/rec``, ``train/kl`` (and ``train/g_loss``, ``train/d_loss``,
 ``train/d_weight``); validation logs ``val/loss``, ``val/psnr``, ``val/ssim`` on reconstructions
-of the posterior mean, and keeps the first validation batch's ``(originals, reconstructions)``
+of the posterior mean of the real rows (``batch["valid"]``), and keeps the first validation
+batch's ``(originals, reconstructions)``
 (≤ 8 images each, CPU, [-1, 1]) in ``self.val_images``.
 """
 from __future__ import annotations
@@ -150,6 +151,11 @@ class AutoencoderSystem(System):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = batch["image"]
+        valid = batch.get("valid")
+        if valid is not None:  # rank padding and corrupt samples are placeholders: score real rows only
+            x = x[valid.to(x.device)]
+        if x.shape[0] == 0:
+            return
         out = self._vae_loss(x, sample=False)
         recon = out["recon"].clamp(-1.0, 1.0)
         n = x.shape[0]

@@ -7,6 +7,7 @@ machinery, the Python API and the callbacks rely on this class only:
 * ``system_name`` — the ``system:`` key it is registered as;
 * ``System(cfg)`` builds it, and :meth:`System.save_config` stores the config (plus whatever else
   rebuilding needs) as the checkpoint's hyper-parameters;
+* :meth:`System.for_resume` builds it for a run that resumes from a checkpoint (default: as new);
 * :meth:`System.from_checkpoint_config` rebuilds the architecture from a checkpoint's config
   without reading any pretrained weights (they come from the checkpoint's state dict);
 * :attr:`System.ema_target` — the module an EMA of the weights follows (None: no EMA);
@@ -66,6 +67,15 @@ class System(L.LightningModule):
 
         Systems that read pretrained weights in ``__init__`` switch that off here: the weights come
         from the checkpoint's state dict.
+        """
+        return cls(cfg)
+
+    @classmethod
+    def for_resume(cls, cfg: DictConfig, hparams: Mapping[str, Any]) -> "System":
+        """The system a run resuming from a checkpoint with these hyper-parameters trains.
+
+        Systems that choose state from the data at the first start (the captioning vocabulary)
+        take it from the checkpoint here instead, so a resume never re-derives it from new shards.
         """
         return cls(cfg)
 

@@ -119,6 +119,16 @@ class CaptioningSystem(System):
         cfg.model.clip.pretrained = None
         return cls(cfg, caption_vocab=hparams.get("caption_vocab"))
 
+    @classmethod
+    def for_resume(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "CaptioningSystem":
+        """The system a resumed run trains: the checkpoint's vocabulary, not one read again from the
+        shards (which may have changed; the head's ids would then name other words). Words of the
+        shards outside it are encoded as ``unk``, like any word outside a shortlist."""
+        vocab = hparams.get("caption_vocab")
+        if vocab is not None:
+            log.info("caption vocabulary: %d tokens from the resumed checkpoint", len(vocab))
+        return cls(cfg, caption_vocab=vocab)
+
     # ------------------------------------------------------------------------------ plumbing
     @property
     def ema_target(self) -> torch.nn.Module:

@@ -10,8 +10,9 @@ image embedding (:mod:`mmdiff.systems.image_embed`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -25,10 +26,11 @@ from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite
 from mmdiff.errors import DataError
+from mmdiff.systems.moments import moments, pool_moments
 from mmdiff.systems import image_embed
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
-from mmdiff.systems.speed import enable_tf32, prepare_unet
+from mmdiff.systems.speed import prepare_unet
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +101,10 @@ class TextToImageSystem(System):
         return self
 
     def configure_model(self) -> None:
-        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``, TF32)."""
+        """Speed switches (``model.unet.channels_last/compile/gradient_checkpointing``); ``fit`` sets TF32."""
         if self.speed:
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type == "cuda":
-            enable_tf32(bool(self.cfg.trainer.tf32))
         self.speed = prepare_unet(self.unet, self.cfg.model.unet, device)
 
     def _frozen(self):
@@ -233,6 +233,16 @@ class TextToImageSystem(System):
     def on_fit_start(self) -> None:
         if self.precomputed:
             self._check_precomputed()
+        # Here, before any callback's on_train_start (the step-0 preview decodes with this scale)
+        # and on every rank alike. A resumed run has it from its checkpoint, which strategies such
+        # as FSDP2 restore only after this hook.
+        trainer = self.trainer
+        restored_later = trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup
+        if float(self.latent_scale) == 0.0 and not restored_later:
+            datamodule = trainer.datamodule
+            state = datamodule.state_dict()
+            self._estimate_latent_scale(datamodule.train_dataloader())
+            datamodule.load_state_dict(state)  # the estimate's pass is not a training pass
 
     def _check_precomputed(self) -> None:
         """Load the precompute folder's empty-prompt states and check it fits this model."""
@@ -243,26 +253,18 @@ class TextToImageSystem(System):
             return
         self._empty_states = check_against(self, folder)
 
-    def on_train_start(self) -> None:
-        if float(self.latent_scale) == 0.0:
-            self._estimate_latent_scale()
-
     @torch.no_grad()
-    def _estimate_latent_scale(self) -> None:
-        """Set ``latent_scale`` to 1/std of the first N batches' latents (all ranks pooled)."""
+    def _estimate_latent_scale(self, batches: Iterable[Dict[str, Any]]) -> None:
+        """Set ``latent_scale`` to 1/std of the first N batches' latents (all ranks pooled, every
+        rank getting the same value)."""
         n_batches = self.cfg.model.vae.scale_estimate_batches
-        loader = self.trainer.datamodule.train_dataloader()
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            z = self._raw_latents(batch, sample=True).double()
-            total += torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), device=self.device)])
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        mean = total[0] / total[2]
-        std = torch.sqrt(total[1] / total[2] - mean * mean)
-        self.latent_scale.fill_(float(1.0 / std))
-        log.info("latent scale estimated from %d batches: %.5f", n_batches, float(self.latent_scale))
+        rows = [moments(self._raw_latents(batch, sample=True)) for batch in itertools.islice(batches, n_batches)]
+        local = pool_moments(torch.stack(rows))
+        # The collective needs device tensors: one float32 summary row per rank is accurate enough.
+        count, _, m2 = pool_moments(self.all_gather(local.float().to(self.device))).tolist()
+        scale = (count / m2) ** 0.5
+        self.latent_scale.fill_(scale)
+        log.info("latent scale estimated from %d batches: %.5f", n_batches, scale)
 
     def _loss(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None, generator=None,
               sample: bool = True, image_drop: Optional[torch.Tensor] = None):
@@ -298,12 +300,18 @@ class TextToImageSystem(System):
     @torch.no_grad()
     def sample(
         self, prompts: List[str], *, seed: int = 0, progress: bool = False,
-        image_embeds: Optional[torch.Tensor] = None, **options: Any
+        image_embeds: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None, **options: Any
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
         ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
-        ``guidance_scale``, ``eta``, ``temperature``, ...); unset ones take the config's ``sampling:``.
+        ``guidance_scale``, ``eta``, ``temperature``, ``strength``, ...); unset ones take the config's
+        ``sampling:``. img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at
+        ``data.image_size``) is encoded and noised to ``strength`` (< 1; ``int(steps·strength)``
+        steps run). Inpainting: ``mask`` (H×W, 1×H×W or 1|B×1×H×W; 1 = regenerate, 0 = keep) also
+        needs ``init_image``; every latent cell touching a pixel to regenerate is generated, the
+        others end as the init image's latents exactly (decoded, the VAE's reconstruction of it).
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         """
@@ -322,6 +330,8 @@ class TextToImageSystem(System):
             cond["image_embed"] = zeros if image_embeds is None else image_embeds.to(self.device).float()
             if uncond is not None:
                 uncond["image_embed"] = zeros
+        if init_image is not None or mask is not None:
+            kwargs.update(self._init_latents(len(prompts), init_image, mask))
         latents = self.diffusion.sample(
             self.denoise,
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
@@ -333,6 +343,24 @@ class TextToImageSystem(System):
             **kwargs,
         )
         return self.decode_latents(latents)
+
+    def _init_latents(self, n: int, image: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Dict[str, Any]:
+        """``x_init`` (and ``mask``, 1 = known) latents for ``n`` samples from pixel-space inputs."""
+        size = int(self.cfg.data.image_size)
+        if image is None:
+            raise ValueError("inpainting with a mask needs init_image, the image whose unmasked part is kept.")
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        if image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (3, size, size):
+            raise ValueError(f"init_image must be 3x{size}x{size} (or 1 or {n} of them), got {tuple(image.shape)}.")
+        latents = self.encode_images(image.to(self.device), sample=False)
+        out: Dict[str, Any] = {"x_init": latents.expand(n, *latents.shape[1:]).contiguous()}
+        if mask is not None:
+            mask = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(0) if mask.ndim == 3 else mask
+            if mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, size, size):
+                raise ValueError(f"mask must be {size}x{size} (or 1 or {n} of them), got {tuple(mask.shape)}.")
+            regenerate = torch.nn.functional.adaptive_max_pool2d((mask > 0.5).float(), latents.shape[-2:])
+            out["mask"] = (1.0 - regenerate).to(self.device)
+        return out
 
     def preview_images(self) -> Dict[str, Any]:
         """Fixed prompts × 4 fixed seeds, one column per prompt (for the image-logging callback)."""

@@ -47,6 +47,42 @@ def test_worse_captions_score_lower() -> None:
     assert exact_match(["the digit 7"], [["a handwritten digit seven", "the digit 7"]]) == 1.0
 
 
+# The worked example of NLTK's bleu_score docstrings (the BLEU paper's sentences); NLTK documents
+# sentence_bleu = 0.5045... for the first pair and corpus_bleu = 0.5920... for both. Lower-casing
+# (our normalize) changes no n-gram match here: "Party" only occurs where "party" matches anyway.
+_H1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
+_R1 = ["It is a guide to action that ensures that the military will forever heed Party commands",
+       "It is the guiding principle which guarantees the military forces always being under the command of the Party",
+       "It is the practical guide for the army always to heed the directions of the party"]
+_H2 = "he read the book because he was interested in world history"
+_R2 = ["he was interested in world history because he read the book"]
+
+
+def test_bleu4_matches_the_published_worked_example() -> None:
+    assert bleu4([_H1], [_R1]) == pytest.approx(0.5045666840058485, abs=1e-6)
+    assert bleu4([_H1, _H2], [_R1, _R2]) == pytest.approx(0.5920778868801042, abs=1e-6)
+
+
+# Four images with two references each; the expected figures are pycocoevalcap 1.2's own (the
+# COCO caption evaluation: CiderScorer(n=4, sigma=6) and BleuScorer(n=4), option "closest"),
+# computed once on these normalised captions. BLEU-4 differs from pycocoevalcap's only by the tiny
+# count offsets it adds (1e-15 and 1e-9), far below the tolerance.
+_COCO_PREDS = ["a man is riding a horse", "two dogs play in the grass", "a red car parked on the street",
+               "a cat sleeping on a sofa"]
+_COCO_REFS = [["a man rides a brown horse", "a person riding a horse in a field"],
+              ["two dogs are playing on the grass", "dogs running in a grassy field"],
+              ["a red car is parked by the road", "a small red car on a city street"],
+              ["a cat is asleep on the couch", "a grey cat sleeping on a sofa"]]
+
+
+def test_cider_d_and_bleu4_equal_the_coco_caption_evaluation() -> None:
+    per_image = cider_d_scores(_COCO_PREDS, _COCO_REFS)
+    expected = [2.3089794505031067, 1.6871184729237538, 2.4800146183976612, 4.120908198686593]
+    assert per_image == pytest.approx(expected, abs=1e-9)
+    assert cider_d(_COCO_PREDS, _COCO_REFS) == pytest.approx(2.649255185127779, abs=1e-9)
+    assert bleu4(_COCO_PREDS, _COCO_REFS) == pytest.approx(0.36253155817383337, abs=1e-7)
+
+
 def test_cider_of_a_single_image_is_zero() -> None:
     # CIDEr-D's IDF comes from the evaluated set: one image means every n-gram is everywhere.
     assert cider_d(["a b c"], ["a b c"]) == 0.0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,23 @@ def test_from_config_accepts_enums_and_strings():
     assert plain.num_timesteps == 3 and plain.sigma_data == 0.5
     with pytest.raises(ValueError, match="EDM preconditioning needs prediction_type 'sample'"):
         GaussianDiffusion.from_config({"edm_preconditioning": True})
+
+
+def test_low_discrepancy_draws_no_float64_on_an_accelerator():
+    """Low-discrepancy timesteps draw no float64 on the generator's device (meta stands in for MPS/CUDA)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from accelerator_sim import Float64OnDevice, MetaGenerator
+
+    gen = MetaGenerator()
+    gen.manual_seed(3)
+    with Float64OnDevice() as guard:
+        t = sample_timesteps(8, 1000, "low_discrepancy", generator=gen)
+    assert guard.made == []
+    assert sorted((t // 125).tolist()) == list(range(8))  # still one timestep per stratum
+
+
+def test_low_discrepancy_draws_on_the_cpu_are_unchanged():
+    gen = torch.Generator().manual_seed(3)
+    u0 = float(torch.rand((), generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    expected = [math.floor(((u0 + i / 8) % 1.0) * 1000) for i in range(8)]
+    assert sample_timesteps(8, 1000, "low_discrepancy", generator=gen).tolist() == expected

@@ -63,3 +63,14 @@ def test_nan_loss_under_the_scaler_still_counts(tmp_path: Path, demo_shards: Pat
     FaultyToy.bad_steps = set(range(25, 100))
     with pytest.raises(NonFiniteTrainingError, match="3 steps in a row"):
         _fit_fp16(tmp_path, demo_shards, NaNGuard(max_bad_steps=3), max_steps=40, fused=fused)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true", "64"])
+def test_whole_model_precisions_are_refused_in_one_line(tmp_path: Path, demo_shards: Path, capsys,
+                                                        precision: str) -> None:
+    from mmdiff.cli import main
+
+    assert main(["fit", str(toy_config(tmp_path, demo_shards)), f"trainer.precision={precision}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"trainer.precision={precision} is not supported" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made

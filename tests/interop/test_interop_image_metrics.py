@@ -97,6 +97,60 @@ def test_inception_features_from_a_local_weights_file(inception_weights: Path, d
     assert torch.equal(extractor(digits[:4]), features)  # eval mode: no batch-norm updates
 
 
+def test_inception_weights_are_read_once_and_safely(inception_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch-fidelity's own ``torch.load(weights_only=False)`` (or its download) never runs."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    loads = []
+    safe_load = torch.load
+
+    def only_safe_loads(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError("an unsafe torch.load of the Inception weights")
+        return safe_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", only_safe_loads)
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: pytest.fail("a download"))
+    extractor = build_extractor("inception", inception_weights=str(inception_weights))
+    assert loads == [True]
+    want = torch.load(inception_weights, weights_only=True)
+    got = extractor.net.state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _fidelity_fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """torch-fidelity's own FID (statistics in float64, as in TTUR) of two feature sets."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(x.double()) for x in (a, b)]
+    return fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID]
+
+
+@pytest.fixture(scope="module")
+def inception_set(inception_weights: Path, digits: torch.Tensor):
+    """The Inception extractor and its features of two disjoint sets of 20 digits."""
+    extractor = build_extractor("inception", inception_weights=str(inception_weights))
+    a, b = digits[:20], digits[20:40]
+    with torch.no_grad():
+        return extractor, a, b, extractor(a), extractor(b)
+
+
+def test_inception_fid_of_a_set_with_itself_is_zero(inception_set) -> None:
+    # 20 samples in 2048-d: ~2000 zero eigenvalues of Σ², each off by rounding, whose square
+    # roots add up (measured: 2e-5 of FID(a, b) with 40 samples).
+    extractor, a, b, fa, fb = inception_set
+    assert frechet_distance(a, a, extractor) == pytest.approx(0, abs=1e-3 * _fidelity_fid(fa, fb))
+
+
+def test_inception_fid_equals_torch_fidelitys_on_the_same_features(inception_set) -> None:
+    extractor, a, b, fa, fb = inception_set
+    ours, theirs = frechet_distance(a, b, extractor), _fidelity_fid(fa, fb)
+    print(f"FID[inception, random weights] ours {ours:.6g}, torch-fidelity {theirs:.6g}")
+    # float32 features, float64 statistics in both; a covariance with N instead of N - 1 would be 5% off
+    assert theirs > 0 and ours == pytest.approx(theirs, rel=1e-3)
+
+
 def _write_bad(path: Path, kind: str, good: Path) -> None:
     if kind == "truncated":
         path.write_bytes(good.read_bytes()[:4096])

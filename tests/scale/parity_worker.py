@@ -1,13 +1,15 @@
 """One rank of the loss-parity runs (tests/scale/test_parity.py; not collected by pytest).
 
-usage: python parity_worker.py CONFIG RANK WORLD NUM_NODES PORT OUT_JSON STRATEGY [SHARDING]
+usage: python parity_worker.py CONFIG RANK WORLD NUM_NODES PORT OUT_JSON STRATEGY [SHARDING [STEPS]]
 
-Trains the real text-to-image system (tiny config) for 5 steps on a fixed in-memory global batch
+Trains the real text-to-image system (tiny config) for STEPS (default 5) steps on a fixed in-memory global batch
 of 8 synthetic samples per step: rank r of W gets rows [r*8/W, (r+1)*8/W) — so the union of the
 ranks' batches is the single process's batch. Randomness is tied to the *sample*, not the rank:
 each sample's timestep and noise come from a generator seeded with its global index, latents are
 the VAE posterior mean and there is no caption dropout (see ParitySystem). Writes this rank's
-per-step losses (and facts about the sharding) to OUT_JSON.
+per-step losses (and facts about the sharding) to OUT_JSON, and to OUT_JSON + ".pt" the trainable
+parameters' gradients of the first step as the optimiser gets them (reduced across ranks, before
+clipping) and the U-Net's weights after the last step, both as full tensors.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Any, Dict, Iterator
 
 import torch
 
-GLOBAL_BATCH, STEPS = 8, 5
+GLOBAL_BATCH = 8
+STEPS = int(sys.argv[9]) if len(sys.argv) > 9 else 5
 
 
 def sample(index: int) -> Dict[str, Any]:
@@ -57,6 +60,10 @@ def main() -> None:
     import lightning as L
     from torch.distributed.tensor import DTensor
 
+    def full(t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor on every rank (a collective for a sharded DTensor)."""
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
     from mmdiff.config import load_config
     from mmdiff.run.strategies import build_strategy
     from mmdiff.systems.text_to_image import TextToImageSystem
@@ -65,6 +72,13 @@ def main() -> None:
         """The text-to-image system with per-sample randomness (timestep and noise by sample index)."""
 
         losses: list = []
+        first_grads: dict = {}
+
+        def on_before_optimizer_step(self, optimizer):
+            # Lightning calls this before gradient clipping: the gradients' scale still shows.
+            if self.trainer.global_step == 0:
+                self.first_grads.update({name: full(p.grad) for name, p in self.named_parameters()
+                                         if p.grad is not None})
 
         def training_step(self, batch, batch_idx):
             latents = self.batch_latents(batch, sample=False)
@@ -102,9 +116,9 @@ def main() -> None:
         "frozen_sharded": any(isinstance(p, DTensor) for m in (system.vae, system.clip) for p in m.parameters()),
         "vae_dtype": str(next(system.vae.parameters()).dtype),
         "mesh": list(trainer.strategy.fsdp_mesh.shape) if getattr(trainer.strategy, "fsdp_mesh", None) is not None else None,
-        "unet_sum": float(sum((p.full_tensor() if isinstance(p, DTensor) else p).double().sum()
-                              for p in system.unet.parameters())),
     }
+    torch.save({"grads": system.first_grads,
+                "weights": {name: full(p) for name, p in system.unet.named_parameters()}}, out_path + ".pt")
     with open(out_path, "w") as f:
         json.dump(facts, f)
 

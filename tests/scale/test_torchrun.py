@@ -1,4 +1,7 @@
-"""Two "nodes" on localhost with torchrun (one process each), the way docs/scale_out.md shows it."""
+"""Two "nodes" on localhost with torchrun (one process each), the way docs/scale_out.md shows it.
+
+The default run keeps one fast case (DDP, 2 steps); the 4-step DDP and FSDP2 runs are marked slow.
+"""
 from __future__ import annotations
 
 import sys
@@ -12,17 +15,20 @@ from multiproc import run_all
 from tiny_configs import tiny_t2i_config
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_two_nodes_one_process_each(tmp_path: Path, digits16: Path, strategy: str) -> None:
-    config = tiny_t2i_config(tmp_path, digits16, trainer={"max_steps": 4, "checkpoint_every_n_steps": 2},
+@pytest.mark.parametrize("strategy, steps", [
+    pytest.param("ddp", 2, id="fast-ddp"),
+    pytest.param("ddp", 4, id="ddp", marks=pytest.mark.slow),
+    pytest.param("fsdp", 4, id="fsdp", marks=pytest.mark.slow),
+])
+def test_torchrun_two_nodes_one_process_each(tmp_path: Path, digits16: Path, strategy: str, steps: int) -> None:
+    config = tiny_t2i_config(tmp_path, digits16, trainer={"max_steps": steps, "checkpoint_every_n_steps": 2},
                              sampling={"prompts": []})
     first = _torchrun(config, strategy)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4
+    assert ckpt["global_step"] == steps
     ranks = ckpt["callbacks"]["DataPosition"]["ranks"]  # one world of two ranks trained
-    assert [(p["rank"], p["world"], p["consumed"]) for p in ranks] == [(0, 2, 4), (1, 2, 4)]
+    assert [(p["rank"], p["world"], p["consumed"]) for p in ranks] == [(0, 2, steps), (1, 2, steps)]
     if strategy == "fsdp":
         assert "FSDP2: sharded unet over a (2,) mesh" in first
         # resume (full-state checkpoint loaded into the sharded U-Net and its optimiser) and go on

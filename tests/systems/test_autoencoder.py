@@ -78,6 +78,32 @@ def test_val_images_and_previews(fitted) -> None:
     assert recon.min() >= -1 and recon.max() <= 1
     grid, nrow = system.preview_images()["reconstructions"]
     assert grid.shape == (8, 3, 16, 16) and nrow == 4
+    assert torch.isfinite(grid).all() and float(grid.std()) > 0.01
+
+
+class _Padded(Dataset):
+    """``_Images`` 0-3 as real rows, then 4 placeholders (``valid=False``, zero images) as the
+    loader makes for rank padding and corrupt samples."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 4:
+            return {**_Images()[i], "valid": True}
+        return {"image": torch.zeros(3, 16, 16), "caption": "", "valid": False}
+
+
+def test_validation_scores_only_valid_rows(fitted) -> None:
+    system, _ = fitted
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (real,) = trainer.validate(system, DataLoader([_Images()[i] for i in range(4)], batch_size=4),
+                              verbose=False)
+    first_real = system.val_images
+    (padded,) = trainer.validate(system, DataLoader(_Padded(), batch_size=8), verbose=False)
+    for key in ("val/loss", "val/psnr", "val/ssim"):
+        assert padded[key] == pytest.approx(real[key], rel=1e-4), key
+    assert torch.equal(system.val_images[0], first_real[0])  # previews show real images only
 
 
 def test_checkpoint_loads_into_build_vae_without_repeating_the_architecture(fitted, tmp_path: Path) -> None:

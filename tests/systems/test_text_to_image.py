@@ -4,14 +4,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import mmdiff.callbacks.previews as image_callback
 from mmdiff.cli import main
+from mmdiff.config import load_config
+from mmdiff.systems.text_to_image import TextToImageSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_configs import tiny_t2i_config  # noqa: E402
 from wandb_offline import read_run  # noqa: E402
+from accelerator_sim import Float64OnDevice  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,11 +34,62 @@ def tiny_t2i(tmp_path: Path, shards: Path, **trainer) -> Path:
     )
 
 
+PREVIEWS: list = []  # the image batches the preview callback turned into grids in `trained`
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
     tmp = tmp_path_factory.mktemp("t2i")
-    assert main(["fit", str(tiny_t2i(tmp, demo_shards))]) == 0
+    grid = image_callback.grid
+
+    def recording_grid(images: torch.Tensor, nrow: int = 8):
+        PREVIEWS.append(images.detach().clone())
+        return grid(images, nrow=nrow)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(image_callback, "grid", recording_grid)
+        assert main(["fit", str(tiny_t2i(tmp, demo_shards))]) == 0  # model.vae.scaling_factor: null
     return tmp / "t2i"
+
+
+def test_previews_from_step_0_on_are_finite_and_not_flat(trained: Path) -> None:
+    assert len(PREVIEWS) >= 3  # steps 0, 3 and 6
+    for images in PREVIEWS:
+        assert torch.isfinite(images).all() and float(images.std()) > 0.01
+    first = np.asarray(Image.open(trained / "samples" / "samples_step0000000.png"), dtype=np.float32)
+    tile = first[2:18, 2:18]  # the first 16-px image inside the grid's 2-px white padding
+    assert tile.std() > 1.0
+
+
+def _tiny_system(tmp_path: Path, shards: Path) -> TextToImageSystem:
+    system = TextToImageSystem(load_config(tiny_t2i_config(tmp_path, shards)))
+    system.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)  # all_gather on one device
+    system.cfg.model.vae.scale_estimate_batches = 3
+    return system
+
+
+def _latent_batches(device: str = "cpu") -> list:
+    # A large mean and a small spread: sums of squares in float32 would lose the spread.
+    g = torch.Generator().manual_seed(0)
+    return [(50 + 0.5 * torch.randn(8, 4, 8, 8, generator=g)).to(device) for _ in range(4)]
+
+
+def test_latent_scale_estimate_is_accurate(tmp_path: Path, demo_shards: Path, monkeypatch) -> None:
+    system = _tiny_system(tmp_path, demo_shards)
+    monkeypatch.setattr(system, "_raw_latents", lambda batch, sample=True: batch)  # batches are latents
+    batches = _latent_batches()
+    system._estimate_latent_scale(batches)
+    expected = 1 / float(torch.cat([z.flatten() for z in batches[:3]]).double().std(unbiased=False))
+    assert float(system.latent_scale) == pytest.approx(expected, rel=1e-6)
+
+
+def test_latent_scale_estimate_makes_no_float64_on_the_device(tmp_path: Path, demo_shards: Path,
+                                                               monkeypatch) -> None:
+    system = _tiny_system(tmp_path, demo_shards).to("meta")  # meta stands in for MPS/CUDA
+    monkeypatch.setattr(system, "_raw_latents", lambda batch, sample=True: batch)
+    with Float64OnDevice() as guard:
+        system._estimate_latent_scale(_latent_batches("meta"))
+    assert guard.made == []
 
 
 def test_wandb_offline_run_holds_config_losses_and_grids(trained: Path) -> None:

@@ -1,0 +1,38 @@
+"""``mmdiff fit CONFIG`` that holds still once its step-STEP checkpoint is written, to be signalled
+(tests/scale/test_exact_resume.py; not collected by pytest).
+
+usage: python interrupt_worker.py STEP MARKER CONFIG [fit arguments ...]
+
+At the start of the batch after step STEP (Lightning's ModelCheckpoint saves at the end of the step's batch)
+every rank writes MARKER.<rank> and waits: for SIGKILL, or after SIGTERM returns, so that
+Lightning stops at the end of that batch. The test signals once every marker is there, so what it
+checks never depends on how fast the run is.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    step, marker, *args = sys.argv[1:]
+    import lightning as L
+
+    import mmdiff.run.training as training
+    from mmdiff.cli import main as cli
+
+    class HoldAfterCheckpoint(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == int(step):
+                Path(f"{marker}.{trainer.global_rank}").touch()
+                while not trainer.received_sigterm:
+                    time.sleep(0.05)
+
+    build_callbacks = training.build_callbacks
+    training.build_callbacks = lambda cfg, run_dir, system: build_callbacks(cfg, run_dir, system) + [HoldAfterCheckpoint()]
+    sys.exit(cli(["fit", *args]))
+
+
+if __name__ == "__main__":
+    main()
