@@ -2,9 +2,9 @@
 
 Every module under ``mmdiff/`` is parsed; its imports (module-level and inside functions, relative
 ones resolved) give the graph of mmdiff-internal imports. The test fails on a cycle between
-modules or packages and on a broken layering rule (``RULES``) that is not in ``KNOWN_VIOLATIONS``,
-and also when a known violation is gone but still listed: the list can only shrink. Run with
-``-s`` to see the report (cycles, violations, imports inside functions per module).
+modules or between parts (``LAYERS``), on an import a part's ``LAYERS`` entry does not allow, on a
+broken third-party rule (``RULES``), and on two modules of the same name. Run with ``-s`` to see
+the report (imports inside functions per module, the largest modules).
 """
 from __future__ import annotations
 
@@ -21,11 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Third-party packages that make an import slow (each takes ~1 s or more to import).
 HEAVY = ("torch", "lightning", "pytorch_lightning", "diffusers", "open_clip", "transformers", "wandb",
          "webdataset", "sklearn", "scipy", "torchvision", "safetensors", "numpy", "PIL")
-# The modules behind the user-facing API (the CLI's commands and their Python functions).
-API = ("mmdiff.cli", "mmdiff.inference.api", "mmdiff.run.training", "mmdiff.inference.sample_files", "mmdiff.inference.caption_files", "mmdiff.inference.unclip",
-       "mmdiff.inference.export", "mmdiff.jobs.precompute", "mmdiff.jobs.bench", "mmdiff.inference.model_card")
-
-
 @dataclass(frozen=True)
 class Rule:
     """Modules under ``importer`` may not import anything under ``forbidden`` (except ``allowed``).
@@ -42,25 +37,44 @@ class Rule:
     module_level: bool = False
 
 
+# The parts of mmdiff and what each may import of mmdiff (docs/architecture.md): a part is a
+# subpackage or a top-level module, or a module that stands alone below its package's layer — the
+# torch-free system-name registry, which config reads to check ``system:``. Read bottom-up: every
+# part imports only parts listed above it, so the parts cannot form a cycle
+# (test_the_layering_itself_has_no_cycle).
+_BASE = ("mmdiff.errors", "mmdiff.io")
+LAYERS: Dict[str, Tuple[str, ...]] = {
+    "mmdiff.errors": (),
+    "mmdiff.io": ("mmdiff.errors",),
+    "mmdiff.diffusion": (),
+    "mmdiff.systems.registry": (),
+    "mmdiff.config": _BASE + ("mmdiff.diffusion.options", "mmdiff.systems.registry"),
+    "mmdiff.models": _BASE + ("mmdiff.config",),
+    "mmdiff.data": _BASE + ("mmdiff.config",),
+    "mmdiff.eval": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.diffusion", "mmdiff.models"),
+    "mmdiff.callbacks": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.eval"),
+    "mmdiff.systems": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.diffusion", "mmdiff.models",
+                               "mmdiff.eval", "mmdiff.systems.registry"),
+    "mmdiff.run": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.callbacks", "mmdiff.systems",
+                           "mmdiff.systems.registry"),
+    "mmdiff.inference": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.diffusion", "mmdiff.models",
+                                 "mmdiff.eval", "mmdiff.callbacks", "mmdiff.systems",
+                                 "mmdiff.systems.registry", "mmdiff.run"),
+    "mmdiff.jobs": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.diffusion", "mmdiff.models",
+                            "mmdiff.eval", "mmdiff.callbacks", "mmdiff.systems", "mmdiff.systems.registry",
+                            "mmdiff.run"),
+    "mmdiff.cli": _BASE + ("mmdiff.config", "mmdiff.data", "mmdiff.eval", "mmdiff.inference", "mmdiff.run",
+                           "mmdiff.jobs", "mmdiff.diffusion.options"),
+    "mmdiff": ("mmdiff.inference",),  # mmdiff.load
+}
+
 RULES: Tuple[Rule, ...] = (
-    Rule("mmdiff.diffusion", ("mmdiff", "lightning", "pytorch_lightning"), "diffusion/ is pure torch",
-         allowed=("mmdiff.diffusion",)),
-    Rule("mmdiff.models", ("lightning", "pytorch_lightning", "mmdiff.systems", "mmdiff.callbacks") + API,
-         "models/ know nothing of training"),
-    Rule("mmdiff.eval", ("mmdiff.systems",) + API, "eval/ never imports a system or the API above it"),
+    Rule("mmdiff.diffusion", ("lightning", "pytorch_lightning"), "diffusion/ is pure torch"),
+    Rule("mmdiff.models", ("lightning", "pytorch_lightning"), "models/ know nothing of training"),
     Rule("mmdiff.config", HEAVY, "config answers in a fraction of a second", module_level=True),
     Rule("mmdiff.systems.registry", HEAVY, "the registry lists systems without importing them",
          module_level=True),
 )
-
-# Violations of today's code: issue #18 empties this list. Entries are strings as ``violations``
-# writes them; remove one when its cause is gone (the test fails until it is removed).
-KNOWN_VIOLATIONS: Set[str] = {
-    "module cycle: mmdiff.jobs.precompute, mmdiff.systems.text_to_image",
-    "package cycle: mmdiff.config, mmdiff.data, mmdiff.eval, mmdiff.models, mmdiff.jobs.precompute, mmdiff.systems",
-    "mmdiff.eval.caption_metrics -> mmdiff.inference.sample_files",
-    "mmdiff.eval.digit_judge -> mmdiff.inference.sample_files",
-}
 
 
 # ------------------------------------------------------------------------------------ graph
@@ -203,22 +217,31 @@ def strongly_connected(edges: Dict[str, Set[str]]) -> List[List[str]]:
     return sorted(out)
 
 
+def part_of(module: str, parts: Iterable[str]) -> str:
+    """The longest of ``parts`` that ``module`` lies under (``mmdiff.systems.prior`` →
+    ``mmdiff.systems``, ``mmdiff.systems.registry`` → itself); the module itself when none."""
+    under = [p for p in parts if module == p or module.startswith(p + ".")]
+    return max(under, key=len) if under else module
+
+
 def package_of(module: str, package: str) -> str:
     """The first level below the package: ``mmdiff.systems.prior`` → ``mmdiff.systems``."""
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == package and len(parts) > 1 else module
 
 
-def cycles(graph: ImportGraph) -> Tuple[List[List[str]], List[List[str]]]:
-    """(module cycles, package cycles) over all imports, those inside functions included."""
+def cycles(graph: ImportGraph, parts: Optional[Iterable[str]] = None) -> Tuple[List[List[str]], List[List[str]]]:
+    """(module cycles, cycles between parts) over all imports, those inside functions included.
+
+    ``parts``: the units of the coarse graph (default: the package's first-level subpackages).
+    """
     edges = graph.internal_edges()
-    packages: Dict[str, Set[str]] = {}
+    part = (lambda m: package_of(m, graph.package)) if parts is None else (lambda m, ps=tuple(parts): part_of(m, ps))
+    coarse: Dict[str, Set[str]] = {}
     for m, targets in edges.items():
-        src = package_of(m, graph.package)
-        packages.setdefault(src, set()).update(
-            t for t in (package_of(x, graph.package) for x in targets) if t != src
-        )
-    return strongly_connected(edges), strongly_connected(packages)
+        src = part(m)
+        coarse.setdefault(src, set()).update(t for t in map(part, targets) if t != src)
+    return strongly_connected(edges), strongly_connected(coarse)
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:
@@ -257,13 +280,41 @@ def rule_violations(graph: ImportGraph, rules: Iterable[Rule]) -> Dict[str, str]
     return found
 
 
-def violations(graph: ImportGraph, rules: Iterable[Rule] = RULES) -> Dict[str, str]:
-    """Every cycle and broken rule, keyed by a stable one-line name."""
-    module_cycles, package_cycles = cycles(graph)
+def layer_violations(graph: ImportGraph, layers: Dict[str, Tuple[str, ...]]) -> Dict[str, str]:
+    """``"importer -> target"`` for every mmdiff import a part's entry in ``layers`` does not allow."""
+    found: Dict[str, str] = {}
+    for module, imports in sorted(graph.imports.items()):
+        part = part_of(module, layers)
+        for imp in imports:
+            if imp.target not in graph.imports or _under(imp.target, [part]) and part_of(imp.target, layers) == part:
+                continue
+            if part not in layers or not _under(imp.target, layers[part]):
+                found[f"{module} -> {imp.target}"] = f"{part} may import only {', '.join(layers.get(part, ())) or 'nothing of mmdiff'}"
+    return found
+
+
+def violations(graph: ImportGraph, rules: Iterable[Rule] = RULES,
+               layers: Dict[str, Tuple[str, ...]] = LAYERS) -> Dict[str, str]:
+    """Every cycle, import across the layering and broken rule, keyed by a stable one-line name."""
+    module_cycles, part_cycles = cycles(graph, layers)
     found = {f"module cycle: {', '.join(c)}": "modules import each other" for c in module_cycles}
-    found.update({f"package cycle: {', '.join(c)}": "packages import each other" for c in package_cycles})
+    found.update({f"part cycle: {', '.join(c)}": "parts import each other" for c in part_cycles})
+    found.update(layer_violations(graph, layers))
     found.update(rule_violations(graph, rules))
     return found
+
+
+def same_named_modules(graph: ImportGraph) -> Dict[str, List[str]]:
+    """Module file names used more than once across the package (``__init__`` aside)."""
+    by_name: Dict[str, List[str]] = {}
+    for module in sorted(graph.modules):
+        if module != graph.package and not _is_package_init(graph, module):
+            by_name.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    return {name: mods for name, mods in by_name.items() if len(mods) > 1}
+
+
+def _is_package_init(graph: ImportGraph, module: str) -> bool:
+    return any(other.startswith(module + ".") for other in graph.modules)
 
 
 def in_function_imports(graph: ImportGraph, internal_only: bool = False) -> Counter:
@@ -279,8 +330,7 @@ def report(graph: ImportGraph, found: Dict[str, str]) -> str:
     inner = in_function_imports(graph)
     inner_mm = in_function_imports(graph, internal_only=True)
     lines = [f"{len(graph.modules)} modules, {sum(graph.lines.values())} lines"]
-    lines += [f"violation: {k}  [{v}]{'  (known)' if k in KNOWN_VIOLATIONS else '  (NEW)'}"
-              for k, v in sorted(found.items())]
+    lines += [f"violation: {k}  [{v}]" for k, v in sorted(found.items())]
     lines.append(f"imports inside functions: {sum(inner.values())} ({sum(inner_mm.values())} of mmdiff) "
                  f"in {len(inner)} modules")
     lines += [f"  {n:3d} ({inner_mm[m]:3d} mmdiff)  {m}" for m, n in inner.most_common()]
@@ -290,18 +340,24 @@ def report(graph: ImportGraph, found: Dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------------ tests
-def test_import_rules_hold_except_known_violations() -> None:
+def test_import_rules_hold() -> None:
     graph = build_graph(REPO / "mmdiff")
     found = violations(graph)
     print("\n" + report(graph, found))
-    new = sorted(set(found) - KNOWN_VIOLATIONS)
-    gone = sorted(KNOWN_VIOLATIONS - set(found))
-    # One message for both: a cycle that shrinks shows up as a new, smaller one and an old one gone.
-    assert not new and not gone, (
-        "new import-rule violations (docs/architecture.md): "
-        + ("; ".join(f"{k} [{found[k]}]" for k in new) or "none")
-        + f"; fixed, so remove from KNOWN_VIOLATIONS in tests/test_architecture.py: {gone or 'none'}"
-    )
+    assert not found, "import-rule violations (docs/architecture.md): " + "; ".join(
+        f"{k} [{v}]" for k, v in sorted(found.items()))
+
+
+def test_the_layering_itself_has_no_cycle() -> None:
+    edges = {part: {part_of(t, LAYERS) for t in allowed} - {part} for part, allowed in LAYERS.items()}
+    assert strongly_connected(edges) == []
+    assert all(_under(t, LAYERS) for allowed in LAYERS.values() for t in allowed), "an allowed import names no part"
+
+
+def test_every_module_is_in_a_part_and_no_two_share_a_name() -> None:
+    graph = build_graph(REPO / "mmdiff")
+    assert [m for m in sorted(graph.modules) if not _under(m, LAYERS)] == []
+    assert same_named_modules(graph) == {}
 
 
 def _write(root: Path, files: Dict[str, str]) -> Path:
@@ -340,19 +396,24 @@ def test_checker_finds_cycles_rules_and_function_imports(tmp_path: Path) -> None
     }
     assert in_function_imports(graph) == Counter({"pkg.low.b": 1, "pkg.light": 1})
     assert in_function_imports(graph, internal_only=True) == Counter({"pkg.low.b": 1})
+    layers = {"pkg.cfg": ("pkg.light",), "pkg.light": (), "pkg.low": ("pkg.cfg",), "pkg.high": ("pkg.low", "pkg.cfg")}
+    assert layer_violations(graph, layers) == {"pkg.low.b -> pkg.high.c": "pkg.low may import only pkg.cfg"}
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ("from mmdiff.systems.registry import get_system\n", "mmdiff.diffusion.gaussian -> mmdiff.systems.registry"),
-    ("import lightning\n", "mmdiff.diffusion.gaussian -> lightning"),
+@pytest.mark.parametrize("where, bad, expected", [
+    ("diffusion/gaussian.py", "from mmdiff.systems.registry import get_system", "mmdiff.diffusion.gaussian -> mmdiff.systems.registry"),
+    ("diffusion/gaussian.py", "import lightning", "mmdiff.diffusion.gaussian -> lightning"),
+    ("eval/fid.py", "from mmdiff.inference.api import load", "mmdiff.eval.fid -> mmdiff.inference.api"),
+    ("models/unet.py", "from mmdiff.systems.base import System", "mmdiff.models.unet -> mmdiff.systems.base"),
+    ("callbacks/ema.py", "from mmdiff.run.strategies import build_strategy", "mmdiff.callbacks.ema -> mmdiff.run.strategies"),
+    ("systems/prior.py", "from mmdiff.jobs.precompute import precompute", "mmdiff.systems.prior -> mmdiff.jobs.precompute"),
 ])
-def test_a_new_bad_import_is_caught(tmp_path: Path, bad: str, expected: str) -> None:
-    """A copy of today's package with one bad import added fails the rules."""
+def test_a_new_bad_import_is_caught(tmp_path: Path, where: str, bad: str, expected: str) -> None:
+    """A copy of today's package with one bad import added (inside a function) fails the rules."""
     import shutil
 
     copy = tmp_path / "mmdiff"
     shutil.copytree(REPO / "mmdiff", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    target = copy / "diffusion" / "gaussian.py"
-    target.write_text(target.read_text() + "\n\ndef _bad():\n    " + bad)
-    found = violations(build_graph(copy))
-    assert expected in set(found) - KNOWN_VIOLATIONS
+    target = copy / where
+    target.write_text(target.read_text() + "\n\ndef _bad():\n    " + bad + "\n")
+    assert expected in violations(build_graph(copy))

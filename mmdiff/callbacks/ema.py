@@ -17,20 +17,13 @@ import torch
 from torch import nn
 
 from mmdiff.callbacks.nan_guard import step_was_skipped
+from mmdiff.callbacks.sharding import is_dtensor, local_shard
 
 EMA_STATE_KEY = "EMA"
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # Imported here: torch.distributed can be missing from a torch build; only sharded runs get here.
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _local(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    """The local shards of DTensors (plain tensors pass through): foreach ops run on these."""
-    return [t.to_local() if _is_dtensor(t) else t for t in tensors]
+    return [local_shard(t) for t in tensors]
 
 
 class EMACallback(L.Callback):
@@ -69,13 +62,13 @@ class EMACallback(L.Callback):
         assert self.shadow is not None
         if len(self.shadow) != len(params):
             raise RuntimeError("EMA state in the checkpoint does not match the model's parameters.")
-        if any(_is_dtensor(s) != _is_dtensor(p) or s.device != p.device for s, p in zip(self.shadow, params)):
+        if any(is_dtensor(s) != is_dtensor(p) or s.device != p.device for s, p in zip(self.shadow, params)):
             self.shadow = [self._placed(s, p) for s, p in zip(self.shadow, params)]
 
     @staticmethod
     def _placed(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """A checkpoint's full shadow tensor laid out like ``param`` (sharded when it is a DTensor)."""
-        if _is_dtensor(param):
+        if is_dtensor(param):
             # Imported here: torch.distributed can be missing from a torch build; only sharded runs get here.
             from torch.distributed.tensor import distribute_tensor
 
@@ -99,7 +92,7 @@ class EMACallback(L.Callback):
     def state_dict(self) -> Dict[str, Any]:
         shadow = self.shadow
         if shadow is not None:  # full tensors in the checkpoint, whatever the sharding
-            shadow = [s.full_tensor() if _is_dtensor(s) else s for s in shadow]
+            shadow = [s.full_tensor() if is_dtensor(s) else s for s in shadow]
         return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from mmdiff.callbacks.sharding import local_shard
 from mmdiff.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,10 @@ class NonFiniteTrainingError(TrainingError):
     """Training produced non-finite losses or gradients too many steps in a row."""
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 ``DTensor`` gradient; plain tensors as they are."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     """True when every gradient the optimiser would apply is free of NaN and Inf."""
     grads: List[torch.Tensor] = [
-        _local(p.grad).detach() for group in optimizer.param_groups for p in group["params"]
+        local_shard(p.grad).detach() for group in optimizer.param_groups for p in group["params"]
         if p.grad is not None
     ]
     grads = [g for g in grads if g.numel() > 0]

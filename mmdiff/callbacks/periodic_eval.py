@@ -19,7 +19,7 @@ from mmdiff.callbacks.ema import find_ema
 from mmdiff.data.reference import read_reference
 from mmdiff.eval.features import build_extractor
 from mmdiff.eval.generative import cycle_prompts, generate_images, score_images
-from mmdiff.run.strategies import has_sharded_parameters
+from mmdiff.callbacks.sharding import has_sharded_parameters
 
 log = logging.getLogger(__name__)
 

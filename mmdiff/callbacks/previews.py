@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from mmdiff.callbacks.ema import find_ema
 from mmdiff.io.images import grid, save_png
-from mmdiff.run.strategies import has_sharded_parameters
+from mmdiff.callbacks.sharding import has_sharded_parameters
 
 log = logging.getLogger(__name__)
 

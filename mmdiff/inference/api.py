@@ -3,34 +3,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional
 
-from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import load_ema_into
-from mmdiff.io.weights import load_strict, safe_torch_load
-from mmdiff.config import from_container
+from mmdiff.io.weights import load_strict
+from mmdiff.run.checkpoint_io import read_training_checkpoint
 from mmdiff.run.devices import resolve_device
 from mmdiff.errors import CheckpointError
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import get_system, system_names
 
 log = logging.getLogger(__name__)
-
-
-def read_training_checkpoint(path: str | Path, mmap: bool = False) -> Tuple[Dict[str, Any], DictConfig]:
-    """A checkpoint ``mmdiff fit`` wrote, and the config it was trained with.
-
-    ``mmap=True`` maps the tensors instead of reading them (cheap checks of a large file).
-    Raises :class:`CheckpointError` for any other file.
-    """
-    checkpoint = safe_torch_load(path, mmap=mmap)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"'{path}' is not an mmdiff training checkpoint (no state_dict in it).")
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "config" not in hparams:
-        raise CheckpointError(f"'{path}' was not written by mmdiff (no config in its hyper-parameters).")
-    return checkpoint, from_container(hparams["config"])
 
 
 def load(

@@ -1,4 +1,5 @@
-"""The Lightning ``CheckpointIO`` every mmdiff trainer uses: atomic, synced checkpoint writes.
+"""Training checkpoints: the Lightning ``CheckpointIO`` every mmdiff trainer uses (atomic, synced
+writes), and :func:`read_training_checkpoint`, the one reader of what it wrote.
 
 ``build_trainer`` passes :class:`AtomicCheckpointIO` as a plugin, so every checkpoint the trainer
 writes — ``checkpoints/stepNNNNNNN.ckpt``, ``last.ckpt``, the SLURM requeue ``hpc_ckpt_N.ckpt`` —
@@ -9,11 +10,16 @@ memory and writes it without ``fsync``; this one streams and syncs (hence a clas
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig
 
+from mmdiff.config import from_container
+from mmdiff.errors import CheckpointError
 from mmdiff.io import atomic
+from mmdiff.io.weights import safe_torch_load
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -29,4 +35,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic.atomic_torch_save(checkpoint, path)
 
 
-__all__ = ["AtomicCheckpointIO"]
+def read_training_checkpoint(path: str | Path, mmap: bool = False) -> Tuple[Dict[str, Any], DictConfig]:
+    """A checkpoint ``mmdiff fit`` wrote, and the config it was trained with.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap checks of a large file).
+    Raises :class:`CheckpointError` for any other file.
+    """
+    checkpoint = safe_torch_load(path, mmap=mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"'{path}' is not an mmdiff training checkpoint (no state_dict in it).")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "config" not in hparams:
+        raise CheckpointError(f"'{path}' was not written by mmdiff (no config in its hyper-parameters).")
+    return checkpoint, from_container(hparams["config"])
+
+
+__all__ = ["AtomicCheckpointIO", "read_training_checkpoint"]

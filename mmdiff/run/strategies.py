@@ -50,15 +50,6 @@ def _is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def has_sharded_parameters(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is a DTensor shard: then every rank must take part in
-    its forward passes (sampling for previews or evaluation), since each all-gathers the shards."""
-    # Imported here: torch.distributed can be missing from a torch build; only FSDP runs get here.
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
 def _blocks(module: nn.Module) -> Iterator[nn.Module]:
     """The elements of the outermost ``nn.ModuleList``s inside ``module`` (U-Net down/up blocks)."""
     for child in module.children():
@@ -173,5 +164,5 @@ def build_strategy(cfg: Any) -> Union[str, Strategy]:
     return name
 
 
-__all__ = ["STRATEGY_NAMES", "FSDP2Strategy", "build_strategy", "has_sharded_parameters", "shard_trainable",
+__all__ = ["STRATEGY_NAMES", "FSDP2Strategy", "build_strategy", "shard_trainable",
            "trainable_children"]

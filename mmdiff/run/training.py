@@ -32,9 +32,8 @@ from mmdiff.callbacks.progress import ProgressLogCallback
 from mmdiff.callbacks.requeue import RequeueOnSignal
 from mmdiff.callbacks.resources import ResourceProbe
 from mmdiff.data.datamodule import ShardDataModule
-from mmdiff.inference.api import read_training_checkpoint
+from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
 from mmdiff.io.atomic import write_text_atomic
-from mmdiff.run.checkpoint_io import AtomicCheckpointIO
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.io.weights import describe_mismatch, unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
