@@ -42,10 +42,6 @@ _DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "c
 _SCHEDULE_TOL = 1e-6  # max |ᾱ_mmdiff - ᾱ_diffusers| for a named schedule to count as the same
 
 
-def _value(v: Any) -> Any:
-    return getattr(v, "value", v)
-
-
 def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
     """A ``DDIMScheduler`` config reproducing the training schedule and the sampling spacing.
 
@@ -59,10 +55,10 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
         "num_train_timesteps": int(d.num_train_timesteps),
         "beta_start": float(d.beta_start),
         "beta_end": float(d.beta_end),
-        "beta_schedule": _DIFFUSERS_SCHEDULES.get(str(_value(d.beta_schedule)), "linear"),
+        "beta_schedule": _DIFFUSERS_SCHEDULES.get(d.beta_schedule, "linear"),
         "trained_betas": None,
-        "prediction_type": str(_value(d.prediction_type)),
-        "timestep_spacing": str(_value(s.timestep_spacing)),
+        "prediction_type": d.prediction_type,
+        "timestep_spacing": s.timestep_spacing,
         "steps_offset": int(s.steps_offset),
         "clip_sample": False,
         "set_alpha_to_one": True,
@@ -70,7 +66,7 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
         "thresholding": False,
     }
     rebuilt = DDIMScheduler(**config).alphas_cumprod.double()
-    if str(_value(d.beta_schedule)) not in _DIFFUSERS_SCHEDULES or float(
+    if d.beta_schedule not in _DIFFUSERS_SCHEDULES or float(
         (rebuilt - alphas_cumprod.double()).abs().max()
     ) > _SCHEDULE_TOL:
         ab = alphas_cumprod.double()

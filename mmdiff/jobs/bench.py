@@ -300,7 +300,7 @@ def plain_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], steps: int,
     extra = {"fused": True} if use_fused_adamw(params, fused_adamw_setting(cfg.trainer)) else {}
     opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                             weight_decay=o.weight_decay, **extra)
-    schedule = str(getattr(o.schedule, "value", o.schedule))
+    schedule = o.schedule
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, o.warmup_steps, cfg.trainer.max_steps, schedule, o.min_lr_ratio))
     ema = [p.detach().float().clone() for p in params] if cfg.model.use_ema else None

@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 Texts = Union[str, Sequence[str], None]
 
 
-def _enum(value: Any) -> str:
-    return str(getattr(value, "value", value))
-
-
 def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
     """Up to ``limit`` captions of ``data.train_shards`` in shard order (corrupt samples skipped)."""
     from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
@@ -87,7 +83,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
         super().__init__()
         self.cfg = cfg
         c = cfg.model.caption
-        self.head_kind = _enum(c.head)
+        self.head_kind = c.head
         self.clip = ClipEncoder.from_config(cfg.model.clip)
         tokenizer = self.clip.tokenizer
         if caption_vocab is None and c.vocab_limit > 0:
@@ -178,7 +174,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
     def _options(self, **options: Any) -> Dict[str, Any]:
         c = self.cfg.model.caption
         defaults = {
-            "decoding": _enum(c.decoding),
+            "decoding": c.decoding,
             "temperature": c.temperature,
             "top_k": c.top_k,
             "top_p": c.top_p,
@@ -190,7 +186,7 @@ class CaptioningSystem(FusedAdamWClipping, L.LightningModule):
         if unknown:
             raise TypeError(f"unknown caption option(s): {', '.join(sorted(unknown))}")
         defaults.update({k: v for k, v in options.items() if v is not None})
-        decoding = _enum(defaults["decoding"])
+        decoding = defaults["decoding"]
         if decoding not in ("greedy", "beam", "topk", "topp"):
             raise ValueError(f"unknown decoding '{decoding}'; choose greedy, beam, topk or topp.")
         if decoding == "beam" and self.diffusion is not None:

@@ -167,7 +167,7 @@ class ContrastiveSystem(FusedAdamWClipping, L.LightningModule):
             eps=o.eps,
             **extra,
         )
-        schedule = o.schedule.value if hasattr(o.schedule, "value") else str(o.schedule)
+        schedule = o.schedule
         max_steps = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_lambda(step, o.warmup_steps, max_steps, schedule, o.min_lr_ratio)

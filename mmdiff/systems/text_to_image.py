@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType, to_container
-from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
+from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
@@ -48,7 +48,7 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
         self.cfg = cfg
         m = cfg.model
         vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
-        self.vae_dtype = _DTYPES[str(getattr(m.vae.precision, "value", m.vae.precision))]
+        self.vae_dtype = _DTYPES[m.vae.precision]
         # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
         self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
         self.clip = ClipEncoder.from_config(m.clip)
@@ -319,17 +319,16 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
-        ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
-        ``guidance_scale``, ``eta``, ``temperature``, ...); unset ones take the config's ``sampling:``.
+        ``options`` are :class:`SamplingOptions` fields (``sampler``, ``steps``, ``guidance_scale``,
+        ``eta``, ``temperature``, ...); unset (or None) ones take the config's ``sampling:``.
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
-        kwargs = sample_kwargs(self.cfg.sampling)
-        kwargs.update({k: v for k, v in options.items() if v is not None})
+        opts = SamplingOptions.from_mapping(self.cfg.sampling).replace(**options)
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if kwargs["guidance_scale"] != 1.0 else None
+        uncond = self.encode_prompts([""] * len(prompts)) if opts.guidance_scale != 1.0 else None
         if image_embeds is not None and self.image_embed_mode == "none":
             raise ValueError("this text_to_image model was not trained with image-embedding conditioning.")
         if self.image_embed_mode != "none":
@@ -344,10 +343,10 @@ class TextToImageSystem(FusedAdamWClipping, L.LightningModule):
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
             cond=cond,
             uncond=uncond,
+            options=opts,
             generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
             progress=progress,
-            **kwargs,
         )
         return self.decode_latents(latents)
 
