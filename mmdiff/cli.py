@@ -7,13 +7,16 @@ errors), never a traceback. Heavy libraries are imported inside the subcommands 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
+import typing
 from pathlib import Path
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
-from mmdiff.config import SAMPLER_NAMES, load_config, to_yaml
+from mmdiff.config import load_config, to_yaml
+from mmdiff.diffusion.options import SamplingOptions, option_fields, option_names, option_problem
 from mmdiff.errors import MmdiffError, UsageError
 from mmdiff.io.textfiles import read_user_text
 
@@ -149,12 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         out_dir=args.out,
         batch_size=args.batch_size,
         seed=args.seed,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_scale=args.cfg,
-        eta=args.eta,
-        temperature=args.temperature,
-        strength=args.strength,
+        **sampling_options(args),
         **image_options,
     )
     log.info("wrote %d images and %s", args.n * len(prompts), out / "grid.png")
@@ -181,10 +179,6 @@ def _write_images(images, out: str, nrow: int) -> Path:
     return folder
 
 
-def _decoder_options(args: argparse.Namespace) -> dict:
-    return {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
-
-
 def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     import torch
@@ -199,7 +193,7 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
     chunks = [expanded[i : i + args.batch_size] for i in range(0, len(expanded), args.batch_size)]
     images = [two_stage_sample(prior, decoder, chunk, seed=args.seed + i,
                                prior_options={"guidance_scale": args.prior_cfg},
-                               eta=args.eta, temperature=args.temperature, **_decoder_options(args)).cpu()
+                               **sampling_options(args)).cpu()
               for i, chunk in enumerate(chunks)]
     _write_images(torch.cat(images), args.out, nrow=args.n)
     return 0
@@ -212,7 +206,7 @@ def cmd_vary(args: argparse.Namespace) -> int:
 
     decoder = _unclip_decoder(args)
     image = read_image_file(args.image, int(decoder.cfg.data.image_size))
-    _write_images(vary(decoder, image, args.n, seed=args.seed, prompt=args.prompt, **_decoder_options(args)),
+    _write_images(vary(decoder, image, args.n, seed=args.seed, prompt=args.prompt, **sampling_options(args)),
                   args.out, nrow=args.n)
     return 0
 
@@ -227,7 +221,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     decoder = _unclip_decoder(args)
     size = int(decoder.cfg.data.image_size)
     frames = interpolate(decoder, read_image_file(args.image_a, size), read_image_file(args.image_b, size), args.n,
-                         seed=args.seed, prompt=args.prompt, **_decoder_options(args))
+                         seed=args.seed, prompt=args.prompt, **sampling_options(args))
     _write_images(frames, args.out, nrow=args.n)
     return 0
 
@@ -283,10 +277,8 @@ def cmd_eval_digits(args: argparse.Namespace) -> int:
         system,
         n_per_digit=args.n,
         seed=args.seed,
-        sampler=args.sampler,
-        steps=args.steps,
-        guidance_scale=args.cfg,
         out=args.out,
+        **sampling_options(args),
     )
     sys.stdout.write(result.summary() + "\n")
     return 0
@@ -323,7 +315,7 @@ def cmd_eval_roundtrip(args: argparse.Namespace) -> int:
     captioner = load(args.caption_ckpt, expect="captioning", use_ema=not args.no_ema, device=args.device)
     result = roundtrip_digits(
         t2i, captioner, n_per_digit=args.n, seed=args.seed, out=args.out,
-        sample_options={"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg},
+        sample_options=sampling_options(args),
         caption_options={"decoding": args.decoding, "steps": args.caption_steps},
     )
     sys.stdout.write(result.summary() + "\n")
@@ -341,8 +333,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if result.rank == 0:
         log.info("train from them: add %s to your config's base: list, or pass\n  %s",
                  result.out_dir / FRAGMENT,
-                 " ".join(fragment_overrides(result.out_dir, str(getattr(
-                     cfg.model.precompute_latents, "value", cfg.model.precompute_latents)), list(result.samples))))
+                 " ".join(fragment_overrides(result.out_dir, cfg.model.precompute_latents, list(result.samples))))
     return 0
 
 
@@ -419,7 +410,7 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
                                         clip_name=str(system.cfg.model.clip.name)).to(system.device)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    options = {"sampler": args.sampler, "steps": args.steps, "guidance_scale": args.cfg}
+    options = sampling_options(args)
     warn_cut_prompts(system, list(dict.fromkeys(prompts)))  # each distinct prompt once
     images = generate_images(lambda p, seed: system.sample(p, seed=seed, **options), prompts, args.batch_size, args.seed)
     result = score_images(
@@ -429,11 +420,11 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
     )
     result.update(checkpoint=str(args.ckpt), seed=args.seed, **{k: v for k, v in options.items() if v is not None})
     path = write_json(result, Path(args.out) / f"{metric}.json")
-    if not args.no_wandb and str(getattr(system.cfg.logger.kind, "value", system.cfg.logger.kind)) == "wandb":
+    if not args.no_wandb and system.cfg.logger.kind == "wandb":
         from mmdiff.eval.wandb_log import log_eval_to_wandb
 
         log_eval_to_wandb(result, project=system.cfg.logger.project, out_dir=args.out,
-                          mode=str(getattr(system.cfg.logger.mode, "value", system.cfg.logger.mode)),
+                          mode=system.cfg.logger.mode,
                           name=f"{system.cfg.name}-eval-{metric}", config={"checkpoint": str(args.ckpt)})
     sys.stdout.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()) + "\n")
     log.info("wrote %s", path)
@@ -472,11 +463,38 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
 
 
 # ------------------------------------------------------------------------------------- parser
+def sampling_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The sampling options given on the command line (the others keep the checkpoint config's)."""
+    return {name: getattr(args, name) for name in option_names() if getattr(args, name) is not None}
+
+
+def _option_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    """argparse type of a sampling option: parsed by its field type, checked as the config checks it."""
+    kind = typing.get_type_hints(SamplingOptions)[f.name]
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+    parse = {int: _whole_number, float: _finite_number}.get(kind, str)
+
+    def convert(text: str) -> Any:
+        value = parse(text)
+        problem = option_problem(f.name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem.rstrip("."))  # argparse adds its own ending
+        return value
+
+    convert.__name__ = f.name
+    return convert
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--cfg", type=non_negative_float, default=None, help="guidance scale (default: the config's)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="NAME",
-                   help=f"{', '.join(SAMPLER_NAMES)} (default: the config's)")
+    """One flag per :class:`SamplingOptions` field (``--guidance-scale`` for ``guidance_scale``)."""
+    for f in option_fields():
+        meta = f.metadata
+        default = meta["cli_default"]
+        shown = f"default {default}" if default is not None else "default: the config's"
+        listed = f": {', '.join(meta['choices'])}" if meta["choices"] else ""
+        p.add_argument(f"--{f.name.replace('_', '-')}", *meta["flags"], dest=f.name, type=_option_type(f),
+                       default=default, metavar="NAME" if meta["choices"] else None,
+                       help=f"{meta['help']}{listed} ({shown})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")
@@ -510,16 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--n", type=positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--out", type=output_folder, default="samples", help="output folder (default ./samples)")
-    p.add_argument("--eta", type=non_negative_float, default=None, help="DDIM eta (default: the config's)")
-    p.add_argument("--temperature", type=non_negative_float, default=None, help="noise temperature (default 1)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler call (default 64)")
     p.add_argument("--prior", metavar="PRIOR_CKPT", default=None,
                    help="unCLIP: a prior checkpoint; CKPT is then its image-embedding decoder")
     p.add_argument("--prior-cfg", type=non_negative_float, default=None, help="the prior's guidance scale (default: its config's)")
     p.add_argument("--init-image", metavar="IMG", default=None,
                    help="img2img: start from this image, noised to --strength (resized and centre-cropped)")
-    p.add_argument("--strength", type=unit_fraction, default=None,
-                   help="with --init-image: share of the schedule re-run, in (0, 1] (default: the config's sampling.strength)")
     p.add_argument("--mask", metavar="MASK", default=None,
                    help="inpainting, with --init-image: an image of its size, white = regenerate, black = keep")
     _sampling_options(p)

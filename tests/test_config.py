@@ -124,7 +124,7 @@ def test_checkpoint_configs_with_renamed_values_still_load() -> None:
 
     data = to_container(schema())
     data["model"]["unet"]["compile"] = "off"
-    assert from_container(data).model.unet.compile.value == "none"
+    assert from_container(data).model.unet.compile == "none"
     assert data["model"]["unet"]["compile"] == "off"  # the caller's dict is left alone
 
 

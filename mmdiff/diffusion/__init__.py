@@ -8,15 +8,39 @@
 * :mod:`.guidance` — classifier-free guidance and the :class:`Denoiser` samplers call.
 * :mod:`.samplers` — DDPM, DDIM, Euler, Heun, DPM-Solver++(2M), Langevin corrector.
 * :mod:`.gaussian` — :class:`GaussianDiffusion`, what systems use.
+* :mod:`.options` — :class:`SamplingOptions` (torch-free): the sampler's options and their checks.
 * :mod:`.discrete` — masked (absorbing-state) diffusion for token sequences.
 * :mod:`.toy` — a 2-D Gaussian mixture with an exact denoiser (tests, sampler benchmarks).
 """
-from mmdiff.diffusion.discrete import MaskedDiffusion
-from mmdiff.diffusion.gaussian import GaussianDiffusion, sample_kwargs
-from mmdiff.diffusion.guidance import Denoised, Denoiser
-from mmdiff.diffusion.samplers import SAMPLER_GRIDS, SAMPLERS, check_sampler
-from mmdiff.diffusion.schedules import NoiseSchedule
-from mmdiff.diffusion.spacing import Grid, make_grid
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mmdiff.diffusion.options import SAMPLER_GRIDS, SAMPLER_NAMES, SamplingOptions
+
+# Re-exports loaded on first use (PEP 562), so that the torch-free options above can be imported
+# without torch (mmdiff.config does, and `mmdiff config` stays fast).
+_LAZY = {
+    "MaskedDiffusion": "discrete",
+    "GaussianDiffusion": "gaussian",
+    "Denoised": "guidance",
+    "Denoiser": "guidance",
+    "SAMPLERS": "samplers",
+    "check_sampler": "samplers",
+    "NoiseSchedule": "schedules",
+    "Grid": "spacing",
+    "make_grid": "spacing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "GaussianDiffusion",
@@ -28,6 +52,7 @@ __all__ = [
     "make_grid",
     "SAMPLERS",
     "SAMPLER_GRIDS",
+    "SAMPLER_NAMES",
+    "SamplingOptions",
     "check_sampler",
-    "sample_kwargs",
 ]

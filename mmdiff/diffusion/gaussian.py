@@ -1,7 +1,6 @@
 """GaussianDiffusion: the object systems use — training loss, VLB/bits-per-dim and sampling."""
 from __future__ import annotations
 
-import enum
 import logging
 import math
 from typing import Any, Callable, Dict, Optional, Sequence, Union
@@ -22,17 +21,10 @@ from mmdiff.diffusion.objectives import (
     sample_timesteps,
     split_prediction,
 )
-from mmdiff.diffusion.samplers import (
-    SAMPLER_GRIDS,
-    SAMPLERS,
-    SINGLE_STEP_SAMPLERS,
-    VARIANCE_TYPES,
-    StepHook,
-    check_sampler,
-    langevin_corrector,
-)
+from mmdiff.diffusion.options import SAMPLER_GRIDS, SamplingOptions
+from mmdiff.diffusion.samplers import SAMPLERS, VARIANCE_TYPES, StepHook, langevin_corrector
 from mmdiff.diffusion.schedules import NoiseSchedule, expand_like
-from mmdiff.diffusion.spacing import SPACINGS, make_grid
+from mmdiff.diffusion.spacing import make_grid
 from mmdiff.diffusion.vlb import (
     LOG2,
     discretized_gaussian_log_likelihood,
@@ -45,17 +37,10 @@ log = logging.getLogger(__name__)
 TrainModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _value(v: Any) -> Any:
-    """Enum members (from a typed config) as their plain values."""
-    return v.value if isinstance(v, enum.Enum) else v
-
-
 def _get(cfg: Any, key: str, default: Any) -> Any:
     if callable(getattr(cfg, "get", None)):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return _value(value)
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -311,27 +296,17 @@ class GaussianDiffusion:
         *,
         cond: Cond = None,
         uncond: Cond = None,
-        sampler: str = "ddim",
-        steps: int = 50,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
-        eta: float = 0.0,
-        temperature: float = 1.0,
-        timestep_spacing: Union[str, enum.Enum] = "leading",
+        options: Optional[SamplingOptions] = None,
+        x_init: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
         device: Optional[Union[str, torch.device]] = None,
-        x_init: Optional[Tensor] = None,
-        strength: float = 1.0,
-        mask: Optional[Tensor] = None,
-        progress: bool = False,
-        corrector_steps: int = 0,
-        snr: float = 0.16,
-        steps_offset: int = 0,
-        clip_denoised: Optional[float] = None,
-        resample_steps: int = 0,
         dtype: torch.dtype = torch.float32,
+        progress: bool = False,
+        **changes: Any,
     ) -> Tensor:
-        """Draw samples of ``shape`` (see :mod:`mmdiff.diffusion.samplers` for the samplers).
+        """Draw samples of ``shape`` with ``options`` (defaults: :class:`SamplingOptions`'), each
+        keyword in ``changes`` replacing one of them (see :mod:`mmdiff.diffusion.samplers`).
 
         * Guidance: with ``uncond`` and ``guidance_scale != 1`` both branches run in one batch.
         * img2img: ``x_init`` with ``strength`` s < 1 starts from ``x_init`` noised to the grid point
@@ -346,24 +321,12 @@ class GaussianDiffusion:
         * ``temperature`` scales the noise injected by DDPM, DDIM (η > 0) and the corrector.
         Raises ``ValueError`` with one sentence on bad arguments.
         """
-        spacing = str(_value(timestep_spacing))
-        check_sampler(sampler)
-        _check_choice("timestep spacing", spacing, SPACINGS)
+        o = (options or SamplingOptions()).replace(**changes)
+        o.validate(num_train_timesteps=self.num_timesteps)
+        sampler, steps, strength, resample_steps = o.sampler, o.steps, o.strength, o.resample_steps
         shape = tuple(int(s) for s in shape)
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be between 1 and the {self.num_timesteps} training timesteps, got {steps}.")
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}.")
-        if guidance_scale < 0 or not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError("guidance_scale must be >= 0 and guidance_rescale in [0, 1].")
-        if eta < 0 or temperature < 0 or corrector_steps < 0 or snr <= 0:
-            raise ValueError("eta, temperature and corrector_steps must be >= 0 and snr > 0.")
-        if resample_steps < 0 or (resample_steps and mask is None):
-            raise ValueError("resample_steps must be >= 0 and is only used for inpainting (with a mask).")
-        if resample_steps and sampler not in SINGLE_STEP_SAMPLERS:
-            raise ValueError(
-                f"resample_steps needs a single-step sampler ({', '.join(SINGLE_STEP_SAMPLERS)}), not '{sampler}'."
-            )
+        if resample_steps and mask is None:
+            raise ValueError("resample_steps is only used for inpainting (with a mask).")
         if x_init is not None and tuple(x_init.shape) != shape:
             raise ValueError(f"x_init has shape {tuple(x_init.shape)} but samples of shape {shape} were requested.")
         if mask is not None:
@@ -378,7 +341,7 @@ class GaussianDiffusion:
             device = x_init.device if x_init is not None else torch.device("cpu")
         device = torch.device(device)
 
-        grid = make_grid(self.schedule, SAMPLER_GRIDS[sampler], steps, spacing, steps_offset)
+        grid = make_grid(self.schedule, SAMPLER_GRIDS[sampler], steps, o.timestep_spacing, o.steps_offset)
         if x_init is not None and strength < 1.0:
             grid = grid.tail(steps - max(1, min(int(steps * strength), steps)))
         gen_device = generator.device if generator is not None else device
@@ -393,15 +356,15 @@ class GaussianDiffusion:
             model_fn,
             cond=cond,
             uncond=uncond,
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            clip_denoised=clip_denoised,
+            guidance_scale=o.guidance_scale,
+            guidance_rescale=o.guidance_rescale,
+            clip_denoised=o.clip_denoised,
         )
-        hook = self._step_hook(den, grid, known, mask, corrector_steps, snr, generator, temperature, dtype, device)
+        hook = self._step_hook(den, grid, known, mask, o.corrector_steps, o.snr, generator, o.temperature, dtype, device)
         if mask is not None:
             x = self._paste(x, known, mask.to(device=device, dtype=dtype), ab0, generator)
         run = SAMPLERS[sampler]
-        kwargs = dict(generator=generator, temperature=temperature, eta=eta, variance_type=self.variance_type)
+        kwargs = dict(generator=generator, temperature=o.temperature, eta=o.eta, variance_type=self.variance_type)
         if not resample_steps:
             return run(den, x, grid, on_step=hook, progress=progress, **kwargs)
         ab = grid.alphas_bar.tolist()
@@ -456,21 +419,3 @@ class GaussianDiffusion:
 
         return hook
 
-
-def sample_kwargs(sampling_cfg: Any) -> Dict[str, Any]:
-    """``GaussianDiffusion.sample`` keyword arguments from the ``sampling:`` config section."""
-    keys = (
-        "sampler", "steps", "guidance_scale", "guidance_rescale", "eta", "temperature",
-        "timestep_spacing", "steps_offset", "corrector_steps", "snr", "strength", "clip_denoised",
-    )
-    out = {}
-    for key in keys:
-        value = _get(sampling_cfg, key, None)
-        if value is not None:
-            out[key] = value
-    if "clip_denoised" not in out:
-        out["clip_denoised"] = None
-    for key in ("steps", "steps_offset", "corrector_steps"):
-        if key in out:
-            out[key] = int(out[key])
-    return out

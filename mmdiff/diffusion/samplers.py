@@ -25,6 +25,7 @@ from tqdm.auto import trange
 
 from mmdiff.diffusion.guidance import Denoised
 from mmdiff.diffusion.objectives import randn_like
+from mmdiff.diffusion.options import SAMPLER_TABLE
 from mmdiff.diffusion.spacing import Grid
 
 Denoise = Callable[[Tensor, Tensor, float], Denoised]
@@ -220,32 +221,17 @@ def sample_dpmpp_2m(
 
 SamplerFn = Callable[..., Tensor]
 
-#: Sampler name -> function. ``euler_karras`` and ``dpmpp_2m_karras`` reuse their functions on a
-#: Karras grid (see :data:`SAMPLER_GRIDS`).
-SAMPLERS: Dict[str, SamplerFn] = {
+#: Step function of each sampler family; :data:`mmdiff.diffusion.options.SAMPLER_TABLE` names the
+#: samplers (``euler_karras`` and ``dpmpp_2m_karras`` reuse their family's function on a Karras grid).
+_STEP_FUNCTIONS: Dict[str, SamplerFn] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "euler": sample_euler,
-    "euler_karras": sample_euler,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_karras": sample_dpmpp_2m,
 }
-
-#: Sampler name -> grid kind of :func:`mmdiff.diffusion.spacing.make_grid`.
-SAMPLER_GRIDS: Dict[str, str] = {
-    "ddpm": "discrete",
-    "ddim": "discrete",
-    "euler": "euler",
-    "euler_karras": "euler_karras",
-    "heun": "euler_karras",
-    "dpmpp_2m": "dpm",
-    "dpmpp_2m_karras": "dpm_karras",
-}
-
-
-#: Samplers whose steps depend only on the current sample (RePaint resampling can redo a step).
-SINGLE_STEP_SAMPLERS = ("ddpm", "ddim", "euler", "euler_karras", "heun")
+#: Sampler name -> function.
+SAMPLERS: Dict[str, SamplerFn] = {name: _STEP_FUNCTIONS[step] for name, (step, _) in SAMPLER_TABLE.items()}
 
 
 def check_sampler(name: str) -> None:

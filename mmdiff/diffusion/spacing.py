@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmdiff.diffusion.options import TIMESTEP_SPACINGS as SPACINGS
 from mmdiff.diffusion.schedules import NoiseSchedule
 
-SPACINGS = ("linspace", "leading", "trailing")
 GRID_KINDS = ("discrete", "euler", "euler_karras", "dpm", "dpm_karras")
 
 

@@ -150,7 +150,6 @@ class FunctionFeatures(nn.Module):
 def build_extractor(kind: str, *, inception_weights: str | None = None, clip: nn.Module | None = None,
                     clip_name: str = "custom") -> nn.Module:
     """``inception`` (weights from a local file) or ``clip`` (the given open_clip encoder)."""
-    kind = str(getattr(kind, "value", kind))
     if kind == "inception":
         return InceptionFeatures(inception_weights)
     if kind == "clip":

@@ -57,10 +57,6 @@ _DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "c
 _SCHEDULE_TOL = 1e-6  # max |ᾱ_mmdiff - ᾱ_diffusers| for a named schedule to count as the same
 
 
-def _value(v: Any) -> Any:
-    return getattr(v, "value", v)
-
-
 def _edm_as_v_prediction(cfg: Any) -> bool:
     """True for an EDM-preconditioned model, which diffusers holds only as v-prediction (σ_data = 1).
 
@@ -79,7 +75,7 @@ def _edm_as_v_prediction(cfg: Any) -> bool:
 
 
 def _learned_variance(cfg: Any) -> bool:
-    return str(_value(cfg.diffusion.variance_type)) == "learned_range"
+    return cfg.diffusion.variance_type == "learned_range"
 
 
 def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
@@ -93,15 +89,15 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
     (:func:`_edm_as_v_prediction`).
     """
     d, s = cfg.diffusion, cfg.sampling
-    prediction = "v_prediction" if _edm_as_v_prediction(cfg) else str(_value(d.prediction_type))
+    prediction = "v_prediction" if _edm_as_v_prediction(cfg) else d.prediction_type
     config: Dict[str, Any] = {
         "num_train_timesteps": int(d.num_train_timesteps),
         "beta_start": float(d.beta_start),
         "beta_end": float(d.beta_end),
-        "beta_schedule": _DIFFUSERS_SCHEDULES.get(str(_value(d.beta_schedule)), "linear"),
+        "beta_schedule": _DIFFUSERS_SCHEDULES.get(d.beta_schedule, "linear"),
         "trained_betas": None,
         "prediction_type": prediction,
-        "timestep_spacing": str(_value(s.timestep_spacing)),
+        "timestep_spacing": s.timestep_spacing,
         "steps_offset": int(s.steps_offset),
         "clip_sample": False,
         "set_alpha_to_one": True,
@@ -111,7 +107,7 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
     rebuilt = DDIMScheduler(**config).alphas_cumprod.double()
     if _learned_variance(cfg):
         config["variance_type"] = "learned_range"
-    if str(_value(d.beta_schedule)) not in _DIFFUSERS_SCHEDULES or float(
+    if d.beta_schedule not in _DIFFUSERS_SCHEDULES or float(
         (rebuilt - alphas_cumprod.double()).abs().max()
     ) > _SCHEDULE_TOL:
         ab = alphas_cumprod.double()
@@ -167,7 +163,7 @@ def export_info(system: Any, ckpt: Optional[str], use_ema: bool) -> Dict[str, An
         "latent_scale": float(system.latent_scale),
         "latent_shape": [system.latent_channels, system.latent_size, system.latent_size],
         "pooled_text": bool(cfg.model.unet.use_pooled_text),
-        "image_embed_conditioning": str(_value(cfg.model.image_embed_conditioning)),
+        "image_embed_conditioning": cfg.model.image_embed_conditioning,
         "edm_preconditioning": bool(cfg.diffusion.edm_preconditioning),
         "guidance_scale": float(cfg.sampling.guidance_scale),
         "sampler": str(cfg.sampling.sampler),

@@ -87,10 +87,6 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _value(v: Any) -> Any:
-    return getattr(v, "value", v)
-
-
 @dataclass
 class PrecomputeResult:
     """What one rank did: the shards it wrote or found, and the samples in them."""
@@ -157,8 +153,8 @@ class _Encoder:
         system.unet = None  # not needed here; frees its memory
         self.system = system.to(device).eval()
         self.device = device
-        self.latents = str(_value(cfg.model.precompute_latents))
-        self.np_dtype = np.float16 if str(_value(cfg.model.precompute_dtype)) == "fp16" else np.float32
+        self.latents = cfg.model.precompute_latents
+        self.np_dtype = np.float16 if cfg.model.precompute_dtype == "fp16" else np.float32
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, captions: List[str]) -> Dict[str, np.ndarray]:
@@ -179,7 +175,7 @@ class _Encoder:
         return {
             "format": FORMAT_VERSION,
             "latents": self.latents,
-            "dtype": str(_value(m.precompute_dtype)),
+            "dtype": m.precompute_dtype,
             "image_size": int(cfg.data.image_size),
             "latent_shape": [s.latent_channels, s.latent_size, s.latent_size],
             "context_shape": [s.clip.context_length, s.clip.text_width],

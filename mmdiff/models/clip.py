@@ -161,7 +161,7 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer  # open_clip's tokenizer for this model (ids via tokenize())
-        self.text_layer = str(getattr(text_layer, "value", text_layer))
+        self.text_layer = text_layer
         if self.text_layer not in ("last", "penultimate"):
             raise ConfigError(
                 f"model.clip.text_layer must be 'last' or 'penultimate', got '{text_layer}'."
@@ -195,7 +195,7 @@ class ClipEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "ClipEncoder":
         """Build from a ``model.clip`` config section (see the module docstring)."""
-        precision = str(getattr(cfg.precision, "value", cfg.precision))
+        precision = cfg.precision
         if str(cfg.name) == "custom":
             model = _build_custom(cfg, precision)
             tokenizer = _simple_tokenizer(int(cfg.arch.text.context_length))

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def precision_dtype(precision: Any) -> torch.dtype:
-    """The torch dtype for a ``Precision`` enum member or its name (fp32 | bf16 | fp16)."""
-    name = getattr(precision, "value", precision)
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype for a precision name (fp32 | bf16 | fp16)."""
     try:
-        return _DTYPES[str(name)]
+        return _DTYPES[precision]
     except KeyError:
-        raise ValueError(f"unknown precision '{name}'; choose one of fp32, bf16, fp16.") from None
+        raise ValueError(f"unknown precision '{precision}'; choose one of fp32, bf16, fp16.") from None
 
 
 def diffusers_folder(path: Path, subfolder: str) -> tuple[Path, str | None]:

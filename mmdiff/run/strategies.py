@@ -36,11 +36,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from mmdiff.config.trainer import STRATEGY_NAMES
+
 log = logging.getLogger(__name__)
-
-#: The names ``trainer.strategy`` accepts (config.py keeps a copy so config checks stay light).
-STRATEGY_NAMES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
-
 
 # -------------------------------------------------------------------------------- sharding
 def _is_sharded(module: nn.Module) -> bool:
@@ -157,9 +155,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 def build_strategy(cfg: Any) -> Union[str, Strategy]:
     """What ``Trainer(strategy=...)`` gets for ``cfg.trainer`` (see the module docstring)."""
     t = cfg.trainer
-    name = str(getattr(t.strategy, "value", t.strategy))
+    name = t.strategy
     if name == "fsdp":
-        sharding = str(getattr(t.fsdp_sharding, "value", t.fsdp_sharding))
+        sharding = t.fsdp_sharding
         return FSDP2Strategy(sharding=sharding)
     return name
 

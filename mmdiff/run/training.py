@@ -99,7 +99,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
         # Versioned folders (csv/version_N): a resumed run must not overwrite the earlier metrics.
         logger: Logger = CSVLogger(save_dir=str(run_dir), name="csv")
     else:
-        mode = str(getattr(cfg.logger.mode, "value", cfg.logger.mode))
+        mode = cfg.logger.mode
         logger = WandbLogger(
             project=cfg.logger.project,
             name=cfg.name,

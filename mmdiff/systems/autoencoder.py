@@ -94,7 +94,7 @@ class AutoencoderSystem(System):
 
     # ------------------------------------------------------------------------------ losses
     def _rec_loss(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        kind = ReconLoss(getattr(self.cfg.model.vae.recon_loss, "value", self.cfg.model.vae.recon_loss))
+        kind = ReconLoss(self.cfg.model.vae.recon_loss)
         if kind == ReconLoss.l2:
             return F.mse_loss(recon, target)
         return F.l1_loss(recon, target)

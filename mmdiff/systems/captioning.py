@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 Texts = Union[str, Sequence[str], None]
 
 
-def _enum(value: Any) -> str:
-    return str(getattr(value, "value", value))
-
-
 def scan_captions(data_cfg: DictConfig, limit: int) -> Iterator[str]:
     """Up to ``limit`` captions of ``data.train_shards`` in shard order (corrupt samples skipped)."""
     spec = DecodeSpec(caption_key=str(data_cfg.caption_key), load_images=False)
@@ -78,7 +74,7 @@ class CaptioningSystem(System):
         read from the training captions when ``model.caption.vocab_limit`` > 0."""
         super().__init__(cfg)
         c = cfg.model.caption
-        self.head_kind = _enum(c.head)
+        self.head_kind = c.head
         self.clip = ClipEncoder.from_config(cfg.model.clip)
         tokenizer = self.clip.tokenizer
         if caption_vocab is None and c.vocab_limit > 0:
@@ -169,7 +165,7 @@ class CaptioningSystem(System):
     def _options(self, **options: Any) -> Dict[str, Any]:
         c = self.cfg.model.caption
         defaults = {
-            "decoding": _enum(c.decoding),
+            "decoding": c.decoding,
             "temperature": c.temperature,
             "top_k": c.top_k,
             "top_p": c.top_p,
@@ -181,7 +177,7 @@ class CaptioningSystem(System):
         if unknown:
             raise TypeError(f"unknown caption option(s): {', '.join(sorted(unknown))}")
         defaults.update({k: v for k, v in options.items() if v is not None})
-        decoding = _enum(defaults["decoding"])
+        decoding = defaults["decoding"]
         if decoding not in ("greedy", "beam", "topk", "topp"):
             raise ValueError(f"unknown decoding '{decoding}'; choose greedy, beam, topk or topp.")
         if decoding == "beam" and self.diffusion is not None:

@@ -33,8 +33,7 @@ _FROZEN = {"clip.": "model.clip.pretrained", "vae.": "model.vae.pretrained"}
 
 def mode_of(cfg: Any) -> str:
     """``model.image_embed_conditioning`` as a plain string."""
-    value = cfg.model.image_embed_conditioning
-    return str(getattr(value, "value", value))
+    return cfg.model.image_embed_conditioning
 
 
 def drop_mask(n: int, p: float) -> Optional[torch.Tensor]:

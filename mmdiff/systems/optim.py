@@ -65,7 +65,7 @@ def configure_adamw(params: ParamGroups, optim: DictConfig, max_steps: int,
         weight_decay=optim.weight_decay,
         **extra,
     )
-    schedule = optim.schedule.value if hasattr(optim.schedule, "value") else str(optim.schedule)
+    schedule = optim.schedule
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda step: lr_lambda(step, optim.warmup_steps, max_steps, schedule, optim.min_lr_ratio),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
+from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import PriorTransformer, scaled_embedding
 from mmdiff.systems.base import System, valid_rows
@@ -113,19 +113,19 @@ class PriorSystem(System):
     def sample(self, prompts: List[str], *, seed: int = 0, progress: bool = False, **options: Any) -> torch.Tensor:
         """Prompts → scaled CLIP image embeddings B×E.
 
-        ``options`` are :meth:`GaussianDiffusion.sample` keywords (unset ones take ``sampling:``)
+        ``options`` are :class:`SamplingOptions` fields (unset ones take ``sampling:``)
         plus ``candidates``: draws per prompt, of which the one with the highest cosine to the
         prompt's text embedding is kept (default ``model.prior.candidates``).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
-        kwargs = sample_kwargs(self.cfg.sampling)
-        kwargs.update({k: v for k, v in options.items() if v is not None})
-        k = int(kwargs.pop("candidates", self.cfg.model.prior.candidates))
+        candidates = options.pop("candidates", None)
+        opts = SamplingOptions.from_mapping(self.cfg.sampling).replace(**options)
+        k = int(self.cfg.model.prior.candidates if candidates is None else candidates)
         if k < 1:
             raise ValueError(f"candidates must be positive, got {k}.")
         n = len(prompts) * k
-        guided = kwargs["guidance_scale"] != 1.0
+        guided = opts.guidance_scale != 1.0
         # One encoder call for both branches, so their token states have the same length.
         both = self.encode_prompts([p for p in prompts for _ in range(k)] + [""] * (n if guided else 0))
         cond = {key: v[:n] for key, v in both.items()}
@@ -133,7 +133,7 @@ class PriorSystem(System):
         x = self.diffusion.sample(
             self.denoise, (n, self.embed_dim), cond=cond, uncond=uncond,
             generator=torch.Generator(device=self.device).manual_seed(seed), device=self.device,
-            progress=progress, **kwargs,
+            options=opts, progress=progress,
         )
         x = x.view(len(prompts), k, -1)
         text = cond["text_embed"].view(len(prompts), k, -1)

@@ -42,7 +42,7 @@ def prepare_unet(unet: torch.nn.Module, ucfg: Any, device: torch.device) -> Dict
     if ucfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     applied["gradient_checkpointing"] = bool(ucfg.gradient_checkpointing)
-    mode = str(getattr(ucfg.compile, "value", ucfg.compile))
+    mode = ucfg.compile
     # Static shapes: a training run sees one or two batch shapes, and inductor's dynamic-shape
     # path failed on these blocks (torch 2.14, CPU).
     if mode == "full":

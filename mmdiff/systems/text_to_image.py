@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType
 from mmdiff.data.precomputed import check_against, find_precompute_dir
-from mmdiff.diffusion import GaussianDiffusion, sample_kwargs
+from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
@@ -50,7 +50,7 @@ class TextToImageSystem(System):
         super().__init__(cfg)
         m = cfg.model
         vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
-        self.vae_dtype = _DTYPES[str(getattr(m.vae.precision, "value", m.vae.precision))]
+        self.vae_dtype = _DTYPES[m.vae.precision]
         # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
         self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
         self.clip = ClipEncoder.from_config(m.clip)
@@ -305,22 +305,21 @@ class TextToImageSystem(System):
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
-        ``options`` are :meth:`GaussianDiffusion.sample` keywords (``sampler``, ``steps``,
-        ``guidance_scale``, ``eta``, ``temperature``, ``strength``, ...); unset ones take the config's
-        ``sampling:``. img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at
-        ``data.image_size``) is encoded and noised to ``strength`` (< 1; ``int(steps·strength)``
-        steps run). Inpainting: ``mask`` (H×W, 1×H×W or 1|B×1×H×W; 1 = regenerate, 0 = keep) also
-        needs ``init_image``; every latent cell touching a pixel to regenerate is generated, the
-        others end as the init image's latents exactly (decoded, the VAE's reconstruction of it).
+        ``options`` are :class:`SamplingOptions` fields (``sampler``, ``steps``, ``guidance_scale``,
+        ``eta``, ``temperature``, ``strength``, ...); unset (or None) ones take the config's ``sampling:``.
+        img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at ``data.image_size``) is
+        encoded and noised to ``strength`` (< 1; ``int(steps·strength)`` steps run). Inpainting:
+        ``mask`` (H×W, 1×H×W or 1|B×1×H×W; 1 = regenerate, 0 = keep) also needs ``init_image``; every
+        latent cell touching a pixel to regenerate is generated, the others end as the init image's
+        latents exactly (decoded, the VAE's reconstruction of it).
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
-        kwargs = sample_kwargs(self.cfg.sampling)
-        kwargs.update({k: v for k, v in options.items() if v is not None})
+        opts = SamplingOptions.from_mapping(self.cfg.sampling).replace(**options)
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if kwargs["guidance_scale"] != 1.0 else None
+        uncond = self.encode_prompts([""] * len(prompts)) if opts.guidance_scale != 1.0 else None
         if image_embeds is not None and self.image_embed_mode == "none":
             raise ValueError("this text_to_image model was not trained with image-embedding conditioning.")
         if self.image_embed_mode != "none":
@@ -330,17 +329,17 @@ class TextToImageSystem(System):
             cond["image_embed"] = zeros if image_embeds is None else image_embeds.to(self.device).float()
             if uncond is not None:
                 uncond["image_embed"] = zeros
-        if init_image is not None or mask is not None:
-            kwargs.update(self._init_latents(len(prompts), init_image, mask))
+        start = self._init_latents(len(prompts), init_image, mask) if init_image is not None or mask is not None else {}
         latents = self.diffusion.sample(
             self.denoise,
             (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
             cond=cond,
             uncond=uncond,
+            options=opts,
             generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
             progress=progress,
-            **kwargs,
+            **start,
         )
         return self.decode_latents(latents)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmdiff.config import ConfigError, apply_overrides, check_values, schema
-from mmdiff.diffusion import SAMPLERS, Denoiser, GaussianDiffusion, NoiseSchedule, sample_kwargs
+from mmdiff.diffusion import SAMPLERS, Denoiser, GaussianDiffusion, NoiseSchedule, SamplingOptions
 from mmdiff.diffusion.guidance import concat_cond
 from mmdiff.diffusion.objectives import edm_scalings
 from mmdiff.diffusion.toy import GaussianMixture2D, sliced_wasserstein
@@ -183,11 +183,11 @@ def test_edm_preconditioned_exact_model_samples_mixture():
     assert sliced_wasserstein(out, ref) < 0.05
 
 
-def test_sample_kwargs_from_config():
+def test_sampling_options_from_config():
     cfg = apply_overrides(schema(), ["sampling.sampler=heun", "sampling.steps=12", "sampling.corrector_steps=1"])
-    kw = sample_kwargs(cfg.sampling)
-    assert kw["sampler"] == "heun" and kw["steps"] == 12 and kw["timestep_spacing"] == "leading"
-    out = GaussianDiffusion.from_config(cfg.diffusion).sample(model, SHAPE, **kw)
+    opts = SamplingOptions.from_mapping(cfg.sampling)
+    assert opts.sampler == "heun" and opts.steps == 12 and opts.timestep_spacing == "leading"
+    out = GaussianDiffusion.from_config(cfg.diffusion).sample(model, SHAPE, options=opts)
     assert out.shape == SHAPE and torch.isfinite(out).all()
 
 
@@ -204,8 +204,9 @@ def test_sample_kwargs_from_config():
         (dict(mask=torch.ones(2, 3, 4, 4), x_init=torch.zeros(SHAPE)), "mask of shape \\(2, 3, 4, 4\\) does not match"),
         (dict(mask=torch.ones(SHAPE)), "inpainting with a mask needs x_init"),
         (dict(x_init=torch.zeros(1, 3, 8, 8)), "x_init has shape"),
-        (dict(timestep_spacing="even"), "unknown timestep spacing 'even'"),
-        (dict(guidance_rescale=2.0), "guidance_rescale in \\[0, 1\\]"),
+        (dict(timestep_spacing="even"), "unknown timestep_spacing 'even'"),
+        (dict(guidance_rescale=2.0), "guidance_rescale must be in \\[0, 1\\]"),
+        (dict(no_such_option=1), "unknown sampling option 'no_such_option'"),
     ],
 )
 def test_bad_sample_arguments(kwargs, message):
@@ -242,9 +243,8 @@ def test_config_sampler_names_match_library():
 def test_config_checks(override, key):
     from mmdiff.systems.registry import system_names
 
-    cfg = apply_overrides(schema(), [f"system={sorted(system_names())[0]}", override])
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        check_values(cfg)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):  # choices fail already when merged
+        check_values(apply_overrides(schema(), [f"system={sorted(system_names())[0]}", override]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -152,7 +152,7 @@ def test_sample_is_seeded(trained: Path) -> None:
     [
         (["--n", "3"], "no prompts given"),
         (["--prompt", "x", "--n", "0"], "argument --n: must be a positive number"),
-        (["--prompt", "x", "--steps", "0"], "argument --steps: must be a positive number"),
+        (["--prompt", "x", "--steps", "0"], "argument --steps: steps must be a positive whole number, got 0"),
     ],
 )
 def test_sample_bad_arguments(trained: Path, args, message, capsys) -> None:

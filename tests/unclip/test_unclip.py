@@ -269,7 +269,7 @@ def test_checkpoints_from_before_the_compile_rename_load() -> None:
 
     data = to_container(load_config(REPO / "configs/demo/text_to_image.yaml"))
     data["model"]["unet"]["compile"] = "off"
-    assert from_container(data).model.unet.compile.value == "none"
+    assert from_container(data).model.unet.compile == "none"
 
 
 def test_check_pair_names_embedding_sizes() -> None:

@@ -1,0 +1,65 @@
+"""The ``data:`` section: webdataset shards and the image/caption pipeline."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import List
+
+from omegaconf import DictConfig
+
+from mmdiff.config.fields import choice, require
+
+
+class Crop(str, enum.Enum):
+    center = "center"
+    random = "random"
+
+
+@dataclass
+class DataConfig:
+    """Webdataset shards and the image/caption pipeline."""
+
+    train_shards: List[str] = field(default_factory=list)
+    val_shards: List[str] = field(default_factory=list)
+    image_size: int = 32
+    crop: str = choice(Crop.center)
+    random_flip: bool = False
+    # "txt" reads the caption member; "json:FIELD" reads FIELD of the json member.
+    caption_key: str = "txt"
+    batch_size: int = 32
+    val_batch_size: int = 64
+    num_workers: int = 2
+    # Training reads resampled shards: an epoch is this many batches per rank.
+    steps_per_epoch: int = 1000
+    # Raw (undecoded) samples each training worker shuffles through; 0 or 1 = no shuffling.
+    shuffle_buffer: int = 1000
+    # Images whose header announces more pixels are skipped as possible decompression bombs
+    # (40 Mpx; mmdiff.data.decode.DEFAULT_MAX_IMAGE_PIXELS).
+    max_image_pixels: int = 40_000_000
+    # False: do not decode images (batches carry captions and `array_keys` only).
+    load_images: bool = True
+    # Names of NAME.npy members to load into the batch as tensors (e.g. precomputed latents).
+    array_keys: List[str] = field(default_factory=list)
+
+    @staticmethod
+    def check(d: DictConfig, cfg: DictConfig) -> None:
+        require(d.image_size > 0, f"data.image_size must be positive, got {d.image_size}.")
+        require(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}.")
+        require(d.val_batch_size > 0, f"data.val_batch_size must be positive, got {d.val_batch_size}.")
+        require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}.")
+        require(d.steps_per_epoch > 0, f"data.steps_per_epoch must be positive, got {d.steps_per_epoch}.")
+        require(
+            d.caption_key == "txt" or d.caption_key.startswith("json:"),
+            f"data.caption_key must be 'txt' or 'json:FIELD', got '{d.caption_key}'.",
+        )
+        require(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}.")
+        require(d.max_image_pixels > 0, f"data.max_image_pixels must be positive, got {d.max_image_pixels}.")
+        for name in d.array_keys:
+            require(
+                bool(name) and "/" not in name and not name.endswith(".npy"),
+                f"data.array_keys entries name NAME.npy members without the '.npy', got '{name}'.",
+            )
+        require(
+            d.load_images or len(d.array_keys) > 0,
+            "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",
+        )
