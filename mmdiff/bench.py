@@ -189,6 +189,13 @@ def precomputed_batch(system: Any, batch: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def use_stored_arrays(system: Any) -> None:
+    """Let ``system`` train on in-memory precomputed batches: no shards are read, so skip the
+    precompute-folder check and use the text encoder's own empty-prompt states."""
+    system._check_precomputed = lambda: None
+    system._empty_states = system.encode_prompts([""])
+
+
 class _RepeatBatch(torch.utils.data.IterableDataset):
     """The same batch, ``n`` times."""
 
@@ -374,9 +381,7 @@ def bench_train(system: Any, cfg: DictConfig, device: torch.device, *, steps: in
     online = make_batch(cfg, bs)
     system.precomputed = False
     pre = precomputed_batch(system, {"image": online["image"].to(device), "caption": online["caption"]})
-    # No shards are read here: skip the precompute-folder check and use the text encoder's "".
-    system._check_precomputed = lambda: None
-    system._empty_states = system.encode_prompts([""])
+    use_stored_arrays(system)
     times: Dict[str, Dict[str, Times]] = {m: {k: {"wall": [], "cpu": []} for k in ("framework", "plain")}
                                           for m in ("online", "precomputed")}
     memory: Dict[str, float] = {}

@@ -1,0 +1,122 @@
+"""`tools/gpu_check.sh`: refuses a CPU without --dry-run, records every section (figures, a skip
+reason or an error) and runs end to end at toy size on the CPU (slow), so it cannot rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdiff import gpu_check
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cpu_without_dry_run_exits_2_with_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([str(tmp_path / "out.json")]) == 2
+    assert capsys.readouterr().err == f"gpu_check: {gpu_check.NO_GPU}\n"
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_shell_entry_refuses_a_cpu_machine(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = subprocess.run(["bash", str(REPO / "tools/gpu_check.sh"), str(tmp_path / "o.json")],
+                         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"gpu_check: {gpu_check.NO_GPU}"]
+
+
+def test_unknown_section_is_one_line(capsys) -> None:
+    assert gpu_check.main(["--dry-run", "--only", "demo,nope"]) == 2
+    assert "unknown section(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edge, start, limit", [(300, 32, 4096), (5, 32, 4096), (4096, 32, 4096),
+                                                (1, 8, 64), (100, 1, 64)])
+def test_largest_batch_finds_the_edge_of_memory(edge: int, start: int, limit: int) -> None:
+    tried = []
+
+    def fits(b: int) -> bool:
+        tried.append(b)
+        return b <= edge
+
+    got = gpu_check.largest_batch(fits, start=start, limit=limit)
+    best = min(edge, limit)
+    assert got <= best and got >= best - max(1, best // 16)
+    assert len(tried) <= 20
+
+
+def test_largest_batch_is_zero_when_nothing_fits() -> None:
+    assert gpu_check.largest_batch(lambda b: False, start=32, limit=4096) == 0
+
+
+def test_oom_is_recognised() -> None:
+    assert gpu_check.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not gpu_check.is_oom(ValueError("shapes do not match"))
+
+
+def test_each_section_is_recorded_even_when_one_times_out(monkeypatch, tmp_path: Path) -> None:
+    """A section past its budget is that section's error; the others still run and the JSON is
+    written; sections past the script's deadline are recorded as not run."""
+    monkeypatch.setitem(gpu_check.SECTIONS, "resume", 0.5)
+    out = tmp_path / "gpu.json"
+    result = gpu_check.run_all(out, dry_run=True, sections=["resume", "fp16_scaler"], deadline_s=600)
+    data = json.loads(out.read_text())
+    assert data["sections"] == json.loads(json.dumps(result["sections"]))
+    resume, fp16 = data["sections"]["resume"], data["sections"]["fp16_scaler"]
+    assert resume["status"] == "error" and resume["error"].startswith("timed out after")
+    assert fp16["status"] == "skipped" and "needs a GPU" in fp16["reason"]
+    assert data["table"][0].startswith("mmdiff GPU check")
+
+    late = gpu_check.run_all(tmp_path / "late.json", dry_run=True, sections=["fp16_scaler"], deadline_s=0)
+    assert late["sections"]["fp16_scaler"] == {"status": "error",
+                                              "error": "not run: the script's deadline passed"}
+
+
+def test_a_raising_section_is_an_error_entry(monkeypatch) -> None:
+    def boom(dry_run, params):
+        raise RuntimeError("NCCL error: unhandled system error\nmore detail")
+
+    monkeypatch.setitem(gpu_check.RUNNERS, "fsdp", boom)
+    entry = gpu_check.run_section("fsdp", True, {})
+    assert entry["status"] == "error" and entry["error"] == "RuntimeError: NCCL error: unhandled system error"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dry_run_end_to_end_records_every_section(tmp_path: Path) -> None:
+    """Every section at toy size on the CPU: figures or an explicit skip reason, never an error."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(["bash", str(REPO / "tools/gpu_check.sh"), str(out), "--dry-run"],
+                          env={**_env(), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1700)
+    data = json.loads(out.read_text())
+    sections = data["sections"]
+    assert list(sections) == list(gpu_check.SECTIONS)
+    errors = {k: v for k, v in sections.items() if v["status"] not in ("ok", "skipped")}
+    assert not errors, errors
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sections["fp16_scaler"]["status"] == "skipped" and sections["fp16_scaler"]["reason"]
+    for prec in ("32-true", "bf16-mixed"):
+        assert sections["demo"][prec]["online_framework_steps_per_s"] > 0
+        assert sections["demo"][prec]["overhead_online"] > 0
+    for name in ("sd_unet_eager", "sd_unet_regional"):
+        s = sections[name]
+        assert s["batch"] >= 1 and s["images_per_s"] > 0 and s["unet_train_flops_per_image"] > 0
+        assert s["speed_switches"]["channels_last"] is True and s["precision"] == "bf16-mixed"
+    assert sections["sd_unet_regional"]["speed_switches"]["compile"] == "regional"
+    assert set(sections["sampling"]["by_batch"]) == {"1", "2"}
+    assert sections["fsdp"]["finite"] and sections["fsdp"]["backend"] == "gloo"
+    assert sections["fp16_vae"]["fp16_encode_overflows"] and sections["fp16_vae"]["latents_finite"]
+    assert sections["resume"]["max_abs_loss_diff_steps_11_20"] <= 1e-6
+    assert "sd_unet_eager" in proc.stdout
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items()}
