@@ -120,3 +120,37 @@ def _env() -> dict:
     import os
 
     return {k: v for k, v in os.environ.items()}
+
+
+# ------------------------------------------------------- CUDA code paths checked on the CPU
+def test_fsdp2_shards_a_channels_last_unet(tmp_path: Path) -> None:
+    """channels_last is on by default on CUDA and the system applies it (configure_model) before
+    the strategy shards; fully_shard refused such weights ("non-contiguous parameters")."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmdiff.strategies import has_sharded_parameters, shard_trainable
+
+    class System(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = nn.Module()
+            self.unet.blocks = nn.ModuleList([nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)])
+            self.vae = nn.Conv2d(3, 4, 1).requires_grad_(False)
+
+    torch.manual_seed(0)
+    system = System()
+    system.unet.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    expected = system.unet.blocks[1](system.unet.blocks[0](x))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+        assert shard_trainable(system, mesh) == ["unet"]
+        assert has_sharded_parameters(system.unet) and not has_sharded_parameters(system.vae)
+        got = system.unet.blocks[1](system.unet.blocks[0](x))
+        got.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(got, expected, atol=1e-6)
