@@ -107,7 +107,9 @@ def fit_overrides(dry_run: bool, shards: Path, run_dir: Path, max_steps: int) ->
             f"run_dir={run_dir}", "logger.kind=csv", f"trainer.max_steps={max_steps}",
             "trainer.val_every_n_steps=100000", "trainer.checkpoint_every_n_steps=100000",
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-            "sampling.every_n_steps=100000", f"data.num_workers={0 if dry_run else 2}",
+            # previews still run at the start and end of a fit: keep them to one 2-step prompt
+            "sampling.every_n_steps=0", "sampling.steps=2", "sampling.prompts=[a handwritten digit one]",
+            f"data.num_workers={0 if dry_run else 2}",
             "data.steps_per_epoch=7"]
 
 
@@ -469,6 +471,10 @@ def _child_env(name: str) -> Dict[str, str]:
     return env
 
 
+def _unblock_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def _spawn(name: str, dry_run: bool, params: Dict[str, Any], budget: float, workdir: Path) -> Dict[str, Any]:
     """Run one section in a subprocess under ``budget`` seconds; its entry, or an error entry."""
     out = workdir / f"{name}.json"
@@ -477,15 +483,23 @@ def _spawn(name: str, dry_run: bool, params: Dict[str, Any], budget: float, work
            "--params", json.dumps(params)] + (["--dry-run"] if dry_run else [])
     start = time.perf_counter()
     with open(logfile, "w") as logf:
-        proc = subprocess.Popen(cmd, env=_child_env(name), stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc: Optional[subprocess.Popen] = None
         try:
+            # SIGTERM waits until ``proc`` exists, so the ``finally`` can always kill the section.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                proc = subprocess.Popen(cmd, env=_child_env(name), stdout=logf, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_unblock_sigterm)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             return {"status": "error", "error": f"timed out after {budget:.0f} s", "seconds": budget,
                     "log_tail": _tail(logfile)}
+        finally:  # the section runs in its own session: nothing else would stop it
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     if out.is_file():
         entry = json.loads(out.read_text())
     else:
@@ -502,6 +516,20 @@ def _tail(path: Path, n: int = 15) -> List[str]:
         return []
 
 
+def _run_one(result: Dict[str, Any], name: str, dry_run: bool, left: float, scale: float,
+             peak_tflops: Optional[float], workdir: Path) -> None:
+    if left < 5:
+        result["sections"][name] = {"status": "error", "error": "not run: the script's deadline passed"}
+        return
+    params: Dict[str, Any] = {"peak_tflops": peak_tflops}
+    eager = result["sections"].get("sd_unet_eager", {})
+    if name == "sd_unet_regional" and eager.get("status") == "ok":
+        params["batch"] = eager["batch"]
+    budget = min(SECTIONS[name] * scale, left)
+    log.info("gpu check: %s (budget %.0f s)", name, budget)
+    result["sections"][name] = _spawn(name, dry_run, params, budget, workdir)
+
+
 def run_all(out: Path, *, dry_run: bool, sections: Sequence[str], deadline_s: float,
             peak_tflops: Optional[float] = None) -> Dict[str, Any]:
     """Run ``sections`` one subprocess each, rewriting ``out`` after each; return the result."""
@@ -509,23 +537,21 @@ def run_all(out: Path, *, dry_run: bool, sections: Sequence[str], deadline_s: fl
     result: Dict[str, Any] = {"dry_run": dry_run, "deadline_s": deadline_s,
                               "sections": {name: {"status": "pending"} for name in sections}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write(result, out)
     scale = 1.0 if not dry_run else 4.0  # a loaded CPU starts a torch process slowly
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        for name in sections:
-            left = deadline_s - (time.monotonic() - started)
-            if left < 5:
-                result["sections"][name] = {"status": "error", "error": "not run: the script's deadline passed"}
+    try:
+        _write(result, out)
+        with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+            for name in sections:
+                _run_one(result, name, dry_run, deadline_s - (time.monotonic() - started), scale,
+                         peak_tflops, Path(tmp))
                 _write(result, out)
-                continue
-            params: Dict[str, Any] = {"peak_tflops": peak_tflops}
-            eager = result["sections"].get("sd_unet_eager", {})
-            if name == "sd_unet_regional" and eager.get("status") == "ok":
-                params["batch"] = eager["batch"]
-            budget = min(SECTIONS[name] * scale, left)
-            log.info("gpu check: %s (budget %.0f s)", name, budget)
-            result["sections"][name] = _spawn(name, dry_run, params, budget, Path(tmp))
-            _write(result, out)
+    except BaseException as err:  # SIGTERM / Ctrl-C: say where the run stopped, then stop
+        for entry in result["sections"].values():
+            if entry.get("status") == "pending":
+                entry.update(status="error",
+                             error=f"the script was interrupted ({type(err).__name__}) before this section finished")
+        _write(result, out)
+        raise
     result["seconds"] = time.monotonic() - started
     result["table"] = format_table(result).splitlines()
     _write(result, out)
@@ -567,6 +593,10 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tools/gpu_check.sh`` (and of each section's subprocess)."""
     p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
@@ -596,6 +626,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not torch.cuda.is_available():
             sys.stderr.write(f"gpu_check: {NO_GPU}\n")
             return 2
+    # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: the running section is killed
+    # and the JSON says where the run stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     deadline = args.deadline if args.deadline is not None else (DEADLINE_S if not args.dry_run else 4 * DEADLINE_S)
     result = run_all(Path(args.out), dry_run=args.dry_run, sections=sections, deadline_s=deadline,
                      peak_tflops=args.peak_tflops)

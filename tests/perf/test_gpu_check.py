@@ -78,6 +78,37 @@ def test_each_section_is_recorded_even_when_one_times_out(monkeypatch, tmp_path:
                                               "error": "not run: the script's deadline passed"}
 
 
+def test_sigterm_records_the_stop_and_leaves_no_section_running(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    out, marker = tmp_path / "gpu.json", f"GPU_CHECK_TEST_{os.getpid()}_{id(tmp_path)}"
+    proc = subprocess.Popen(["bash", str(REPO / "tools/gpu_check.sh"), str(out), "--dry-run", "--only",
+                             "resume,fp16_scaler"], env={**os.environ, "PYTHON": sys.executable, marker: "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while not out.exists() and proc.poll() is None:  # written once the SIGTERM handler is in place
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    sections = json.loads(out.read_text())["sections"]
+    for name in ("resume", "fp16_scaler"):
+        assert sections[name]["status"] == "error" and "interrupted (SystemExit)" in sections[name]["error"]
+    left = [pid for pid in _pids_with_env(marker) if pid != os.getpid()]
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+def _pids_with_env(name: str) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"{name}=".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_a_raising_section_is_an_error_entry(monkeypatch) -> None:
     def boom(dry_run, params):
         raise RuntimeError("NCCL error: unhandled system error\nmore detail")
