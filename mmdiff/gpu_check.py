@@ -11,7 +11,7 @@ Sections (:data:`SECTIONS`):
 * ``sd_unet_eager`` / ``sd_unet_regional`` — the SD-2-size U-Net (865.9 M parameters) at 256² with
   random weights, bf16-mixed, channels_last, precomputed latents, ``compile`` none / regional:
   images/s, MFU and peak memory at the largest batch that fits (found by doubling then bisecting
-  until ``torch.cuda.OutOfMemoryError``; the regional run starts from the eager run's batch);
+  until ``torch.cuda.OutOfMemoryError``; the regional run starts from the eager run's batch, or 64, and steps down on OOM);
 * ``sampling`` — DPM++2M, 20 steps, batch 1 and 16 on the SD-2-size system: s/image;
 * ``fsdp`` — one ``mmdiff fit`` step under FSDP2 on one rank (NCCL), bf16-mixed, channels_last;
 * ``fp16_scaler`` — one fit step in ``16-mixed`` (GradScaler);
@@ -279,8 +279,8 @@ def section_sd_unet(dry_run: bool, params: Dict[str, Any], compile_mode: str) ->
         return False
 
     limit = int(params.get("batch_limit", 4 if dry_run else 4096))
-    if params.get("batch"):  # the eager run's answer: step down from it on OOM (each batch recompiles)
-        batch = int(params["batch"])
+    if compile_mode != "none":  # each batch recompiles: start from the eager run's answer, step down on OOM
+        batch = int(params.get("batch") or (2 if dry_run else 64))
         while batch >= 1 and not fits(batch):
             batch = int(batch * 0.85)
         searched = False
