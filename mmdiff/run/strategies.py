@@ -57,6 +57,17 @@ def _blocks(module: nn.Module) -> Iterator[nn.Module]:
             yield from _blocks(child)
 
 
+def _to_contiguous(module: nn.Module) -> bool:
+    """Make ``module``'s parameters contiguous; whether any was not (e.g. channels_last weights,
+    which ``fully_shard`` cannot shard)."""
+    changed = False
+    for p in module.parameters():
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+            changed = True
+    return changed
+
+
 def trainable_children(module: nn.Module) -> List[str]:
     """Names of the direct submodules of ``module`` that hold a parameter requiring grad."""
     return [name for name, child in module.named_children()
@@ -92,6 +103,9 @@ def shard_trainable(
         child = getattr(module, name)
         if _is_sharded(child):
             continue
+        if _to_contiguous(child):
+            log.info("FSDP2: %s's channels_last weights made contiguous (fully_shard refuses them); "
+                     "its inputs stay channels_last", name)
         for block in _blocks(child):
             if not _is_sharded(block):
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)

@@ -37,7 +37,7 @@ The package, one job per module: ``timing`` (clocks, statistics), ``batches`` (t
 ``loader`` and ``fit``), ``flops`` (FLOP counting, MFU), ``sampling_speed``, ``driver``
 (:func:`run_bench`, the targets) and ``report`` (table, JSON).
 """
-from mmdiff.jobs.bench.batches import make_batch, precomputed_batch
+from mmdiff.jobs.bench.batches import make_batch, precomputed_batch, use_stored_arrays
 from mmdiff.jobs.bench.driver import PRESETS, SECTIONS, environment, pick_bench_device, run_bench, targets
 from mmdiff.jobs.bench.flops import PEAK_BF16_TFLOPS, add_achieved, bench_flops, count_flops, peak_bf16_tflops
 from mmdiff.jobs.bench.loader import bench_fit, bench_loader, precomputed_data
@@ -48,6 +48,6 @@ from mmdiff.jobs.bench.steps import bench_train, framework_steps, plain_steps
 __all__ = [
     "PEAK_BF16_TFLOPS", "PRESETS", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
     "bench_sampling", "bench_train", "count_flops", "environment", "format_table", "framework_steps",
-    "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch",
+    "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch", "use_stored_arrays",
     "precomputed_data", "run_bench", "targets", "write_json",
 ]

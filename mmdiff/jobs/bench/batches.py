@@ -41,6 +41,12 @@ def precomputed_batch(system: Any, batch: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def use_stored_arrays(system: Any) -> None:
+    """Let ``system`` train on in-memory precomputed batches: no shards are read, so skip the
+    precompute-folder check and use the text encoder's own empty-prompt states."""
+    system._check_precomputed = lambda: None
+    system._empty_states = system.encode_prompts([""])
+
 class RepeatBatch(torch.utils.data.IterableDataset):
     """The same batch, ``n`` times."""
 

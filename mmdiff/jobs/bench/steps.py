@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from mmdiff.callbacks.ema import EMACallback
-from mmdiff.jobs.bench.batches import RepeatBatch, make_batch, pinned, precision_context, precomputed_batch
+from mmdiff.jobs.bench.batches import RepeatBatch, make_batch, pinned, precision_context, precomputed_batch, use_stored_arrays
 from mmdiff.jobs.bench.timing import Times, intervals, stamp, sync, train_row
 from mmdiff.models.vae import encode_finite
 from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
@@ -132,9 +132,7 @@ def bench_train(system: Any, cfg: DictConfig, device: torch.device, *, steps: in
     online = make_batch(cfg, bs)
     system.precomputed = False
     pre = precomputed_batch(system, {"image": online["image"].to(device), "caption": online["caption"]})
-    # No shards are read here: skip the precompute-folder check and use the text encoder's "".
-    system._check_precomputed = lambda: None
-    system._empty_states = system.encode_prompts([""])
+    use_stored_arrays(system)
     times: Dict[str, Dict[str, Times]] = {m: {k: {"wall": [], "cpu": []} for k in ("framework", "plain")}
                                           for m in ("online", "precomputed")}
     memory: Dict[str, float] = {}
