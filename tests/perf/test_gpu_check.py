@@ -161,7 +161,8 @@ def test_fsdp2_shards_a_channels_last_unet(tmp_path: Path) -> None:
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mmdiff.strategies import has_sharded_parameters, shard_trainable
+    from mmdiff.callbacks.sharding import has_sharded_parameters
+    from mmdiff.run.strategies import shard_trainable
 
     class System(nn.Module):
         def __init__(self) -> None:

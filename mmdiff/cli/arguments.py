@@ -1,0 +1,117 @@
+"""argparse value types and flags the ``mmdiff`` commands share: ranged numbers, output folders,
+one-line parser errors, and one flag per sampling option (from :class:`SamplingOptions`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any, Callable, Dict, NoReturn
+
+from mmdiff.diffusion.options import SamplingOptions, option_fields, option_names, option_problem
+from mmdiff.errors import UsageError
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+
+
+def _finite_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _ranged(name: str, parse: Callable[[str], Any], ok: Callable[[Any], bool], requirement: str,
+            doc: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then refuse values outside the range ``ok`` accepts."""
+    def convert(text: str) -> Any:
+        value = parse(text)
+        if not ok(value):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {shown}")
+        return value
+
+    convert.__name__, convert.__doc__ = name, doc
+    return convert
+
+
+positive_int = _ranged("positive_int", _whole_number, lambda v: v > 0, "a positive number",
+                       "argparse type for counts (images, steps, batch sizes): an integer of at least 1.")
+non_negative_int = _ranged("non_negative_int", _whole_number, lambda v: v >= 0, "zero or more",
+                           "argparse type for counts that may be zero (warm-up steps): an integer of at least 0.")
+non_negative_float = _ranged("non_negative_float", _finite_number, lambda v: v >= 0, "zero or more",
+                             "argparse type for scales and temperatures (guidance, eta): a number >= 0.")
+positive_float = _ranged("positive_float", _finite_number, lambda v: v > 0, "more than zero",
+                         "argparse type for rates and capacities (peak TFLOP/s): a number > 0.")
+unit_fraction = _ranged("unit_fraction", _finite_number, lambda v: 0 < v <= 1, "in (0, 1]",
+                        "argparse type for shares (top-p mass, re-masked share): a number in (0, 1].")
+
+
+def output_folder(text: str) -> str:
+    """argparse type for an output folder: absent (it is created later) or an existing folder.
+
+    Checked before any work starts, without creating anything: a path naming a file, or under a
+    file, would otherwise fail only when the first result is written.
+    """
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file, not a folder; pass a folder path")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if not path.exists() and parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' cannot be created: '{parent}' is a file")
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line UsageErrors, like every other mmdiff error
+    (argparse's own prints the whole usage block and exits from inside parse_args)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help).")
+
+
+# ----------------------------------------------------------------------------- sampler flags
+def sampling_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The sampling options given on the command line (the others keep the checkpoint config's)."""
+    return {name: getattr(args, name) for name in option_names() if getattr(args, name) is not None}
+
+
+def _option_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    """argparse type of a sampling option: parsed by its field type, checked as the config checks it."""
+    kind = typing.get_type_hints(SamplingOptions)[f.name]
+    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+    parse = {int: _whole_number, float: _finite_number}.get(kind, str)
+
+    def convert(text: str) -> Any:
+        value = parse(text)
+        problem = option_problem(f.name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem.rstrip("."))  # argparse adds its own ending
+        return value
+
+    convert.__name__ = f.name
+    return convert
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SamplingOptions` field (``--guidance-scale`` for ``guidance_scale``)."""
+    for f in option_fields():
+        meta = f.metadata
+        default = meta["cli_default"]
+        shown = f"default {default}" if default is not None else "default: the config's"
+        listed = f": {', '.join(meta['choices'])}" if meta["choices"] else ""
+        p.add_argument(f"--{f.name.replace('_', '-')}", *meta["flags"], dest=f.name, type=_option_type(f),
+                       default=default, metavar="NAME" if meta["choices"] else None,
+                       help=f"{meta['help']}{listed} ({shown})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")
