@@ -305,10 +305,11 @@ def violations(graph: ImportGraph, rules: Iterable[Rule] = RULES,
 
 
 def same_named_modules(graph: ImportGraph) -> Dict[str, List[str]]:
-    """Module file names used more than once across the package (``__init__`` aside)."""
+    """Module file names used more than once across the package (``__init__`` and ``__main__``,
+    Python's own entry-point names, aside)."""
     by_name: Dict[str, List[str]] = {}
     for module in sorted(graph.modules):
-        if module != graph.package and not _is_package_init(graph, module):
+        if module != graph.package and not _is_package_init(graph, module) and not module.endswith(".__main__"):
             by_name.setdefault(module.rsplit(".", 1)[-1], []).append(module)
     return {name: mods for name, mods in by_name.items() if len(mods) > 1}
 

@@ -6,8 +6,6 @@ import copy
 import dataclasses
 import difflib
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -16,6 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from mmdiff.config.guard import check_no_secrets, check_resolvers
 from mmdiff.config.schema import check_values, schema
+from mmdiff.io.atomic import write_text_atomic
 from mmdiff.errors import ConfigError
 
 
@@ -221,11 +220,9 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     check_no_secrets(cfg)
     out = Path(run_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Every rank of every node writes the same file (a shared run dir): a temp name of its own
-    # keeps one rank's rename from taking another's temp file away.
-    tmp = out.with_name(f"config.yaml.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
+    # Every rank of every node writes the same file (a shared run dir): the atomic writer's temp
+    # names are per process, so one rank's rename never takes another's temp file away.
+    write_text_atomic(out, to_yaml(cfg))
     return out
 
 

@@ -25,7 +25,7 @@ def _unet(cfg):
 def test_defaults_are_safe(tiny_cfg_path: Path) -> None:
     cfg = load_config(tiny_cfg_path)
     u, t = cfg.model.unet, cfg.trainer
-    assert (u.channels_last, u.compile.value, u.gradient_checkpointing) == (None, "none", False)
+    assert (u.channels_last, u.compile, u.gradient_checkpointing) == (None, "none", False)
     assert (t.fused_adamw, t.tf32) == (None, True)
     unet = _unet(cfg)
     applied = prepare_unet(unet, u, torch.device("cpu"))
