@@ -170,14 +170,14 @@ def test_an_epoch_of_part_accumulation_windows_is_refused(toy_config: Path, caps
         "error: data.steps_per_epoch (5) must be a multiple of trainer.accumulate_grad_batches (2)."]
 
 
-@pytest.mark.parametrize("config, overrides", [
-    ("text_to_image", ["model.vae.pretrained=null", "model.clip.pretrained=null", "model.vae.scale_estimate_batches=1"]),
-    ("vae", []),
-    ("clip", []),
-    ("caption_ar", ["model.clip.pretrained=null"]),
-    ("prior", ["model.clip.pretrained=null"]),
+_T2I = ("text_to_image", ["model.vae.pretrained=null", "model.clip.pretrained=null", "model.vae.scale_estimate_batches=1"])
+
+
+# On for every system (none may reset it), off once: fit sets it before any system is built.
+@pytest.mark.parametrize("config, overrides, tf32", [
+    (*_T2I, True), ("vae", [], True), ("clip", [], True), ("caption_ar", ["model.clip.pretrained=null"], True),
+    ("prior", ["model.clip.pretrained=null"], True), (*_T2I, False),
 ])
-@pytest.mark.parametrize("tf32", [True, False])
 def test_trainer_tf32_reaches_torch_for_every_system(config: str, overrides: list, tf32: bool, tmp_path: Path,
                                                     demo_shards: Path, monkeypatch) -> None:
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
