@@ -16,6 +16,7 @@ from mmdiff.config.fields import require
 from mmdiff.config.models import ClipConfig, UNetConfig, VAEConfig
 from mmdiff.config.systems import CaptionConfig, ContrastiveConfig, PriorConfig, TextToImageOptions
 from mmdiff.config.trainer import LoggerConfig, OptimConfig, TrainerConfig
+from mmdiff.systems.registry import system_names
 
 
 @dataclass
@@ -110,8 +111,6 @@ def choice_fields(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any, datac
 
 def check_values(cfg: DictConfig) -> None:
     """Range and consistency checks that types alone cannot express (one :class:`ConfigError`)."""
-    from mmdiff.systems.registry import system_names
-
     require(
         cfg.system in system_names(),
         f"unknown system '{cfg.system}'; choose one of: {', '.join(sorted(system_names()))}.",

@@ -1,5 +1,9 @@
 """The GPU check's sections: each builds its configs and systems and returns its figures
-(``run_section``); the time budgets and the batch finder they share."""
+(``run_section``); the time budgets and the batch finder they share.
+
+Each section imports what it needs inside its function: a section runs in a subprocess of its own
+and loads only its own libraries, and the runner, which imports this module for the table of
+sections, refuses a machine without a GPU before torch is ever imported."""
 from __future__ import annotations
 
 import contextlib
