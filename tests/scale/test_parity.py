@@ -7,14 +7,14 @@ the gradient reduction. Compared: the rank-mean losses, every gradient of the fi
 optimiser sees it (before clipping: AdamW with clipping barely notices a gradient's scale, so a
 sum-instead-of-mean reduction shows only here) and the U-Net's weights after the last step.
 Tolerances are relative to the largest entry; measured differences are ~1e-7.
-The default run keeps one fast case (DDP, 2 steps); the 5-step runs are marked slow.
+The default run keeps one fast case (DDP and FSDP2 full, 2 steps); the 5-step runs are marked slow.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -28,18 +28,29 @@ GRAD_TOL = WEIGHT_TOL = 1e-4  # relative to the largest |entry| of each tensor
 STEPS, FAST_STEPS = 5, 2
 
 
-def run_ranks(config: Path, tmp_path: Path, world: int, strategy: str, sharding: str = "full",
-              num_nodes: int = 1, timeout: float = 240, steps: int = STEPS) -> List[Dict]:
-    """Each rank's facts (parity_worker.py), with its first-step gradients and final weights."""
+def rank_commands(config: Path, tmp_path: Path, world: int, strategy: str, sharding: str = "full",
+                  num_nodes: int = 1, steps: int = STEPS) -> Tuple[List[List[str]], List[Path]]:
+    """The parity_worker.py command of every rank of one run, and the files they write."""
     port = str(free_port())
     outs = [tmp_path / f"{strategy}-{sharding}-{world}-{steps}-{r}.json" for r in range(world)]
-    run_all([[sys.executable, str(HERE / "parity_worker.py"), str(config), str(r), str(world),
-              str(num_nodes), port, str(outs[r]), strategy, sharding, str(steps)] for r in range(world)],
-            tmp_path / f"logs-{strategy}-{sharding}-{world}-{steps}", clean_env(), timeout)
+    return [[sys.executable, str(HERE / "parity_worker.py"), str(config), str(r), str(world), str(num_nodes),
+             port, str(outs[r]), strategy, sharding, str(steps)] for r in range(world)], outs
+
+
+def read_results(outs: List[Path]) -> List[Dict]:
+    """Each rank's facts, with its first-step gradients and final weights."""
     results = [json.loads(o.read_text()) for o in outs]
     for out, result in zip(outs, results):
         result.update(torch.load(f"{out}.pt", weights_only=True))
     return results
+
+
+def run_ranks(config: Path, tmp_path: Path, world: int, strategy: str, sharding: str = "full",
+              num_nodes: int = 1, timeout: float = 240, steps: int = STEPS) -> List[Dict]:
+    """Each rank's facts (parity_worker.py) of one run."""
+    commands, outs = rank_commands(config, tmp_path, world, strategy, sharding, num_nodes, steps)
+    run_all(commands, tmp_path / f"logs-{strategy}-{sharding}-{world}-{steps}", clean_env(), timeout)
+    return read_results(outs)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +86,18 @@ def _assert_parity(single: Dict, results: List[Dict], steps: int = STEPS) -> str
     return f"max |loss diff| {max(diffs):.2e}, gradients {grad:.2e}, weights {weight:.2e} (relative)"
 
 
-def test_ddp_two_ranks_match_one_process_fast(config: Path, tmp_path: Path) -> None:
-    """The default run's DDP parity case: the slow test's comparison over 2 steps."""
-    (one,) = run_ranks(config, tmp_path, 1, "auto", steps=FAST_STEPS)
-    results = run_ranks(config, tmp_path, 2, "ddp", steps=FAST_STEPS)
-    print(f"DDP ({FAST_STEPS} steps): {_assert_parity(one, results, FAST_STEPS)}")
-    assert all(r["strategy"] == "DDPStrategy" for r in results)
+@pytest.mark.timeout(400)
+def test_ddp_and_fsdp2_two_ranks_match_one_process_fast(config: Path, tmp_path: Path) -> None:
+    """The default run's parity case: the slow tests' comparison over 2 steps, with one process, two
+    DDP ranks and two FSDP2 ranks started together (five processes share the start-up time)."""
+    runs = {name: rank_commands(config, tmp_path, world, strategy, steps=FAST_STEPS)
+            for name, world, strategy in (("one", 1, "auto"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp"))}
+    run_all([c for commands, _ in runs.values() for c in commands], tmp_path / "logs-fast", clean_env(), 360)
+    (one,), ddp, fsdp = (read_results(outs) for _, outs in runs.values())
+    print(f"DDP ({FAST_STEPS} steps): {_assert_parity(one, ddp, FAST_STEPS)}")
+    print(f"FSDP2 ({FAST_STEPS} steps): {_assert_parity(one, fsdp, FAST_STEPS)}")
+    assert all(r["strategy"] == "DDPStrategy" for r in ddp)
+    assert all(r["strategy"] == "FSDP2Strategy" and r["unet_sharded"] for r in fsdp)
 
 
 @pytest.mark.slow
