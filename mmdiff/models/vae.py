@@ -264,32 +264,51 @@ def estimate_scaling_factor(
     latents are posterior *samples* by default — what the latent diffusion paper and SD did, and
     what a diffusion model trained on ``latent_dist.sample()`` sees; pass ``use_mean=True`` when
     the diffusion model is trained on the posterior mean. The std is taken over all latent
-    elements (about their mean), accumulated in float64.
+    elements (about their mean): summed in float32 on the VAE's device about each batch's mean, pooled in
+    float64 on the CPU (:func:`moments`), so no float64 tensor is made on an accelerator.
     """
     param = next(vae.parameters())
     was_training = vae.training
     vae.eval()
-    total = total_sq = 0.0
-    count = 0
+    rows = []
     try:
         for i, batch in enumerate(images_iter):
             if i >= n_batches:
                 break
             x = _images(batch).to(device=param.device, dtype=param.dtype)
             dist = vae.encode(x).latent_dist
-            z = (dist.mean if use_mean else dist.sample()).double()
-            total += z.sum().item()
-            total_sq += z.square().sum().item()
-            count += z.numel()
+            rows.append(moments(dist.mean if use_mean else dist.sample()))
     finally:
         vae.train(was_training)
-    if count == 0:
+    if not rows:
         raise ValueError("estimate_scaling_factor got no batches; pass a non-empty iterable.")
-    mean = total / count
-    var = max(total_sq / count - mean * mean, 0.0)
+    count, _, m2 = pool_moments(torch.stack(rows)).tolist()
+    var = m2 / count
     if var <= 0.0:
         raise ValueError("the VAE's latents have zero variance; cannot estimate a scaling factor.")
     return 1.0 / math.sqrt(var)
+
+
+def moments(z: torch.Tensor) -> torch.Tensor:
+    """``[count, mean, M2]`` of ``z``'s elements (``M2 = Σ(z - mean)²``), float64 on the CPU.
+
+    The sums run in float32 on ``z``'s device about the tensor's own mean, which keeps them
+    accurate without float64 there (MPS has none; on GPUs it is slow).
+    """
+    z = z.detach().float()
+    mean = z.mean()
+    m2 = (z - mean).square().sum()
+    centred = torch.stack([mean, m2]).cpu().double()
+    return torch.cat([torch.tensor([float(z.numel())], dtype=torch.float64), centred])
+
+
+def pool_moments(rows: torch.Tensor) -> torch.Tensor:
+    """The ``[count, mean, M2]`` of the union of groups given as rows ``[count, mean, M2]``
+    (Chan et al.'s parallel combination), in float64 on the CPU."""
+    n, mean, m2 = rows.reshape(-1, 3).cpu().double().unbind(1)
+    total = n.sum()
+    grand = (n * mean).sum() / total
+    return torch.stack([total, grand, (m2 + n * (mean - grand).square()).sum()])
 
 
 def _folder_channels(path: Path) -> Optional[list[int]]:
@@ -329,4 +348,4 @@ def vae_downsample_factor(cfg: DictConfig | AutoencoderKL) -> int:
     return 2 ** (len(channels) - 1)
 
 
-__all__ = ["build_vae", "encode_finite", "estimate_scaling_factor", "vae_downsample_factor", "CKPT_PREFIX"]
+__all__ = ["build_vae", "encode_finite", "estimate_scaling_factor", "moments", "pool_moments", "vae_downsample_factor", "CKPT_PREFIX"]

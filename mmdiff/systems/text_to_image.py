@@ -24,9 +24,8 @@ from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
-from mmdiff.models.vae import build_vae, encode_finite
+from mmdiff.models.vae import build_vae, encode_finite, moments, pool_moments
 from mmdiff.errors import DataError
-from mmdiff.systems.moments import moments, pool_moments
 from mmdiff.systems import image_embed
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system

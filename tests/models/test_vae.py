@@ -126,3 +126,16 @@ def test_estimate_scaling_factor(vae) -> None:
     assert 0 < scale < float("inf")
     with pytest.raises(ValueError, match="no batches"):
         estimate_scaling_factor(vae, [], n_batches=2)
+
+
+def test_estimate_scaling_factor_makes_no_float64_on_the_device(vae) -> None:
+    import copy
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from accelerator_sim import Float64OnDevice
+
+    on_meta = copy.deepcopy(vae).to("meta")  # meta stands in for MPS/CUDA
+    with Float64OnDevice() as guard, torch.no_grad():
+        estimate_scaling_factor(on_meta, [{"image": _images(2).to("meta")}], n_batches=1, use_mean=True)
+    assert guard.made == []
