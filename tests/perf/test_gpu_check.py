@@ -131,15 +131,14 @@ def test_dry_run_end_to_end_records_every_section(tmp_path: Path) -> None:
     errors = {k: v for k, v in sections.items() if v["status"] not in ("ok", "skipped")}
     assert not errors, errors
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sections["fp16_scaler"]["status"] == "skipped" and sections["fp16_scaler"]["reason"]
+    for name in ("fp16_scaler", "sd_unet_regional"):  # 16-mixed needs a GPU; compiling takes minutes on a CPU
+        assert sections[name]["status"] == "skipped" and sections[name]["reason"]
     for prec in ("32-true", "bf16-mixed"):
         assert sections["demo"][prec]["online_framework_steps_per_s"] > 0
         assert sections["demo"][prec]["overhead_online"] > 0
-    for name in ("sd_unet_eager", "sd_unet_regional"):
-        s = sections[name]
-        assert s["batch"] >= 1 and s["images_per_s"] > 0 and s["unet_train_flops_per_image"] > 0
-        assert s["speed_switches"]["channels_last"] is True and s["precision"] == "bf16-mixed"
-    assert sections["sd_unet_regional"]["speed_switches"]["compile"] == "regional"
+    s = sections["sd_unet_eager"]
+    assert s["batch"] >= 1 and s["images_per_s"] > 0 and s["unet_train_flops_per_image"] > 0
+    assert s["speed_switches"]["channels_last"] is True and s["precision"] == "bf16-mixed"
     assert set(sections["sampling"]["by_batch"]) == {"1", "2"}
     assert sections["fsdp"]["finite"] and sections["fsdp"]["backend"] == "gloo"
     assert sections["fp16_vae"]["fp16_encode_overflows"] and sections["fp16_vae"]["latents_finite"]
