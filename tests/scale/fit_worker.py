@@ -49,8 +49,8 @@ def main() -> None:
 
     build_system, build_callbacks = training.build_system, training.build_callbacks
 
-    def probed_system(cfg):
-        system = build_system(cfg)
+    def probed_system(cfg, resume_hparams=None):
+        system = build_system(cfg, resume_hparams)
         log, val_step, preview = system.log, system.validation_step, system.preview_images
 
         def probed_log(name, value, *args, **kwargs):
