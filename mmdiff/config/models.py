@@ -120,6 +120,14 @@ class ClipArchConfig:
     text: ClipTextConfig = field(default_factory=ClipTextConfig)
 
 
+# The systems where model.clip.freeze=false trains the text tower beside the denoiser (its own
+# optimiser group, optim.text_encoder_lr). contrastive trains the whole CLIP whatever freeze says;
+# captioning with freeze=false trains the CLIP's vision tower.
+TEXT_ENCODER_SYSTEMS = ("text_to_image", "prior")
+# Systems that build no CLIP at all.
+NO_CLIP_SYSTEMS = ("autoencoder",)
+
+
 @dataclass
 class ClipConfig:
     """open_clip text/image encoder."""
@@ -135,6 +143,37 @@ class ClipConfig:
     text_layer: str = choice(TextLayer.last)
     freeze: bool = True
     precision: str = choice(Precision.fp32)
+
+    @staticmethod
+    def check_training(c: DictConfig, cfg: DictConfig) -> None:
+        """What ``freeze`` may be combined with: a trained CLIP tower, its LR, precision and strategy."""
+        system = str(cfg.system)
+        trains_text = not c.freeze and system in TEXT_ENCODER_SYSTEMS
+        trains_clip = system == "contrastive" or (not c.freeze and system not in NO_CLIP_SYSTEMS)
+        require(
+            c.freeze or system not in NO_CLIP_SYSTEMS,
+            f"model.clip.freeze=false has no effect in the {system} system, which has no CLIP; remove it.",
+        )
+        require(
+            cfg.optim.text_encoder_lr is None or trains_text,
+            "optim.text_encoder_lr is set but no text encoder is trained; it needs model.clip.freeze=false "
+            f"in a {' or '.join(TEXT_ENCODER_SYSTEMS)} system (remove it, or set model.clip.freeze=false).",
+        )
+        require(
+            not (trains_text and cfg.model.precomputed),
+            "model.clip.freeze=false trains the text encoder, but model.precomputed reads fixed text states "
+            "from the shards; train from images and captions, or keep model.clip.freeze=true.",
+        )
+        require(
+            not trains_clip or c.precision == Precision.fp32,
+            f"model.clip.precision={c.precision} would store the trained CLIP's weights in {c.precision} "
+            "(no float32 master weights); use model.clip.precision=fp32 with trainer.precision=bf16-mixed.",
+        )
+        require(
+            not (trains_text and str(cfg.trainer.strategy) == "fsdp"),
+            "trainer.strategy=fsdp shards the denoiser only and cannot train the text encoder "
+            "(model.clip.freeze=false); use trainer.strategy=ddp.",
+        )
 
     @staticmethod
     def check(c: DictConfig, cfg: DictConfig) -> None:

@@ -81,6 +81,7 @@ SECTION_CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("diffusion", DiffusionConfig.check),
     ("sampling", SamplingConfig.check),
     ("model.vae", VAEConfig.check),
+    ("model.clip", ClipConfig.check_training),
     ("model.caption", CaptionConfig.check),
     ("model.contrastive", ContrastiveConfig.check),
     ("model.prior", PriorConfig.check),

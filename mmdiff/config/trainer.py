@@ -166,10 +166,17 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = choice(LRSchedule.cosine)
     min_lr_ratio: float = 0.0
+    # LR of the text encoder when it is trained (model.clip.freeze: false in text_to_image and
+    # prior; its own AdamW parameter group, same schedule); null = optim.lr.
+    text_encoder_lr: Optional[float] = None
 
     @staticmethod
     def check(o: DictConfig, cfg: DictConfig) -> None:
         require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
+        require(
+            o.text_encoder_lr is None or o.text_encoder_lr > 0,
+            f"optim.text_encoder_lr must be positive or null, got {o.text_encoder_lr}.",
+        )
         require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}.")
         require(
             len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),

@@ -16,7 +16,10 @@ output of the second-to-last block. Both then go through the text tower's final 
 pooled embedding always comes from the full (last-layer) pass.
 
 Frozen by default (``model.clip.freeze``): no parameter requires grad, the module stays in eval
-mode even when a parent calls ``.train()``, and encoding runs under ``torch.no_grad()``. It runs
+mode even when a parent calls ``.train()``, and encoding runs under ``torch.no_grad()``. A system
+that trains one tower only (text_to_image and prior train the text tower) calls
+:meth:`ClipEncoder.train_only` with :meth:`ClipEncoder.text_parameters`: every other parameter is
+frozen, and submodules left with no trainable parameter (the vision tower) stay in eval mode. It runs
 in its own precision (``model.clip.precision``: open_clip's fp16/bf16 mode, LayerNorms in fp32);
 inputs are cast to it and outputs are returned in float32.
 
@@ -33,7 +36,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import open_clip
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -147,6 +150,16 @@ def _build_named(cfg: DictConfig, precision: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def _eval_frozen_children(module: nn.Module) -> None:
+    """Put every submodule of ``module`` that holds parameters but no trainable one in eval mode."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            _eval_frozen_children(child)
+
+
 class ClipEncoder(nn.Module):
     """A (by default frozen) open_clip model with text/image encoding for conditioning."""
 
@@ -204,8 +217,56 @@ class ClipEncoder(nn.Module):
         return cls(model, tokenizer, cfg.text_layer, freeze=cfg.freeze, precision=precision)
 
     def train(self, mode: bool = True) -> "ClipEncoder":
-        """Frozen encoders stay in eval mode whatever the parent asks."""
-        return super().train(mode and not self.frozen)
+        """Frozen encoders, and frozen parts of a partly trained one, stay in eval mode whatever
+        the parent asks."""
+        super().train(mode and not self.frozen)
+        if mode and not self.frozen:
+            _eval_frozen_children(self)
+        return self
+
+    # ----------------------------------------------------------------------- what trains
+    def named_text_parameters(self, pooled: bool = True) -> List[Tuple[str, nn.Parameter]]:
+        """The text tower's ``(name in self.model, parameter)``: token and positional embeddings,
+        the transformer, ``ln_final`` and ``text_projection`` (never the vision tower nor
+        ``logit_scale``).
+
+        ``pooled=False``: only those the per-token states depend on — no ``text_projection`` and,
+        with ``text_layer: penultimate``, not the last block — for a system that never uses the
+        pooled embedding (DDP refuses trainable parameters that get no gradient).
+        """
+        prefix = "" if self._text_on_model else "text."
+        tower = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+        unused = []
+        if not pooled:
+            unused.append("text_projection")
+            if self.text_layer == "penultimate":
+                unused.append(f"transformer.resblocks.{len(self._text.transformer.resblocks) - 1}.")
+        out = []
+        for name, p in self.model.named_parameters():
+            if not name.startswith(prefix):
+                continue
+            local = name[len(prefix):]
+            in_tower = not self._text_on_model or local.startswith(tower)
+            if in_tower and not local.startswith(tuple(unused)):
+                out.append((name, p))
+        return out
+
+    def text_parameters(self, pooled: bool = True) -> List[nn.Parameter]:
+        """The parameters of :meth:`named_text_parameters` (what a trained text encoder trains)."""
+        return [p for _, p in self.named_text_parameters(pooled)]
+
+    def image_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The vision tower's weights (what fixes the CLIP image-embedding space)."""
+        return self.model.visual.state_dict()
+
+    def train_only(self, params: Iterable[nn.Parameter]) -> None:
+        """Train exactly ``params`` (of this encoder): every other parameter needs no gradient, and
+        submodules left without a trainable parameter stay in eval mode (see :meth:`train`)."""
+        keep = {id(p) for p in params}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+        self.frozen = not keep
+        self.train(self.training)
 
     # ----------------------------------------------------------------------------- properties
     @property

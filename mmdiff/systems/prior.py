@@ -1,8 +1,10 @@
 """unCLIP prior: a diffusion model over CLIP image embeddings conditioned on the caption (``system: prior``).
 
-The frozen CLIP of ``model.clip`` computes both sides from image–caption shards: the target x0 is
+The CLIP of ``model.clip`` computes both sides from image–caption shards: the target x0 is
 the image's embedding and the condition the caption's text embedding and token states (all in the
-:func:`~mmdiff.models.prior_net.scaled_embedding` convention). The denoiser
+:func:`~mmdiff.models.prior_net.scaled_embedding` convention); it is frozen unless
+``model.clip.freeze: false``, which trains its text tower with the prior
+(:mod:`mmdiff.systems.text_training`). The denoiser
 (:class:`~mmdiff.models.prior_net.PriorTransformer`, ``model.prior``) predicts x0 as in the paper
 (``diffusion.prediction_type: sample``); captions are replaced by the empty prompt in
 ``model.caption_dropout`` of the rows, for classifier-free guidance at sampling.
@@ -24,6 +26,7 @@ from omegaconf import DictConfig
 from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.models.prior_net import PriorTransformer, scaled_embedding
+from mmdiff.systems import text_training
 from mmdiff.systems.base import System, valid_rows
 from mmdiff.systems.registry import register_system
 
@@ -38,6 +41,7 @@ class PriorSystem(System):
         super().__init__(cfg)
         p = cfg.model.prior
         self.clip = ClipEncoder.from_config(cfg.model.clip)
+        text_training.train_text_tower(self.clip, pooled=True)
         self.embed_dim = self.clip.embed_dim
         self.prior = PriorTransformer(
             self.embed_dim, self.clip.text_width, width=p.width, layers=p.layers, heads=p.heads,
@@ -54,7 +58,12 @@ class PriorSystem(System):
 
     @property
     def ema_target(self) -> torch.nn.Module:
-        return self.prior
+        """The prior transformer, and the text encoder when it trains (``model.clip.freeze: false``)."""
+        return text_training.with_text_encoder(self.prior, self.clip)
+
+    def optimizer_parameters(self) -> Any:
+        """The prior's parameters; with a trained text encoder, two AdamW groups (its own LR)."""
+        return text_training.optimizer_groups(self.prior.parameters(), self.clip, self.cfg.optim)
 
     # ------------------------------------------------------------------------------ encoders
     @torch.no_grad()
@@ -63,9 +72,9 @@ class PriorSystem(System):
         pooled, _ = self.clip.encode_image(images.to(self.device))
         return scaled_embedding(pooled)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: List[str]) -> Dict[str, torch.Tensor]:
-        """Prompts → ``{"text_embed" B×E (scaled), "text_states" B×L×D, "text_mask" B×L}``."""
+        """Prompts → ``{"text_embed" B×E (scaled), "text_states" B×L×D, "text_mask" B×L}``
+        (with gradients only into a trained text encoder, ``model.clip.freeze: false``)."""
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
         states, pooled = self.clip.encode_text(tokens)
         mask = tokens != 0

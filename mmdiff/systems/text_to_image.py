@@ -1,4 +1,7 @@
-"""Text → image latent diffusion: frozen VAE + frozen open_clip text encoder + trained U-Net.
+"""Text → image latent diffusion: frozen VAE + open_clip text encoder + trained U-Net.
+
+The text encoder is frozen unless ``model.clip.freeze: false``, which trains its text tower too
+(:mod:`mmdiff.systems.text_training`).
 
 The system wires models and the diffusion process together; it holds no math of its own
 (that is ``mmdiff.diffusion``). Batches are ``{"image": B×3×H×W in [-1, 1], "caption": [str]}``,
@@ -10,6 +13,7 @@ image embedding (:mod:`mmdiff.systems.image_embed`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from typing import Any, Dict, Iterable, List, Optional
@@ -26,7 +30,7 @@ from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite, moments, pool_moments
 from mmdiff.errors import DataError
-from mmdiff.systems import image_embed
+from mmdiff.systems import image_embed, text_training
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
 from mmdiff.systems.speed import prepare_unet
@@ -53,6 +57,7 @@ class TextToImageSystem(System):
         # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
         self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
         self.clip = ClipEncoder.from_config(m.clip)
+        text_training.train_text_tower(self.clip, pooled=bool(m.unet.use_pooled_text))
         self.latent_channels = int(vae.config.latent_channels)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_size = cfg.data.image_size // factor
@@ -88,11 +93,20 @@ class TextToImageSystem(System):
         return cls(cfg, vae_config=hparams["vae_config"])
 
     # ------------------------------------------------------------------------------ plumbing
-    @property
-    def ema_target(self) -> torch.nn.Module:
+    def _denoiser(self) -> torch.nn.Module:
+        """What the diffusion loss trains besides the text encoder: the U-Net (+ image-embedding tokens)."""
         if self.image_tokens is not None:  # trained beside the U-Net (a view, not a registered module)
             return torch.nn.ModuleList([self.unet, self.image_tokens])
         return self.unet
+
+    @property
+    def ema_target(self) -> torch.nn.Module:
+        """The denoiser, and the text encoder when it trains (``model.clip.freeze: false``)."""
+        return text_training.with_text_encoder(self._denoiser(), self.clip)
+
+    def optimizer_parameters(self) -> Any:
+        """The denoiser's parameters; with a trained text encoder, two AdamW groups (its own LR)."""
+        return text_training.optimizer_groups(self._denoiser().parameters(), self.clip, self.cfg.optim)
 
     def train(self, mode: bool = True) -> "TextToImageSystem":
         super().train(mode)
@@ -112,9 +126,10 @@ class TextToImageSystem(System):
 
     # ------------------------------------------------------------------------------ encoders
     def encode_prompts(self, prompts: List[str]) -> Dict[str, torch.Tensor]:
-        """Prompts → ``{"context": B×L×D, "pooled": B×E}`` from the frozen text encoder."""
+        """Prompts → ``{"context": B×L×D, "pooled": B×E}`` from the text encoder (a trained one
+        runs under the trainer's autocast and passes gradients)."""
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        with self._frozen():
+        with self._frozen() if self.clip.frozen else contextlib.nullcontext():
             states, pooled = self.clip.encode_text(tokens)
         return {"context": states.float(), "pooled": pooled.float()}
 
