@@ -61,13 +61,15 @@ def load_decoder(ckpt: str | Path, **load_options: Any) -> Any:
 
 
 def check_pair(prior: Any, decoder: Any) -> None:
-    """Refuse a prior and decoder that do not share one CLIP (same embedding size and weights)."""
+    """Refuse a prior and decoder that do not share one CLIP image tower (same embedding size and
+    vision weights: the prior predicts that tower's embeddings). Their text towers may differ — each
+    system may train its own (``model.clip.freeze: false``)."""
     if prior.embed_dim != decoder.clip.embed_dim:
         raise CheckpointError(
             f"the prior predicts {prior.embed_dim}-d CLIP image embeddings but the decoder takes "
             f"{decoder.clip.embed_dim}-d ones; train both with the same CLIP."
         )
-    a, b = prior.clip.state_dict(), decoder.clip.state_dict()
+    a, b = prior.clip.image_state_dict(), decoder.clip.image_state_dict()
     same = a.keys() == b.keys() and all(
         a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in a
     )

@@ -9,13 +9,14 @@ unconditional branch of guidance and what text-only sampling passes.
 
 ``model.init_from`` fine-tunes such a decoder from a text-only text_to_image checkpoint: every
 weight must match by name and shape except the image-embedding layers (:data:`NEW_KEYS`), which
-keep their fresh initialisation; the checkpoint's EMA weights are used when it has them.
+keep their fresh initialisation; the checkpoint's EMA weights are used when it has them (its
+text encoder's too, when it trained one: ``model.clip.freeze: false``).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -48,10 +49,21 @@ def zero_rows(embedding: torch.Tensor, drop: Optional[torch.Tensor]) -> torch.Te
     return embedding.masked_fill(drop.to(embedding.device).view(-1, 1), 0.0)
 
 
-def _differs(system: torch.nn.Module, state: dict, prefix: str) -> List[str]:
+def _differs(system: torch.nn.Module, state: dict, prefix: str, trained: Sequence[str] = ()) -> List[str]:
+    """Keys under ``prefix`` whose weights in ``state`` differ from ``system``'s, except ``trained`` ones."""
     own = system.state_dict()
-    return [k for k, v in state.items() if k.startswith(prefix) and k in own
+    skip = set(trained)
+    return [k for k, v in state.items() if k.startswith(prefix) and k in own and k not in skip
             and not torch.equal(own[k].cpu(), v.cpu())]
+
+
+def _trained_text_keys(system: Any, checkpoint: dict) -> List[str]:
+    """The text-tower keys of a source checkpoint that trained its text encoder
+    (``model.clip.freeze: false``): those differ from ``model.clip.pretrained`` by design."""
+    clip_cfg = checkpoint.get("hyper_parameters", {}).get("config", {}).get("model", {}).get("clip", {})
+    if clip_cfg.get("freeze", True):
+        return []
+    return [f"clip.model.{name}" for name, _ in system.clip.named_text_parameters()]
 
 
 def init_from_checkpoint(system: torch.nn.Module, path: str | Path) -> None:
@@ -69,9 +81,10 @@ def init_from_checkpoint(system: torch.nn.Module, path: str | Path) -> None:
             f"model.init_from '{path}' is a '{system_name}' checkpoint; it must be a text_to_image one."
         )
     state = dict(checkpoint["state_dict"])
+    trained = _trained_text_keys(system, checkpoint)
     for prefix, key in _FROZEN.items():
         if getattr(system.cfg.model, key.split(".")[1]).pretrained is not None:
-            bad = _differs(system, state, prefix)
+            bad = _differs(system, state, prefix, trained)
             if bad:
                 raise CheckpointError(
                     f"model.init_from '{path}' holds other {prefix[:-1].upper()} weights than {key} "
@@ -85,10 +98,13 @@ def init_from_checkpoint(system: torch.nn.Module, path: str | Path) -> None:
     if shadow:
         params = [p for name, p in system.unet.named_parameters()
                   if p.requires_grad and f"unet.{name}" not in NEW_KEYS]
+        if trained:  # the source's EMA averaged its trained text tower too, after the U-Net
+            source = checkpoint["hyper_parameters"]["config"]["model"]
+            params += system.clip.text_parameters(pooled=bool(source.get("unet", {}).get("use_pooled_text", False)))
         if len(params) != len(shadow):
             raise CheckpointError(
                 f"model.init_from '{path}' has {len(shadow)} EMA tensors for {len(params)} U-Net "
-                "parameters; it was written by another U-Net architecture."
+                "(and text encoder) parameters; it was written by another architecture."
             )
         with torch.no_grad():
             for p, s in zip(params, shadow):

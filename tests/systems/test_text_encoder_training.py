@@ -187,6 +187,33 @@ def test_trained_text_encoder_round_trips_through_checkpoint_and_ema(
         assert torch.equal(p, s.to(p.dtype)), name
     assert any(not torch.equal(p, trained[n]) for p, n in zip(text, text_names))  # EMA ≠ last weights
 
+    if system == "text_to_image":  # an unCLIP decoder initialised from it takes its EMA text encoder
+        cfg = load_config(config, [f"model.init_from={ckpt_path}", "model.image_embed_conditioning=time"])
+        decoder = get_system(system)(cfg)
+        for p, s, name in zip(decoder.clip.text_parameters(), ema[-len(text):], text_names):
+            assert torch.equal(p, s.to(p.dtype)), name
+
+
+def test_unclip_pair_needs_one_image_tower_not_one_text_tower(tmp_path: Path, demo_shards: Path) -> None:
+    from types import SimpleNamespace
+
+    from mmdiff.errors import CheckpointError
+    from mmdiff.inference.unclip import check_pair
+
+    cfg = load_config(_config("prior", tmp_path, demo_shards, {"freeze": False}))
+    encoders = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        encoders.append(ClipEncoder.from_config(cfg.model.clip))
+    prior, decoder = SimpleNamespace(embed_dim=32, clip=encoders[0]), SimpleNamespace(clip=encoders[1])
+    with torch.no_grad():
+        encoders[1].model.token_embedding.weight.add_(1.0)  # the decoder trained its text tower
+    check_pair(prior, decoder)
+    with torch.no_grad():
+        encoders[1].model.visual.conv1.weight.add_(1.0)
+    with pytest.raises(CheckpointError, match="different CLIP"):
+        check_pair(prior, decoder)
+
 
 # ---------------------------------------------------------------------------------- refused
 REFUSED = [
