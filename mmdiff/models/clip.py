@@ -255,6 +255,10 @@ class ClipEncoder(nn.Module):
         """The parameters of :meth:`named_text_parameters` (what a trained text encoder trains)."""
         return [p for _, p in self.named_text_parameters(pooled)]
 
+    def image_parameters(self) -> List[nn.Parameter]:
+        """The vision tower's parameters (what a captioning system fine-tunes)."""
+        return list(self.model.visual.parameters())
+
     def image_state_dict(self) -> Dict[str, torch.Tensor]:
         """The vision tower's weights (what fixes the CLIP image-embedding space)."""
         return self.model.visual.state_dict()

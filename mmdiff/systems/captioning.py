@@ -9,7 +9,8 @@
   ``model.caption.steps`` steps, which can also complete a partly written caption (the prefix is
   kept) or re-noise and denoise a given one (``strength``).
 
-The CLIP (``model.clip``) is frozen unless ``model.clip.freeze: false``; ``model.clip.pretrained``
+The CLIP (``model.clip``) is frozen unless ``model.clip.freeze: false``, which fine-tunes its image
+tower (the text tower, which gets no gradient here, stays frozen); ``model.clip.pretrained``
 may be a ``system: contrastive`` checkpoint. Batches are ``{"image", "caption", "valid", ...}``.
 
 Validation (valid rows only) logs ``val/loss`` and, over the whole validation set (gathered from
@@ -76,6 +77,8 @@ class CaptioningSystem(System):
         c = cfg.model.caption
         self.head_kind = c.head
         self.clip = ClipEncoder.from_config(cfg.model.clip)
+        if not self.clip.frozen:  # fine-tune the image tower only: the text tower gets no gradient here
+            self.clip.train_only(self.clip.image_parameters())
         tokenizer = self.clip.tokenizer
         if caption_vocab is None and c.vocab_limit > 0:
             if not list(cfg.data.train_shards):
@@ -128,7 +131,7 @@ class CaptioningSystem(System):
     # ------------------------------------------------------------------------------ plumbing
     @property
     def ema_target(self) -> torch.nn.Module:
-        """The head; the whole system (head + CLIP) when the CLIP is fine-tuned too."""
+        """The head; the whole system (head + CLIP image tower) when the CLIP is fine-tuned too."""
         return self.head if self.clip.frozen else self
 
     def image_context(self, images: torch.Tensor) -> ImageContext:

@@ -260,3 +260,19 @@ def test_a_trained_text_encoder_runs_under_the_trainers_autocast(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         context = model.encode_prompts(["a handwritten digit one"])["context"]
     assert seen == [dtype] and context.dtype == torch.float32
+
+
+def test_captioning_fine_tunes_the_image_tower_only(tmp_path: Path, demo_shards: Path) -> None:
+    """Its caption loss gives the text tower no gradient: training it would stop DDP."""
+    config = _config("text_to_image", tmp_path, demo_shards, {"freeze": False})
+    cfg = load_config(config, ["system=captioning",
+                               "model.caption.width=32", "model.caption.layers=1", "model.caption.heads=2",
+                               "model.caption.vocab_limit=0"])
+    model = get_system("captioning")(cfg)
+    trainable = {n for n, p in model.clip.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.clip.model.named_parameters() if n.startswith("visual.")}
+    model._loss(torch.rand(2, 3, 16, 16) * 2 - 1, ["a handwritten digit one", "seven"])["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    model.train()
+    assert model.clip.model.visual.training and not model.clip.model.transformer.training
