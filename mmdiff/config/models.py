@@ -82,6 +82,11 @@ class VAEConfig:
         require(v.disc_weight >= 0, "model.vae.disc_weight must be >= 0.")
         require(v.disc_channels > 0, "model.vae.disc_channels must be positive.")
         require(v.disc_layers > 0, "model.vae.disc_layers must be positive.")
+        require(
+            cfg.system != "autoencoder" or v.precision == Precision.fp32,
+            f"model.vae.precision={v.precision} is the frozen VAE's precision in other systems; the "
+            "autoencoder system trains the VAE in float32 (use trainer.precision=bf16-mixed for speed).",
+        )
 
     @staticmethod
     def check_latent_size(v: DictConfig, cfg: DictConfig) -> None:

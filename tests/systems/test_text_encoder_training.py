@@ -241,6 +241,7 @@ def test_prior_refuses_text_encoder_lr_with_frozen_encoder(tmp_path: Path, demo_
     ("captioning", ["model.clip.freeze=false", "optim.text_encoder_lr=1e-5"], "no text encoder is trained"),
     ("contrastive", ["model.clip.precision=fp16"], "model.clip.precision=fp16 would store"),
     ("autoencoder", ["model.clip.freeze=false"], "has no CLIP"),
+    ("autoencoder", ["model.vae.precision=bf16"], "trains the VAE in float32"),
 ])
 def test_other_systems_refuse_clip_keys_without_effect(system: str, overrides: List[str], message: str,
                                                       tmp_path: Path, demo_shards: Path) -> None:
