@@ -286,7 +286,6 @@ def _hf_config_for(parts: _TextParts, *, with_projection: bool, base: Mapping[st
         vocab_size=int(parts.token_embedding.weight.shape[0]),
         hidden_size=width,
         intermediate_size=int(first.mlp.c_fc.out_features),
-        projection_dim=projection_dim,
         num_hidden_layers=len(blocks),
         num_attention_heads=int(first.attn.num_heads),
         max_position_embeddings=int(parts.positional_embedding.shape[0]),
@@ -294,6 +293,9 @@ def _hf_config_for(parts: _TextParts, *, with_projection: bool, base: Mapping[st
         layer_norm_eps=float(parts.ln_final.eps),
         eos_token_id=eos,
     )
+    if with_projection:
+        config["projection_dim"] = projection_dim
+    config.setdefault("projection_dim", projection_dim)  # unused without a projection; kept as given
     config.setdefault("bos_token_id", _BOS_ID)
     config.setdefault("attention_dropout", 0.0)
     return config
