@@ -154,6 +154,10 @@ def test_custom_open_clip_tower_exports_to_transformers() -> None:
     cfg = OmegaConf.structured(ClipConfig)
     clip = ClipEncoder.from_config(cfg)
     assert clip.text_layer == "last"
+    with torch.no_grad():  # LayerNorms away from their (1, 0) init, so a dropped one shows
+        for name, p in clip.model.named_parameters():
+            if "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
     tokens = clip.tokenize(PROMPTS)  # open_clip's tokenizer: zero padding
     states, pooled = clip.encode_text(tokens)
     hf = hf_from_open_clip_text(clip.model, with_projection=True)
