@@ -20,6 +20,13 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
 
 
+def _boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be true or false, got '{text}'")
+    return value
+
+
 def _finite_number(text: str) -> float:
     try:
         value = float(text)
@@ -89,7 +96,7 @@ def _option_type(f: dataclasses.Field) -> Callable[[str], Any]:
     """argparse type of a sampling option: parsed by its field type, checked as the config checks it."""
     kind = typing.get_type_hints(SamplingOptions)[f.name]
     kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-    parse = {int: _whole_number, float: _finite_number}.get(kind, str)
+    parse = {int: _whole_number, float: _finite_number, bool: _boolean}.get(kind, str)
 
     def convert(text: str) -> Any:
         value = parse(text)
