@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -356,17 +356,5 @@ def apply_pipeline(cfg: DictConfig, info: PipelineInfo, is_set: Callable[[str], 
     return cfg
 
 
-def text_encoder_specs(info: PipelineInfo) -> List[Dict[str, Any]]:
-    """Per text encoder, the fields of :class:`mmdiff.models.hf_text.TextEncoderSpec` the family's
-    pipeline implies (SD 1.x/2.x: last layer with the final LayerNorm; SDXL: penultimate layers,
-    no final LayerNorm, pooled text from the second encoder's projection)."""
-    last = info.family != "sdxl"
-    return [
-        {"hf_config": dict(t.config), "with_projection": t.with_projection, "hidden_layer": -1 if last else -2,
-         "final_layer_norm": last, "pad_token": t.pad_token, "context_length": t.context_length}
-        for t in info.text_encoders
-    ]
-
-
 __all__ = ["PipelineInfo", "TextEncoderInfo", "read_pipeline_info", "pipeline_values", "apply_pipeline",
-           "text_encoder_specs", "FAMILIES", "CONTRADICTING_KEYS"]
+           "FAMILIES", "CONTRADICTING_KEYS"]
