@@ -11,8 +11,8 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from mmdiff.cli.arguments import (OneLineParser, add_sampling_options, non_negative_float, non_negative_int,
-                                  output_folder, positive_float, positive_int, unit_fraction)
+from mmdiff.cli.arguments import (OneLineParser, add_sampling_options, add_size_options, non_negative_float,
+                                  non_negative_int, output_folder, positive_float, positive_int, unit_fraction)
 from mmdiff.cli.commands import (cmd_bench, cmd_caption, cmd_config, cmd_eval_digits, cmd_eval_images,
                                  cmd_eval_roundtrip, cmd_export, cmd_fit, cmd_interpolate, cmd_precompute,
                                  cmd_sample, cmd_shards_demo, cmd_shards_folder, cmd_vary)
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", metavar="MASK", default=None,
                    help="inpainting, with --init-image: an image of its size, white = regenerate, black = keep")
     add_sampling_options(p)
+    add_size_options(p)
     p.set_defaults(func=cmd_sample)
     _unclip_parsers(sub)
 

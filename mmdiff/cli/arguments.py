@@ -20,6 +20,13 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
 
 
+def _boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be true or false, got '{text}'")
+    return value
+
+
 def _finite_number(text: str) -> float:
     try:
         value = float(text)
@@ -80,6 +87,23 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- sampler flags
+SIZE_OPTIONS = ("original_size", "crop_top_left", "target_size")
+
+
+def add_size_options(p: argparse.ArgumentParser) -> None:
+    """SDXL micro-conditioning flags (``--original-size H W`` ...) of ``mmdiff sample``."""
+    sizes = (("--original-size", "SDXL: the original image size the U-Net is told (default: the image size)"),
+             ("--crop-top-left", "SDXL: the crop offset the U-Net is told (default 0 0)"),
+             ("--target-size", "SDXL: the target size the U-Net is told (default: the image size)"))
+    for flag, text in sizes:
+        p.add_argument(flag, nargs=2, type=non_negative_int, metavar=("H", "W"), default=None, help=text)
+
+
+def size_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The SDXL size/crop flags given, as ``(h, w)`` tuples keyed like ``sample()``'s arguments."""
+    return {k: tuple(v) for k in SIZE_OPTIONS if (v := getattr(args, k, None)) is not None}
+
+
 def sampling_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The sampling options given on the command line (the others keep the checkpoint config's)."""
     return {name: getattr(args, name) for name in option_names() if getattr(args, name) is not None}
@@ -89,7 +113,7 @@ def _option_type(f: dataclasses.Field) -> Callable[[str], Any]:
     """argparse type of a sampling option: parsed by its field type, checked as the config checks it."""
     kind = typing.get_type_hints(SamplingOptions)[f.name]
     kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-    parse = {int: _whole_number, float: _finite_number}.get(kind, str)
+    parse = {int: _whole_number, float: _finite_number, bool: _boolean}.get(kind, str)
 
     def convert(text: str) -> Any:
         value = parse(text)
@@ -113,5 +137,6 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                        default=default, metavar="NAME" if meta["choices"] else None,
                        help=f"{meta['help']}{listed} ({shown})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use raw weights even if EMA weights exist")

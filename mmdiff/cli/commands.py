@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from mmdiff.cli.arguments import output_folder, sampling_options
+from mmdiff.cli.arguments import output_folder, sampling_options, size_options
 from mmdiff.config import load_config, to_yaml
 from mmdiff.errors import UsageError
 from mmdiff.io.textfiles import read_user_text
@@ -50,6 +50,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          "the image to start from.")
     if args.prior and args.init_image is not None:
         raise UsageError("--init-image is for one-stage sampling; leave out --prior.")
+    if args.prior and size_options(args):
+        raise UsageError("--original-size, --crop-top-left and --target-size are for SDXL checkpoints; leave out --prior.")
     if args.prior:
         return _sample_two_stage(args, prompts)
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
@@ -58,7 +60,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     init = read_init_images(args.init_image, args.mask) if args.init_image is not None else None
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device=args.device)
-    image_options = {}
+    image_options = size_options(args)
+    if image_options and not getattr(system, "micro_conditioning", False):
+        raise UsageError(f"--{next(iter(image_options)).replace('_', '-')} is SDXL micro-conditioning; the U-Net "
+                         f"of '{args.ckpt}' takes no size/crop ids (leave the size flags out).")
     if init is not None:
         image_options["init_image"], image_options["mask"] = init_tensors(*init, int(system.cfg.data.image_size))
         strength = args.strength if args.strength is not None else float(system.cfg.sampling.strength)

@@ -10,6 +10,12 @@ from omegaconf import DictConfig
 from mmdiff.config.fields import choice, require
 
 
+#: The batch keys of SDXL's micro-conditioning: ``original_size`` (h, w) of each image before resizing
+#: and ``crop_top_left`` (top, left) of its crop in the resized image, each int64 B×2. Image batches
+#: fill them in themselves; precomputed shards store them as ``NAME.npy`` members (data.array_keys).
+MICRO_CONDITIONING_KEYS = ("original_size", "crop_top_left")
+
+
 class Crop(str, enum.Enum):
     center = "center"
     random = "random"
@@ -59,6 +65,12 @@ class DataConfig:
                 bool(name) and "/" not in name and not name.endswith(".npy"),
                 f"data.array_keys entries name NAME.npy members without the '.npy', got '{name}'.",
             )
+        taken = [k for k in MICRO_CONDITIONING_KEYS if k in d.array_keys]
+        require(
+            not (d.load_images and taken),
+            f"data.array_keys lists {taken}, which image batches compute themselves; list them only "
+            "with data.load_images=false (precomputed shards).",
+        )
         require(
             d.load_images or len(d.array_keys) > 0,
             "data.load_images is false and data.array_keys is empty: batches would hold no tensors.",

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from mmdiff.config.guard import check_no_secrets, check_resolvers
+from mmdiff.config.pipeline import apply_pipeline, read_pipeline_info
 from mmdiff.config.schema import check_values, schema
 from mmdiff.io.atomic import write_text_atomic
 from mmdiff.errors import ConfigError
@@ -169,6 +170,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     """
     cfg = _merge_file(schema(), Path(path), ())
     cfg = apply_overrides(cfg, overrides)
+    cfg = _with_pipeline(cfg, Path(path), overrides)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -182,6 +184,45 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     check_no_secrets(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _user_layers(path: Path, overrides: Sequence[str], seen: tuple[Path, ...] = ()) -> DictConfig:
+    """The keys the user's files (with their ``base:`` files) and overrides set, untyped.
+
+    Read only with ``model.pretrained``, after the typed merge has accepted every file."""
+    path = path.resolve()
+    raw = _read_yaml(path)
+    merged = OmegaConf.create({})
+    for base in raw.get("base", None) or []:
+        merged = OmegaConf.merge(merged, _user_layers(Path(base) if Path(base).is_absolute() else path.parent / base,
+                                                      (), seen + (path,)))
+    merged = OmegaConf.merge(merged, raw)
+    for item in overrides:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    return merged
+
+
+def _with_pipeline(cfg: DictConfig, path: Path, overrides: Sequence[str]) -> DictConfig:
+    """With ``model.pretrained`` (a Stable Diffusion pipeline folder): its values merged under the
+    keys the user set (:func:`mmdiff.config.pipeline.apply_pipeline`)."""
+    try:
+        folder = OmegaConf.select(cfg, "model.pretrained")
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve 'model.pretrained' in {_display(path)}: {str(err).splitlines()[0]}") from None
+    if folder is None or cfg.system != "text_to_image":  # another system: check_values refuses the key
+        return cfg
+    user = OmegaConf.to_container(_user_layers(path, overrides), resolve=False)
+
+    def is_set(key: str) -> bool:
+        """The user gave ``key`` a value (null counts as not set)."""
+        node: Any = user
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return node is not None
+
+    return apply_pipeline(cfg, read_pipeline_info(folder), is_set)
 
 
 def _check_complete(cfg: DictConfig, path: Path) -> None:

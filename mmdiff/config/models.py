@@ -182,7 +182,7 @@ class ClipConfig:
 
     @staticmethod
     def check(c: DictConfig, cfg: DictConfig) -> None:
-        if c.name != "custom":
+        if c.name != "custom" or cfg.model.get("pretrained") is not None:  # model.pretrained: the pipeline's encoders
             return
         a, vis, txt = c.arch, c.arch.vision, c.arch.text
         require(a.embed_dim > 0, "model.clip.arch.embed_dim must be positive.")
@@ -242,7 +242,7 @@ class UNetConfig:
 
     @staticmethod
     def check(u: DictConfig, cfg: DictConfig) -> None:
-        if u.pretrained is not None:
+        if u.pretrained is not None or cfg.model.get("pretrained") is not None:  # a loaded U-Net keeps its config
             return
         uch = list(u.block_out_channels)
         require(

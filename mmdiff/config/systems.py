@@ -179,6 +179,10 @@ class TextToImageOptions:
     # A text_to_image checkpoint whose weights (EMA ones when present) initialise this model;
     # only the image-embedding layers may be new, every other key must match.
     init_from: Optional[str] = system_field(None, "text_to_image")
+    # A diffusers Stable Diffusion pipeline folder (1.x, 2.x or XL; model_index.json): sets the VAE
+    # and its scaling factor, the U-Net, the text encoder(s) and the noise schedule at once
+    # (mmdiff.config.pipeline; keys you set yourself win, architecture keys are refused).
+    pretrained: Optional[str] = system_field(None, "text_to_image")
 
     @staticmethod
     def check(m: DictConfig, cfg: DictConfig) -> None:

@@ -4,7 +4,8 @@ Usage::
 
     dm = ShardDataModule(cfg.data, seed=cfg.seed)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))   # {"image", "caption", "key", "valid", "skipped", "worker"}
+    batch = next(iter(dm.train_dataloader()))
+    # {"image", "original_size", "crop_top_left", "caption", "key", "valid", "skipped", "worker"}
 
 Training is resampled and endless, cut into passes of ``data.steps_per_epoch`` batches per rank
 (the workers persist, so each epoch continues the previous one's streams). The rank's batch sequence

@@ -58,11 +58,19 @@ class Decoded:
     caption: str
     image: Optional[Image.Image] = None
     arrays: Dict[str, np.ndarray] = field(default_factory=dict)
+    # (height, width) of the image as stored: ``image`` is smaller when decoded at reduced scale.
+    original_size: Optional[Tuple[int, int]] = None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  draft_size: Optional[int] = None) -> Image.Image:
     """Decode JPEG/PNG/WebP bytes into an RGB image; alpha is composited on white."""
+    return decode_image_sized(data, max_pixels, draft_size)[0]
+
+
+def decode_image_sized(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       draft_size: Optional[int] = None) -> Tuple[Image.Image, Tuple[int, int]]:
+    """:func:`decode_image`, and the (height, width) its header announces (before any draft)."""
     with warnings.catch_warnings():
         # We check the size ourselves below; PIL's warning would only be noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -89,8 +97,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                 rgba = img.convert("RGBA")
                 out = Image.new("RGB", rgba.size, (255, 255, 255))
                 out.paste(rgba, mask=rgba.getchannel("A"))
-                return out
-            return img.convert("RGB")
+                return out, (height, width)
+            return img.convert("RGB"), (height, width)
         except Exception as err:  # truncated data, bad Huffman tables, ...
             raise CorruptSample(f"image data is corrupt ({type(err).__name__}: {str(err)[:80]})") from None
 
@@ -162,16 +170,16 @@ def decode_sample(raw: RawSample, spec: DecodeSpec) -> Decoded:
         raise CorruptSample(unsafe)
     members = raw.members
     caption = _caption(members, spec.caption_key)
-    image = None
+    image, original_size = None, None
     if spec.load_images:
         ext = find_image_member(members)
         if ext is None:
             raise CorruptSample("no image member (jpg, jpeg, png or webp)")
-        image = decode_image(members[ext], spec.max_image_pixels, spec.draft_size)
+        image, original_size = decode_image_sized(members[ext], spec.max_image_pixels, spec.draft_size)
     arrays = {}
     for name in spec.array_keys:
         ext = f"{name}.npy"
         if ext not in members:
             raise CorruptSample(f"no {ext} member")
         arrays[name] = decode_array(members[ext], ext)
-    return Decoded(key=raw.key, caption=caption, image=image, arrays=arrays)
+    return Decoded(key=raw.key, caption=caption, image=image, arrays=arrays, original_size=original_size)

@@ -10,10 +10,12 @@ whose samples hold
                       fresh latent ``mean + exp(logvar / 2)·ε`` every step, as online encoding does
 ``context.npy``       L×D, the text encoder's token states (``model.clip.text_layer``)
 ``pooled.npy``        E, the pooled text embedding
+``original_size.npy`` int64 (2,): (h, w) of the source image before resizing  } SDXL micro-
+``crop_top_left.npy`` int64 (2,): (top, left) of its centre crop, resized     } conditioning
 ``txt`` / ``json``    the caption (and the source's json member, copied)
 ===================== ===========================================================================
 
-with arrays in ``model.precompute_dtype`` (fp16, or fp32), and once per folder
+with the encoders' arrays in ``model.precompute_dtype`` (fp16, or fp32), and once per folder
 ``precompute.json`` (what made the shards), ``empty_prompt.npz`` (the empty prompt's ``context``
 and ``pooled``, for caption dropout), ``vae_probe.npy`` (the VAE posterior mean of a fixed probe
 image) and ``precomputed.yaml`` (the config keys that train from the folder).
@@ -22,6 +24,10 @@ Training (``model.precomputed: true``) checks the folder against its own model b
 step (:func:`check_against`): latent and text shapes, the probe through its VAE and the empty prompt
 through its text encoder, so shards made with another VAE or text encoder are an error, not a
 silently wrong run. The job that writes the folder is :mod:`mmdiff.jobs.precompute`.
+
+Format 2 added ``original_size.npy`` and ``crop_top_left.npy``. A format-1 folder (without them)
+still trains: its ``precomputed.yaml`` does not list them in ``data.array_keys``, so its batches
+lack the two keys and the system falls back to its defaults for them.
 """
 from __future__ import annotations
 
@@ -35,12 +41,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.data.shards import expand_shards, local_path
 from mmdiff.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA = "precompute.json"
 EMPTY_PROMPT = "empty_prompt.npz"
 VAE_PROBE = "vae_probe.npy"
@@ -67,7 +74,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def store_keys(latents: str) -> List[str]:
-    return ["latent"] + (["latent_logvar"] if latents == "distribution" else []) + ["context", "pooled"]
+    """The ``NAME.npy`` members of each sample (``data.array_keys`` of training from the folder)."""
+    return (["latent"] + (["latent_logvar"] if latents == "distribution" else []) + ["context", "pooled"]
+            + list(MICRO_CONDITIONING_KEYS))
 
 
 def find_precompute_dir(train_shards: Sequence[str]) -> Optional[Path]:

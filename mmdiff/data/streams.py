@@ -3,9 +3,14 @@
 Both yield ready-made batches (use them with ``DataLoader(batch_size=None)``)::
 
     {"image":   float32 B×3×H×W in [-1, 1]   (absent when data.load_images is false),
+     "original_size": int64 B×2  (h, w) of each image before resizing,
+     "crop_top_left": int64 B×2  (top, left) of its crop in the resized image (mirrored when
+                                 flipped): SDXL's micro-conditioning (mmdiff.data.transforms), with
+                                 "image" only; placeholders hold (size, size) and (0, 0),
      "caption": list of B str,
      "key":     list of B str                 (the webdataset __key__),
-     NAME:      float B×...  for each NAME in data.array_keys (from NAME.npy members),
+     NAME:      B×...  for each NAME in data.array_keys (from NAME.npy members; the
+                        micro-conditioning keys of precomputed shards as int64),
      "valid":   bool B        (False only for validation placeholders: padding or a corrupt sample),
      "skipped": int64 B       (samples this worker skipped so far: since its training stream
                                started, or in this validation pass; all equal),
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
 from mmdiff.data.shards import worker_and_count
 from mmdiff.data.skips import SkipCounter
@@ -110,19 +116,27 @@ class _BatchStream(IterableDataset):
             if tuple(array.shape) != expected:
                 raise CorruptSample(f"{name}.npy has shape {tuple(array.shape)}, expected {expected}")
             arrays[name] = torch.from_numpy(np.ascontiguousarray(array))
-        image = transform(decoded.image, rng) if decoded.image is not None else None
-        return {"image": image, "caption": decoded.caption, "key": decoded.key, "arrays": arrays,
-                "valid": True}
+        item: Item = {"image": None, "caption": decoded.caption, "key": decoded.key, "arrays": arrays,
+                      "valid": True}
+        if decoded.image is not None:
+            out = transform.apply(decoded.image, rng, decoded.original_size)
+            item.update(image=out.image, original_size=out.original_size, crop_top_left=out.crop_top_left)
+        return item
 
     def _placeholder(self, key: str = "") -> Item:
-        image = torch.zeros(3, self.image_size, self.image_size) if self.spec.load_images else None
-        return {"image": image, "caption": "", "key": key, "arrays": {}, "valid": False}
+        item: Item = {"image": None, "caption": "", "key": key, "arrays": {}, "valid": False}
+        if self.spec.load_images:  # an uncropped image of the target size: SDXL's neutral values
+            item.update(image=torch.zeros(3, self.image_size, self.image_size),
+                        original_size=(self.image_size, self.image_size), crop_top_left=(0, 0))
+        return item
 
     def _collate(self, items: List[Item], skipped: int, worker: int) -> Dict[str, Any]:
         n = len(items)
         batch: Dict[str, Any] = {}
         if self.spec.load_images:
             batch["image"] = torch.stack([it["image"] for it in items])
+            for name in MICRO_CONDITIONING_KEYS:
+                batch[name] = torch.tensor([it[name] for it in items], dtype=torch.long).reshape(n, 2)
         batch["caption"] = [it["caption"] for it in items]
         batch["key"] = [it["key"] for it in items]
         for name in self.spec.array_keys:
@@ -132,6 +146,8 @@ class _BatchStream(IterableDataset):
             self._array_refs[name] = ref
             batch[name] = torch.stack([it["arrays"][name] if it["valid"] else torch.zeros_like(ref)
                                        for it in items])
+            if name in MICRO_CONDITIONING_KEYS:  # sizes are integers, whatever dtype a shard stored
+                batch[name] = batch[name].long()
         batch["valid"] = torch.tensor([bool(it["valid"]) for it in items], dtype=torch.bool)
         batch["skipped"] = torch.full((n,), skipped, dtype=torch.long)
         batch["worker"] = torch.full((n,), worker, dtype=torch.long)

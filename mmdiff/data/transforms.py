@@ -1,8 +1,15 @@
-"""Image preprocessing: resize the shorter side, crop (centre or random), optional flip, to [-1, 1]."""
+"""Image preprocessing: resize the shorter side, crop (centre or random), optional flip, to [-1, 1].
+
+:meth:`ImageTransform.apply` also says where the pixels came from, as SDXL's micro-conditioning
+wants them (the recipe of diffusers' ``train_text_to_image_sdxl.py``): ``original_size`` (h, w)
+before resizing, and ``crop_top_left`` (top, left) of the crop in the resized image, with ``left``
+mirrored (``resized_width - left - size``) when the crop was flipped.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -21,15 +28,21 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC)
 
 
-def crop_square(img: Image.Image, size: int, rng: Optional[np.random.Generator] = None) -> Image.Image:
-    """A ``size``×``size`` crop: random when ``rng`` is given, else centred."""
-    width, height = img.size
+def crop_offsets(width: int, height: int, size: int,
+                 rng: Optional[np.random.Generator] = None) -> Tuple[int, int]:
+    """(top, left) of a ``size``×``size`` crop of a width×height image: random when ``rng`` is
+    given (two draws: left, then top), else centred (rounded down; torchvision's CenterCrop
+    rounds half to even, which differs by one pixel for some odd margins — the recorded offset is
+    always the one these pixels were cropped at)."""
     if rng is None:
-        left, top = (width - size) // 2, (height - size) // 2
-    else:
-        left = int(rng.integers(0, width - size + 1))
-        top = int(rng.integers(0, height - size + 1))
-    if (left, top, width, height) == (0, 0, size, size):
+        return (height - size) // 2, (width - size) // 2
+    left = int(rng.integers(0, width - size + 1))
+    top = int(rng.integers(0, height - size + 1))
+    return top, left
+
+
+def _crop(img: Image.Image, top: int, left: int, size: int) -> Image.Image:
+    if (left, top, img.width, img.height) == (0, 0, size, size):
         return img
     return img.crop((left, top, left + size, top + size))
 
@@ -38,6 +51,15 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image → float32 tensor 3×H×W in [-1, 1]."""
     array = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class Transformed:
+    """A transformed image and its micro-conditioning (see the module docstring)."""
+
+    image: torch.Tensor  # 3×size×size, float32 in [-1, 1]
+    original_size: Tuple[int, int]  # (height, width) before resizing
+    crop_top_left: Tuple[int, int]  # (top, left) of the crop in the resized (and flipped) image
 
 
 class ImageTransform:
@@ -49,11 +71,28 @@ class ImageTransform:
         self.random_flip = random_flip
 
     def __call__(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
+        """The image only, 3×size×size in [-1, 1] (:meth:`apply` also gives its sizes)."""
+        return self.apply(img, rng).image
+
+    def apply(self, img: Image.Image, rng: Optional[np.random.Generator] = None,
+              original_size: Optional[Tuple[int, int]] = None) -> Transformed:
+        """The image and its micro-conditioning. ``original_size`` (h, w) overrides ``img``'s own
+        size, for an image decoded at reduced scale (a JPEG draft) whose file was larger.
+
+        The random draws are exactly those of the crop and the flip, in that order, so recording
+        the sizes changes no data stream.
+        """
+        original = (int(original_size[0]), int(original_size[1])) if original_size else (img.height, img.width)
         img = resize_shorter_side(img, self.size)
-        img = crop_square(img, self.size, rng if (self.random_crop and rng is not None) else None)
+        resized_width = img.width
+        top, left = crop_offsets(img.width, img.height, self.size,
+                                 rng if (self.random_crop and rng is not None) else None)
+        img = _crop(img, top, left, self.size)
         if self.random_flip and rng is not None and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+            # The same pixels are the crop at the mirrored offset of the flipped resized image.
+            left = resized_width - left - self.size
+        return Transformed(to_tensor(img), original, (top, left))
 
 
 def read_image_file(path: str | Path, size: int) -> torch.Tensor:

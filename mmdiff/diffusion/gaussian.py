@@ -342,6 +342,8 @@ class GaussianDiffusion:
         device = torch.device(device)
 
         grid = make_grid(self.schedule, SAMPLER_GRIDS[sampler], steps, o.timestep_spacing, o.steps_offset)
+        if sampler == "ddim" and not o.set_alpha_to_one:
+            grid = grid.end_at(float(self.schedule.alphas_cumprod[0]))
         if x_init is not None and strength < 1.0:
             grid = grid.tail(steps - max(1, min(int(steps * strength), steps)))
         gen_device = generator.device if generator is not None else device

@@ -48,6 +48,7 @@ POSITIVE: Rule = (lambda v: _number(v) and v > 0, "must be positive")
 POSITIVE_OR_NULL: Rule = (lambda v: v is None or (_number(v) and v > 0), "must be positive or null")
 POSITIVE_WHOLE: Rule = (lambda v: _whole(v) and v > 0, "must be a positive whole number")
 UNIT_INTERVAL: Rule = (lambda v: _number(v) and 0.0 <= v <= 1.0, "must be in [0, 1]")
+BOOLEAN: Rule = (lambda v: isinstance(v, bool), "must be true or false")
 UNIT_FRACTION: Rule = (lambda v: _number(v) and 0.0 < v <= 1.0, "must be in (0, 1]")
 
 
@@ -73,6 +74,9 @@ class SamplingOptions:
     timestep_spacing: str = option("leading", "spread of the timesteps", choices=TIMESTEP_SPACINGS)
     # Added to 'leading' timesteps only (diffusers' steps_offset; Stable Diffusion uses 1).
     steps_offset: int = option(0, "offset added to 'leading' timesteps", WHOLE_AT_LEAST_ZERO)
+    # DDIM's last step lands on the clean ᾱ = 1 (true), or on ᾱ of timestep 0 (false: diffusers'
+    # set_alpha_to_one=False, as Stable Diffusion's scheduler configs have it). Other samplers end clean.
+    set_alpha_to_one: bool = option(True, "DDIM: the last step ends at alpha_bar 1 (false: at timestep 0's)", BOOLEAN)
     # Langevin corrector steps after each sampler step (predictor-corrector) and their target SNR.
     corrector_steps: int = option(0, "Langevin corrector steps after each step", WHOLE_AT_LEAST_ZERO)
     snr: float = option(0.16, "the corrector's target signal-to-noise ratio", POSITIVE)

@@ -63,6 +63,13 @@ class Grid:
         """The one-step grid from level ``i`` to level ``i + 1`` (keeps t_{i+1} for Heun)."""
         return Grid(self.timesteps[i : i + 2], self.alphas_bar[i : i + 2], self.sigmas[i : i + 2])
 
+    def end_at(self, alpha_bar: float) -> "Grid":
+        """The same grid whose last level is ``alpha_bar`` instead of clean (DDIM's
+        ``set_alpha_to_one=False``: diffusers then steps last to ᾱ of timestep 0)."""
+        ab = self.alphas_bar.clone()
+        ab[-1] = float(alpha_bar)
+        return Grid(self.timesteps, ab, ((1 - ab) / ab).sqrt())
+
     def tail(self, start: int) -> "Grid":
         """The grid from step ``start`` on (img2img starts part-way down the schedule)."""
         return Grid(self.timesteps[start:], self.alphas_bar[start:], self.sigmas[start:])

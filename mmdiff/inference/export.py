@@ -8,9 +8,15 @@
     OUT/scheduler/  scheduler_config.json   (DDIMScheduler, the training β schedule and the
                     config's sampling spacing; DDPMScheduler.from_pretrained reads it too; a
                     DDPMScheduler with ``variance_type: learned_range`` for a learned variance)
-    OUT/text_encoder/ open_clip_config.json + open_clip_model.safetensors — loadable with
-                    ``open_clip.create_model("local-dir:OUT/text_encoder")``; the ``mmdiff`` entry
-                    of the JSON says which text layer the U-Net was trained on
+    OUT/open_clip/  open_clip_config.json + open_clip_model.safetensors — the whole open_clip model,
+                    loadable with ``open_clip.create_model("local-dir:OUT/open_clip")``; the
+                    ``mmdiff`` entry of the JSON says which text layer the U-Net was trained on
+    OUT/text_encoder/ (pipeline-ready models) transformers ``CLIPTextModel`` whose
+                    ``last_hidden_state`` equals the open_clip states the U-Net was trained on
+    OUT/tokenizer/  (pipeline-ready models) ``CLIPTokenizer`` files giving open_clip's ids
+                    (``!`` = id 0 pads, as open_clip's zeros; ``model_max_length`` = context length)
+    OUT/model_index.json (pipeline-ready models) ``StableDiffusionPipeline`` with no safety
+                    checker: ``DiffusionPipeline.from_pretrained(OUT)`` samples as mmdiff does
     OUT/image_tokens/ (unCLIP decoder with image-embedding tokens) config.json + model.safetensors:
                     ``LayerNorm(Linear(embedding).view(B, N, W))``, appended to the text states
     OUT/mmdiff.json the resolved training config, step, EMA flag, how conditioning is fed
@@ -27,6 +33,14 @@ so no diffusers scheduler reproduces it in general. With σ_data = 1, though, ``
 ``x_0 = √ᾱ x_t + √(1-ᾱ) F``: v-prediction with ``v = -F``, so the folder gets the U-Net with its
 ``conv_out`` negated and ``prediction_type: v_prediction``; other σ_data are refused.
 
+A model is pipeline-ready when the U-Net reads nothing but the text states (no pooled-text class
+embedding, no image embedding), the states are the last text layer's, the text tower converts to
+transformers' CLIP (:func:`mmdiff.models.hf_text.hf_from_open_clip_text`), its tokenizer is
+open_clip's CLIP BPE and the scheduler is DDIM-readable (no learned variance). Other models get
+everything but the last three entries, and one log line says why. The pipeline's tokenizer pads
+with ``!`` (id 0, open_clip's padding); as in SD 2.x pipelines, a ``!`` inside a prompt then
+also becomes id 0 where open_clip's BPE would merge it (e.g. ``!!``).
+
 Pooled-text conditioning (``model.unet.use_pooled_text``) is diffusers' ``class_embed_type:
 projection``: call the exported U-Net with ``class_labels=pooled_text`` (the empty prompt's
 pooled embedding for the unconditional half of classifier-free guidance).
@@ -38,7 +52,9 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import diffusers
 import open_clip
+from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
 from safetensors.torch import save_file
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -49,6 +65,8 @@ from mmdiff.inference.model_card import model_card
 from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
 from mmdiff.models.clip import _custom_model_cfg
+from mmdiff.models.clip_tokenizer import write_clip_tokenizer
+from mmdiff.models.hf_text import hf_from_open_clip_text
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +221,58 @@ def _save_unet(unet: torch.nn.Module, folder: Path, negate_output: bool) -> None
                 conv.bias.neg_()
 
 
+# The folder holding the whole open_clip model (``text_encoder/`` is the transformers one).
+OPEN_CLIP_DIR = "open_clip"
+# open_clip pads with zeros, the id of "!" in the CLIP vocabulary (as SD 2.x's tokenizers do).
+_OPEN_CLIP_PAD = "!"
+_CLIP_VOCAB_SIZE = 49408
+
+
+def _pipeline_blocker(system: Any, sched: Dict[str, Any]) -> Optional[str]:
+    """Why the model cannot be a ``StableDiffusionPipeline`` (None when it can)."""
+    cfg = system.cfg
+    if bool(cfg.model.unet.use_pooled_text):
+        return "the U-Net takes the pooled text embedding as class_labels (model.unet.use_pooled_text)"
+    if cfg.model.image_embed_conditioning != "none":
+        return "the U-Net is an unCLIP decoder conditioned on image embeddings"
+    if system.clip.text_layer != "last":
+        return f"the U-Net reads the '{system.clip.text_layer}' text layer, not the last one"
+    if "variance_type" in sched:
+        return "the U-Net predicts a learned variance, which the pipeline's guidance would mix"
+    tok = system.clip.tokenizer
+    if not (isinstance(tok, SimpleTokenizer) and tok.vocab_size == _CLIP_VOCAB_SIZE
+            and tok.clean_fn is get_clean_fn("lower") and tok.reduction_fn is None):
+        return "the text encoder's tokenizer is not open_clip's CLIP BPE tokenizer"
+    return None
+
+
+def _write_pipeline_text(system: Any, out: Path) -> None:
+    """``text_encoder/`` (transformers CLIPTextModel) and ``tokenizer/`` (CLIPTokenizer files)."""
+    # CLIPTextModel, not ...WithProjection: StableDiffusionPipeline reads output [0], which must be
+    # the token states; the projection stays in open_clip/.
+    text_encoder = hf_from_open_clip_text(system.clip.model, with_projection=False)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    write_clip_tokenizer(out / "tokenizer", pad_token=_OPEN_CLIP_PAD,
+                         model_max_length=system.clip.context_length)
+
+
+def _model_index(scheduler_class: str) -> Dict[str, Any]:
+    """``model_index.json`` of a StableDiffusionPipeline without safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
 def export_folder(
     system: Any,
     out: str | Path,
@@ -228,7 +298,13 @@ def export_folder(
     # DDPMScheduler is the diffusers class with a learned_range variance (as DeepFloyd IF ships it).
     scheduler_cls = DDPMScheduler if "variance_type" in sched else DDIMScheduler
     scheduler_cls.from_config(sched).save_pretrained(out / "scheduler")
-    text_dir = out / "text_encoder"
+    blocker = _pipeline_blocker(system, sched)
+    if blocker is None:
+        try:
+            _write_pipeline_text(system, out)
+        except CheckpointError as err:  # a tower transformers' CLIP cannot hold
+            blocker = str(err).rstrip(".")
+    text_dir = out / OPEN_CLIP_DIR
     text_dir.mkdir()
     write_text_atomic(text_dir / "open_clip_config.json", json.dumps(_clip_export_config(system), indent=2))
     with AtomicFile(text_dir / "open_clip_model.safetensors") as f:
@@ -242,9 +318,13 @@ def export_folder(
             save_file(_plain_state(tokens), f.name)
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
+    info["pipeline"] = blocker is None
     write_text_atomic(out / "mmdiff.json", json.dumps(info, indent=2, default=str))
-
     write_text_atomic(out / "README.md", model_card(info, sched))
+    if blocker is None:  # last: its presence says the folder is a complete pipeline
+        write_text_atomic(out / "model_index.json", json.dumps(_model_index(scheduler_cls.__name__), indent=2))
+    else:
+        log.info("no model_index.json (not a StableDiffusionPipeline): %s", blocker)
     if sched["timestep_spacing"] == "linspace":
         log.warning("sampling.timestep_spacing is linspace: diffusers' DDIM steps to t - T//N there, "
                     "so its DDIM samples differ slightly from mmdiff's (see docs/interop.md)")

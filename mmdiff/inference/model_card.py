@@ -13,12 +13,33 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 unet = UNet2DConditionModel.from_pretrained("{dir}", subfolder="unet")
 vae = AutoencoderKL.from_pretrained("{dir}", subfolder="vae")
 scheduler = DDIMScheduler.from_pretrained("{dir}", subfolder="scheduler")
-clip = open_clip.create_model("local-dir:{dir}/text_encoder")
-tokenizer = open_clip.get_tokenizer("local-dir:{dir}/text_encoder")
+clip = open_clip.create_model("local-dir:{dir}/open_clip")
+tokenizer = open_clip.get_tokenizer("local-dir:{dir}/open_clip")
 # text states: see docs/interop.md (ln_final of the {layer} text block) and the pooled
 # embedding; call unet(x, t, encoder_hidden_states=states{pooled}).sample
 # latents: decode vae.decode(latents / vae.config.scaling_factor)
 ```'''
+
+_PIPELINE_USAGE = '''```python
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{dir}")  # StableDiffusionPipeline, DDIM scheduler{offset}
+images = pipe(["a prompt"], height={size}, width={size}, guidance_scale={guidance},
+              num_inference_steps={steps}).images
+```
+`text_encoder/` is a transformers `CLIPTextModel` equal to the open_clip text tower (its
+`last_hidden_state` is what the U-Net was trained on); `tokenizer/` pads with `!` (id 0) as
+open_clip does. The whole open_clip model (with the image tower and the text projection) is in
+`open_clip/` (`open_clip.create_model("local-dir:{dir}/open_clip")`).'''
+
+
+def _offset_line(scheduler: Dict[str, Any], folder: str) -> str:
+    """StableDiffusionPipeline rewrites ``steps_offset`` to 1; other offsets need the scheduler set back."""
+    if int(scheduler.get("steps_offset", 1)) == 1:
+        return ""
+    return ("\n# the pipeline class forces steps_offset=1; this model samples with "
+            f"steps_offset={scheduler['steps_offset']}:\n"
+            f'pipe.scheduler = DDIMScheduler.from_pretrained("{folder}", subfolder="scheduler")')
 
 
 def _special_lines(info: Dict[str, Any], scheduler: Dict[str, Any]) -> List[str]:
@@ -80,7 +101,9 @@ def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
         *(metric_lines or ["- none recorded (pass `--metrics FILE.json` to `mmdiff export`)"]),
         "",
         "## Use with diffusers",
-        _USAGE.format(dir="THIS_FOLDER", layer=layer, pooled=pooled),
+        _PIPELINE_USAGE.format(dir="THIS_FOLDER", size=data.get("image_size"), guidance=info["guidance_scale"],
+                               steps=info["steps"], offset=_offset_line(scheduler, "THIS_FOLDER"))
+        if info.get("pipeline") else _USAGE.format(dir="THIS_FOLDER", layer=layer, pooled=pooled),
         "",
         "## Training config",
         "```yaml",

@@ -3,7 +3,8 @@
 ``mmdiff precompute CONFIG --out DIR [key=value ...]`` (or :func:`precompute`) reads the image
 shards of a text-to-image config (``data.train_shards`` and ``data.val_shards``) and writes the
 folder :mod:`mmdiff.data.precomputed` describes (and training reads). Images are centre-cropped;
-random crops and flips cannot be replayed on stored latents.
+random crops and flips cannot be replayed on stored latents. Each sample keeps its original size
+and crop offset (SDXL's micro-conditioning) beside its latents.
 
 **Latent scale.** Latents are stored unscaled. Training multiplies them by the system's
 ``latent_scale`` (``model.vae.scaling_factor``, or 1/std estimated from the first training
@@ -37,10 +38,11 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmdiff.config import to_container
+from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
 from mmdiff.data.shards import expand_shards
 from mmdiff.data.tario import ShardError, iter_samples, list_keys
-from mmdiff.data.transforms import ImageTransform
+from mmdiff.data.transforms import ImageTransform, Transformed
 from mmdiff.io.atomic import AtomicFile, write_bytes_atomic
 from mmdiff.run.devices import resolve_device
 from mmdiff.data.precomputed import (EMPTY_PROMPT, FORMAT_VERSION, FRAGMENT, METADATA, SPLITS, VAE_PROBE,
@@ -191,34 +193,43 @@ class _Encoder:
 
 
 # ------------------------------------------------------------------------------------- main
+def _stacked(raws: List[Any], outs: List[Transformed], captions: List[str]):
+    """One batch of :func:`_batches`: the images stacked, the sizes as int64 N×2 arrays."""
+    sizes = {name: np.array([getattr(o, name) for o in outs], dtype=np.int64) for name in MICRO_CONDITIONING_KEYS}
+    return raws, torch.stack([o.image for o in outs]), captions, sizes
+
+
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
-    """(raw samples, images, captions) batches of one input shard; corrupt samples are counted."""
+    """(raw samples, images, captions, sizes) batches of one input shard; corrupt samples are
+    counted. ``sizes`` holds each image's micro-conditioning as int64 N×2 arrays."""
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
                       max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size))
     transform = ImageTransform(int(d.image_size))  # centre crop, no flip
-    raws, images, captions = [], [], []
+    raws: List[Any] = []
+    outs: List[Transformed] = []
+    captions: List[str] = []
     try:
         for raw in iter_samples(url):
             try:
                 decoded = decode_sample(raw, spec)
-                image = transform(decoded.image)
+                out = transform.apply(decoded.image, original_size=decoded.original_size)
             except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
                 counter["skipped"] += 1
                 reason = str(err) if isinstance(err, CorruptSample) else repr(err)
                 log.warning("skipping sample %s of %s: %s", raw.key, url, reason)
                 continue
             raws.append(raw)
-            images.append(image)
+            outs.append(out)
             captions.append(decoded.caption)
             if len(raws) == batch_size:
-                yield raws, torch.stack(images), captions
-                raws, images, captions = [], [], []
+                yield _stacked(raws, outs, captions)
+                raws, outs, captions = [], [], []
     except ShardError as err:
         counter["skipped"] += 1
         log.warning("%s; the rest of that shard is skipped", err)
     if raws:
-        yield raws, torch.stack(images), captions
+        yield _stacked(raws, outs, captions)
 
 
 def _write_shard(url: str, out: Path, cfg: DictConfig, encoder: _Encoder, batch_size: int,
@@ -226,8 +237,9 @@ def _write_shard(url: str, out: Path, cfg: DictConfig, encoder: _Encoder, batch_
     written = 0
     with AtomicFile(out, remove_leftovers=True) as f:
         writer = TarWriter(f, encoder=False, mtime=_FIXED_MTIME)
-        for raws, images, captions in _batches(url, cfg, batch_size, counter):
-            arrays = encoder.encode(images, captions)
+        for raws, images, captions, sizes in _batches(url, cfg, batch_size, counter):
+            # Sizes stay int64: fp16 would round sizes above 2048 pixels.
+            arrays = {**encoder.encode(images, captions), **sizes}
             for i, (raw, caption) in enumerate(zip(raws, captions)):
                 sample = {"__key__": raw.key, "txt": caption.encode("utf-8")}
                 if "json" in raw.members:

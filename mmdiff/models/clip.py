@@ -150,14 +150,22 @@ def _build_named(cfg: DictConfig, precision: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _eval_frozen_children(module: nn.Module) -> None:
+def eval_frozen_children(module: nn.Module) -> None:
     """Put every submodule of ``module`` that holds parameters but no trainable one in eval mode."""
     for child in module.children():
         params = list(child.parameters())
         if params and not any(p.requires_grad for p in params):
             child.eval()
         else:
-            _eval_frozen_children(child)
+            eval_frozen_children(child)
+
+
+def train_only(module: nn.Module, params: Iterable[nn.Parameter]) -> bool:
+    """Make ``params`` the only parameters of ``module`` that need a gradient; whether any does."""
+    keep = {id(p) for p in params}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in keep)
+    return bool(keep)
 
 
 class ClipEncoder(nn.Module):
@@ -221,7 +229,7 @@ class ClipEncoder(nn.Module):
         the parent asks."""
         super().train(mode and not self.frozen)
         if mode and not self.frozen:
-            _eval_frozen_children(self)
+            eval_frozen_children(self)
         return self
 
     # ----------------------------------------------------------------------- what trains
@@ -266,10 +274,7 @@ class ClipEncoder(nn.Module):
     def train_only(self, params: Iterable[nn.Parameter]) -> None:
         """Train exactly ``params`` (of this encoder): every other parameter needs no gradient, and
         submodules left without a trainable parameter stay in eval mode (see :meth:`train`)."""
-        keep = {id(p) for p in params}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in keep)
-        self.frozen = not keep
+        self.frozen = not train_only(self, params)
         self.train(self.training)
 
     # ----------------------------------------------------------------------------- properties
@@ -376,4 +381,4 @@ class ClipEncoder(nn.Module):
         return f"text_layer={self.text_layer}, frozen={self.frozen}, dtype={self.compute_dtype}"
 
 
-__all__ = ["ClipEncoder"]
+__all__ = ["ClipEncoder", "eval_frozen_children", "train_only"]

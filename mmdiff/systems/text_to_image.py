@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from mmdiff.config import VarianceType
 from mmdiff.data.precomputed import check_against, find_precompute_dir
 from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
+from mmdiff.config.pipeline import read_pipeline_info
 from mmdiff.models.clip import ClipEncoder
+from mmdiff.models.pipelines import (
+    PipelineParts,
+    build_pipeline_components,
+    load_pipeline_components,
+    uses_time_ids,
+)
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite, moments, pool_moments
@@ -49,21 +56,28 @@ def _plain(config: Dict[str, Any]) -> Dict[str, Any]:
 class TextToImageSystem(System):
     """Latent diffusion conditioned on open_clip token states (and optionally pooled text)."""
 
-    def __init__(self, cfg: DictConfig, vae_config: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, cfg: DictConfig, vae_config: Optional[Dict[str, Any]] = None,
+                 pipeline: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(cfg)
         m = cfg.model
-        vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
+        # model.pretrained: VAE, U-Net and text encoder(s) from a pipeline folder, or (``pipeline``,
+        # from a checkpoint's hyper-parameters) their architectures without the folder.
+        parts = self._pipeline_parts(cfg, vae_config, pipeline)
+        if parts is not None:
+            vae = parts.vae
+        else:
+            vae = AutoencoderKL.from_config(vae_config) if vae_config else build_vae(m.vae)
         self.vae_dtype = _DTYPES[m.vae.precision]
         # nn.Module.to, not diffusers' ModelMixin.to, which warns on every dtype change.
         self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
-        self.clip = ClipEncoder.from_config(m.clip)
+        self.clip = parts.text if parts is not None else ClipEncoder.from_config(m.clip)
         text_training.train_text_tower(self.clip, pooled=bool(m.unet.use_pooled_text))
         self.latent_channels = int(vae.config.latent_channels)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_size = cfg.data.image_size // factor
         self.learned_variance = VarianceType(cfg.diffusion.variance_type) == VarianceType.learned_range
         self.image_embed_mode = image_embed.mode_of(cfg)
-        self.unet = build_unet(
+        self.unet = parts.unet if parts is not None else build_unet(
             m.unet,
             latent_channels=self.latent_channels,
             sample_size=self.latent_size,
@@ -82,7 +96,27 @@ class TextToImageSystem(System):
         self.speed: Dict[str, Any] = {}  # the U-Net speed switches applied (configure_model)
         if m.init_from is not None:
             image_embed.init_from_checkpoint(self, m.init_from)
-        self.save_config(vae_config=_plain(vae.config))
+        # SDXL: the U-Net also takes the pooled text and size/crop ids (``added_cond_kwargs``), and
+        # the unconditional branch is all zeros when the pipeline says force_zeros_for_empty_prompt.
+        self.micro_conditioning = uses_time_ids(self.unet)
+        self.zero_empty_prompt = bool(parts.meta["force_zeros_for_empty_prompt"]) if parts is not None else False
+        extra = {"pipeline": parts.meta} if parts is not None else {}
+        self.save_config(vae_config=_plain(vae.config), **extra)
+
+    @staticmethod
+    def _pipeline_parts(cfg: DictConfig, vae_config: Optional[Dict[str, Any]],
+                        pipeline: Optional[Dict[str, Any]]) -> Optional[PipelineParts]:
+        m = cfg.model
+        if m.get("pretrained") is None:
+            return None
+        text = {"freeze_text": bool(m.clip.freeze), "text_precision": str(m.clip.precision)}
+        if pipeline is not None and vae_config is not None:
+            parts = build_pipeline_components(pipeline, vae_config, **text)
+            if m.vae.scaling_factor is not None:
+                parts.vae.register_to_config(scaling_factor=float(m.vae.scaling_factor))
+            return parts
+        return load_pipeline_components(m.pretrained, read_pipeline_info(m.pretrained),
+                                        scaling_factor=m.vae.scaling_factor, **text)
 
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "TextToImageSystem":
@@ -90,7 +124,7 @@ class TextToImageSystem(System):
         cfg.model.clip.pretrained = None
         cfg.model.unet.pretrained = None
         cfg.model.init_from = None
-        return cls(cfg, vae_config=hparams["vae_config"])
+        return cls(cfg, vae_config=hparams["vae_config"], pipeline=hparams.get("pipeline"))
 
     # ------------------------------------------------------------------------------ plumbing
     def _denoiser(self) -> torch.nn.Module:
@@ -178,6 +212,8 @@ class TextToImageSystem(System):
         """
         if self._empty_states is None:
             self._empty_states = self.encode_prompts([""])
+            if self.zero_empty_prompt:  # SDXL: the unconditional branch is all zeros
+                self._empty_states = {k: torch.zeros_like(v) for k, v in self._empty_states.items()}
         return {k: v.to(self.device) for k, v in self._empty_states.items()}
 
     @torch.no_grad()
@@ -195,21 +231,62 @@ class TextToImageSystem(System):
         empty prompt's states, rows where ``image_drop`` is True a zero image embedding."""
         if not self.precomputed:
             captions = list(batch["caption"])
-            if drop is not None:
+            if drop is not None and not self.zero_empty_prompt:
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
             cond = self.encode_prompts(captions)
+            if drop is not None and self.zero_empty_prompt:
+                cond = self._empty_rows(cond, drop)
             if self.image_embed_mode != "none":
                 cond["image_embed"] = image_embed.zero_rows(self.embed_images(batch["image"]), image_drop)
-            return cond
-        cond = {"context": batch["context"].to(self.device).float()}
-        if "pooled" in batch:
-            cond["pooled"] = batch["pooled"].to(self.device).float()
-        if drop is not None and bool(drop.any()):
-            empty = self.empty_prompt_states()
-            mask = drop.to(self.device)
-            cond = {k: torch.where(mask.view(-1, *([1] * (v.ndim - 1))), empty[k].to(v.dtype), v)
-                    for k, v in cond.items()}
+        else:
+            cond = {"context": batch["context"].to(self.device).float()}
+            if "pooled" in batch:
+                cond["pooled"] = batch["pooled"].to(self.device).float()
+            if drop is not None and bool(drop.any()):
+                cond = self._empty_rows(cond, drop)
+        if self.micro_conditioning:
+            cond["time_ids"] = self._batch_time_ids(batch, len(cond["context"]))
         return cond
+
+    def _empty_rows(self, cond: Dict[str, torch.Tensor], drop: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``cond`` with the rows where ``drop`` is True replaced by the empty prompt's states."""
+        empty = self.empty_prompt_states()
+        mask = drop.to(self.device)
+        return {k: torch.where(mask.view(-1, *([1] * (v.ndim - 1))), empty[k].to(v.dtype), v)
+                for k, v in cond.items()}
+
+    # ------------------------------------------------------------------------------ SDXL size/crop ids
+    def time_ids(self, n: int, original_size: Any = None, crop_top_left: Any = None,
+                 target_size: Any = None) -> torch.Tensor:
+        """SDXL's ``time_ids`` n×6 ``[orig_h, orig_w, crop_top, crop_left, target_h, target_w]``.
+
+        Each argument is ``(h, w)`` for all rows or an n×2 tensor; defaults: target = the configured
+        image size, original = target, crop = (0, 0) (what diffusers' SDXL pipeline uses).
+        """
+        size = int(self.cfg.data.image_size)
+
+        def rows(value: Any, default: Any, name: str) -> torch.Tensor:
+            t = torch.as_tensor(default if value is None else value).to(self.device, torch.float32)
+            t = t.expand(n, 2) if t.ndim == 1 else t
+            if tuple(t.shape) != (n, 2):
+                raise ValueError(f"{name} must be (height, width) or {n}×2, got shape {tuple(t.shape)}.")
+            return t
+
+        target = rows(target_size, (size, size), "target_size")
+        return torch.cat([rows(original_size, target, "original_size"), rows(crop_top_left, (0, 0), "crop_top_left"),
+                          target], dim=1)
+
+    def _batch_time_ids(self, batch: Dict[str, Any], n: int) -> torch.Tensor:
+        """Size/crop ids of a batch: ``original_size`` / ``crop_top_left`` (B×2) where the data
+        gives them, the batch's own height and width as the target."""
+        if "image" in batch and isinstance(batch["image"], torch.Tensor):
+            target = tuple(batch["image"].shape[-2:])
+        elif "latent" in batch:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target = tuple(int(d) * factor for d in batch["latent"].shape[-2:])
+        else:
+            target = None
+        return self.time_ids(n, batch.get("original_size"), batch.get("crop_top_left"), target)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -227,6 +304,9 @@ class TextToImageSystem(System):
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         if self.cfg.model.unet.use_pooled_text:
             kwargs["class_labels"] = cond["pooled"].to(x_t.dtype)
+        if self.micro_conditioning:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(x_t.dtype),
+                                           "time_ids": cond["time_ids"].to(x_t.dtype)}
         context = cond["context"].to(x_t.dtype)
         if self.image_embed_mode != "none":
             embedding = cond["image_embed"].to(x_t.dtype)
@@ -315,7 +395,8 @@ class TextToImageSystem(System):
     def sample(
         self, prompts: List[str], *, seed: int = 0, progress: bool = False,
         image_embeds: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None, **options: Any
+        mask: Optional[torch.Tensor] = None, original_size: Optional[Any] = None,
+        crop_top_left: Optional[Any] = None, target_size: Optional[Any] = None, **options: Any
     ) -> torch.Tensor:
         """Prompts → images B×3×H×W in [-1, 1].
 
@@ -328,12 +409,26 @@ class TextToImageSystem(System):
         latents exactly (decoded, the VAE's reconstruction of it).
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
+        SDXL-style U-Nets (``model.pretrained`` of an SDXL pipeline) take ``original_size``,
+        ``crop_top_left`` and ``target_size`` ((h, w) or B×2; see :meth:`time_ids`).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
+        sizes = {"original_size": original_size, "crop_top_left": crop_top_left, "target_size": target_size}
+        if not self.micro_conditioning and any(v is not None for v in sizes.values()):
+            raise ValueError("original_size, crop_top_left and target_size are SDXL micro-conditioning; "
+                             "this model's U-Net takes no size/crop ids.")
         opts = SamplingOptions.from_mapping(self.cfg.sampling).replace(**options)
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if opts.guidance_scale != 1.0 else None
+        uncond = None
+        if opts.guidance_scale != 1.0:
+            uncond = self.encode_prompts([""] * len(prompts))
+            if self.zero_empty_prompt:  # as SDXL's pipeline with force_zeros_for_empty_prompt
+                uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
+        if self.micro_conditioning:
+            cond["time_ids"] = self.time_ids(len(prompts), **sizes)
+            if uncond is not None:
+                uncond["time_ids"] = cond["time_ids"]
         if image_embeds is not None and self.image_embed_mode == "none":
             raise ValueError("this text_to_image model was not trained with image-embedding conditioning.")
         if self.image_embed_mode != "none":

@@ -136,7 +136,7 @@ def test_pickle_member_in_a_shard_is_not_unpickled(tmp_path: Path) -> None:
     dm.setup("fit")
     batches = list(dm.val_dataloader()) + list(dm.train_dataloader())
     assert good_keys(batches) == [key] * 3 and set(batches[0]) == {
-        "image", "caption", "key", "valid", "skipped", "worker"}
+        "image", "original_size", "crop_top_left", "caption", "key", "valid", "skipped", "worker"}
     assert not marker.exists()
 
 

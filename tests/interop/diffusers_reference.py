@@ -35,7 +35,7 @@ class ExportedModel:
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
         self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
         self.scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
-        text = folder / "text_encoder"
+        text = folder / "open_clip"
         self.text_layer = json.loads((text / "open_clip_config.json").read_text())["mmdiff"]["text_layer"]
         self.clip = open_clip.create_model(f"local-dir:{text}").eval()
         self.tokenizer = open_clip.get_tokenizer(f"local-dir:{text}")

@@ -110,7 +110,7 @@ def test_exported_text_encoder_loads_as_local_dir_clip(tiny_ckpt: Path, exported
     from mmdiff.models.clip import ClipEncoder
 
     cfg = tiny_config().model.clip
-    cfg.name, cfg.pretrained = f"local-dir:{exported / 'text_encoder'}", None
+    cfg.name, cfg.pretrained = f"local-dir:{exported / 'open_clip'}", None
     clip = ClipEncoder.from_config(cfg)
     system = load(tiny_ckpt, device="cpu")
     ours, theirs = clip.encode_text(clip.tokenize(PROMPTS)), system.encode_prompts(PROMPTS)
@@ -196,3 +196,64 @@ def test_unclip_decoder_exports_its_image_tokens(tmp_path: Path) -> None:
         stored = {k: f.get_tensor(k) for k in f.keys() if k.startswith("image_tokens.")}
     own = {f"image_tokens.{k}": v for k, v in system.image_tokens.state_dict().items()}
     assert stored.keys() == own.keys() and all(torch.equal(stored[k], own[k]) for k in own)
+
+
+def test_text_states_model_exports_a_stable_diffusion_pipeline(tmp_path: Path) -> None:
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    system = tiny_system(overrides=["model.unet.use_pooled_text=false"])
+    with torch.no_grad():  # LayerNorms away from their (1, 0) init, so a dropped one shows
+        for name, p in system.clip.model.named_parameters():
+            if "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = _export(system, tmp_path / "export")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
+    assert index["safety_checker"] == [None, None] and index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert (folder / "open_clip" / "open_clip_model.safetensors").is_file()
+    card = (folder / "README.md").read_text()
+    assert "DiffusionPipeline.from_pretrained" in card and "pipe.scheduler = DDIMScheduler" in card
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    # the pipeline's tokenizer gives open_clip's ids (zero padding, truncation ending in EOT)
+    prompts = [*PROMPTS, "", "seven " * 40]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, system.clip.tokenize(prompts))
+
+    size, image_size = system.latent_size, int(system.cfg.data.image_size)
+
+    def pipeline_images() -> torch.Tensor:
+        latents = torch.randn((len(PROMPTS), system.latent_channels, size, size),  # x_T as mmdiff draws it
+                              generator=torch.Generator().manual_seed(5))
+        images = pipe(PROMPTS, height=image_size, width=image_size, num_inference_steps=STEPS,
+                      guidance_scale=3.0, latents=latents, output_type="pt").images
+        return images * 2 - 1  # [0, 1] -> mmdiff's [-1, 1]
+
+    # StableDiffusionPipeline forces steps_offset 1 on the scheduler it is built with ...
+    assert system.cfg.sampling.steps_offset == 0 and pipe.scheduler.config.steps_offset == 1
+    ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS, steps_offset=1)
+    assert float((ours - pipeline_images()).abs().max()) <= 1e-4
+    assert float(ours.std()) > 0.01
+    # ... and the exported scheduler, set afterwards as the model card says, keeps the trained offset
+    pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    ours = system.sample(PROMPTS, seed=5, sampler="ddim", steps=STEPS)
+    assert float((ours - pipeline_images()).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ([], "pooled text embedding"),
+    (["model.unet.use_pooled_text=false", "model.clip.text_layer=penultimate"], "'penultimate' text layer"),
+])
+def test_models_a_pipeline_cannot_hold_export_without_model_index(tmp_path: Path, caplog, overrides,
+                                                                  reason) -> None:
+    system = tiny_system(overrides=overrides)
+    with caplog.at_level("INFO", logger="mmdiff.inference.export"):
+        folder = _export(system, tmp_path / "export")
+    assert not (folder / "model_index.json").exists() and not (folder / "text_encoder").exists()
+    assert (folder / "open_clip" / "open_clip_config.json").is_file() and (folder / "unet").is_dir()
+    lines = [r.getMessage() for r in caplog.records if "model_index.json" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0], lines

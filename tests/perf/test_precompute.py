@@ -39,7 +39,7 @@ def test_folder_holds_shards_metadata_and_empty_prompt(precomputed: Path) -> Non
     meta = json.loads((precomputed / METADATA).read_text())
     assert meta["latent_shape"] == [4, 8, 8] and meta["context_shape"] == [32, 64]
     assert meta["latents"] == "distribution" and meta["dtype"] == "fp16"
-    assert meta["array_keys"] == ["latent", "latent_logvar", "context", "pooled"]
+    assert meta["array_keys"] == ["latent", "latent_logvar", "context", "pooled", "original_size", "crop_top_left"]
     empty = load_empty_prompt(precomputed)
     assert empty["context"].shape == (1, 32, 64) and empty["pooled"].shape == (1, 64)
 
@@ -53,7 +53,8 @@ def test_arrays_are_the_unscaled_posterior_of_centre_crops(precomputed: Path, ti
     sources = list(iter_samples(str(demo_shards / "train-000001.tar")))
     assert [s.key for s in samples] == [s.key for s in sources] and len(samples) == 200
     first = samples[0].members
-    assert set(first) == {"latent.npy", "latent_logvar.npy", "context.npy", "pooled.npy", "txt", "json"}
+    assert set(first) == {"latent.npy", "latent_logvar.npy", "context.npy", "pooled.npy", "original_size.npy",
+                          "crop_top_left.npy", "txt", "json"}
     latent = decode_array(first["latent.npy"])
     assert latent.dtype == np.float16 and latent.shape == (4, 8, 8)
     assert decode_array(first["context.npy"]).shape == (32, 64)
@@ -164,4 +165,4 @@ def test_precompute_cli_mean_latents_fp32(tiny_cfg_path: Path, tmp_path: Path, c
     (sample, *_) = iter_samples(str(out / "val-000000.tar"))
     assert "latent_logvar.npy" not in sample.members
     assert decode_array(sample.members["latent.npy"]).dtype == np.float32
-    assert "array_keys: [latent, context, pooled]" in (out / FRAGMENT).read_text()
+    assert "array_keys: [latent, context, pooled, original_size, crop_top_left]" in (out / FRAGMENT).read_text()

@@ -1,5 +1,6 @@
 """The training data resumes exactly: a stream restored from a saved position continues the batch
-sequence of an uninterrupted stream — keys, pixels (augmentations) and skip counts — whatever the
+sequence of an uninterrupted stream — keys, pixels (augmentations), the sizes and crop offsets
+recorded with them, and skip counts — whatever the
 number of workers, the point of interruption (mid-pass, any worker's turn), the shuffle buffer and
 corrupt samples. No Lightning here (tests/scale/test_exact_resume.py does the real fit)."""
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _take(loader, n: int) -> List[Dict[str, Any]]:
 
 
 def _sig(batches) -> List[Any]:
-    return [(tuple(b["key"]), b["image"].sum().item(), int(b["worker"][0])) for b in batches]
+    return [(tuple(b["key"]), b["image"].sum().item(), int(b["worker"][0]),
+             b["original_size"].tolist(), b["crop_top_left"].tolist()) for b in batches]
 
 
 def _skips(batches) -> int:
