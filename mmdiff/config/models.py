@@ -155,18 +155,21 @@ class ClipConfig:
         system = str(cfg.system)
         trains_text = not c.freeze and system in TEXT_ENCODER_SYSTEMS
         trains_clip = system == "contrastive" or (not c.freeze and system not in NO_CLIP_SYSTEMS)
+        lora = cfg.model.get("lora")
+        adapts_text = lora is not None and lora.rank > 0 and bool(lora.text_encoder)  # LoRA on the text tower
         require(
             c.freeze or system not in NO_CLIP_SYSTEMS,
             f"model.clip.freeze=false has no effect in the {system} system, which has no CLIP; remove it.",
         )
         require(
-            cfg.optim.text_encoder_lr is None or trains_text,
+            cfg.optim.text_encoder_lr is None or trains_text or adapts_text,
             "optim.text_encoder_lr is set but no text encoder is trained; it needs model.clip.freeze=false "
-            f"in a {' or '.join(TEXT_ENCODER_SYSTEMS)} system (remove it, or set model.clip.freeze=false).",
+            f"in a {' or '.join(TEXT_ENCODER_SYSTEMS)} system, or model.lora.text_encoder=true (remove it, "
+            "or train the text encoder).",
         )
         require(
-            not (trains_text and cfg.model.precomputed),
-            "model.clip.freeze=false trains the text encoder, but model.precomputed reads fixed text states "
+            not ((trains_text or adapts_text) and cfg.model.precomputed),
+            "model.clip.freeze=false or model.lora.text_encoder trains the text encoder, but model.precomputed reads fixed text states "
             "from the shards; train from images and captions, or keep model.clip.freeze=true.",
         )
         require(
