@@ -26,8 +26,12 @@ demo: $(STAMP)
 demo-unclip: $(STAMP)
 	$(BIN)/python tools/demo_unclip.py
 
+# pytest-xdist: one worker per core (at most 4). loadgroup hands out single tests, so the load
+# evens out; the multi-rank tests (xdist_group "multirank") go first, to one worker, one at a time
+# (several process groups at once on two cores would starve each other). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup
 
 clean:
 	rm -rf runs/demo

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline W&B, few threads, demo digit shards written once per session."""
+"""Shared fixtures: offline W&B, few threads (one per xdist worker), demo digit shards written once per session."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,14 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of several test processes (`make test` runs pytest-xdist workers, one per core): one
+    # intra-op thread each, and for the processes its tests start, so the workers don't
+    # oversubscribe the cores and starve each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,18 +5,52 @@ Each process writes to its own log file. With ``stdout=PIPE`` a test that waits 
 logs and warnings it blocks in ``write()``, rank 0 then blocks in the next collective, and the test
 reports a hang that is its own. On a timeout every process is sent SIGUSR2 first (the Python
 workers register ``faulthandler`` for it and print every thread's stack), and the failure shows
-the tail of each log.
+the tail of each log. ``free_port`` hands out the port of a run's rank-0 store.
 """
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Set
 
 import pytest
+
+
+_FIRST_PORT = 20000  # below Linux's ephemeral range (32768-60999), which bind(0) and connect() draw from
+_BLOCK = 2000  # ports per test process: pytest itself, or each pytest-xdist worker
+_handed_out: Set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port for a multi-rank run's store, never the one another test of this run got.
+
+    The usual ``bind(0)``-and-close leaves the port unheld until the ranks start, seconds later;
+    meanwhile the kernel may give it to any other bind(0) or outgoing connection, and under
+    pytest-xdist the other worker's ranks open many. So each test process draws at random from
+    its own block of ports below the ephemeral range (random: other test runs on this machine),
+    never hands one out twice, and checks that the port is free right now.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...; unset without xdist
+    index = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    start = _FIRST_PORT + index % ((32768 - _FIRST_PORT) // _BLOCK) * _BLOCK
+    draw = random.Random()  # not the global RNG: tests seed that one
+    for _ in range(500):
+        port = start + draw.randrange(_BLOCK)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {start}-{start + _BLOCK - 1}")
 
 
 def _stop(proc: subprocess.Popen, sig: int) -> None:

@@ -3,28 +3,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from datakit import img2dataset_sample, sized_shards, write_tar
-from multiproc import run_all
+from multiproc import free_port, run_all
 
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_two_ranks(tmp_path: Path, spec: dict) -> list[dict]:
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    port = str(_free_port())
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items()  # no launcher/cluster settings leak into the ranks
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))}
@@ -33,6 +26,7 @@ def _run_two_ranks(tmp_path: Path, spec: dict) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.xdist_group("multirank")  # make test: one xdist worker runs these one after another
 @pytest.mark.timeout(150)
 def test_acceptance_b_two_ranks(tmp_path: Path) -> None:
     many = sized_shards(tmp_path / "many", [6] * 8, prefix="many")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -13,6 +12,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent / "data"))  # datakit: hand-made shards
 sys.path.insert(0, str(HERE.parent))  # tiny_configs: the toy-size configs all test folders share
+from multiproc import free_port  # noqa: E402,F401  (the scale tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +23,6 @@ def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits16")
     write_demo_shards(out, image_size=16, samples_per_shard=60, seed=0)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> Dict[str, str]:

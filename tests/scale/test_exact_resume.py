@@ -116,6 +116,7 @@ def _interrupt(config: Path, run_dir: Path, sig: signal.Signals, kill_after: int
     assert _load(last)["global_step"] == kill_after, "the run trained on to its next checkpoint"
 
 
+@pytest.mark.xdist_group("multirank")  # make test: one xdist worker runs these one after another
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("setup, sig, size", [
     pytest.param("single", signal.SIGKILL, "fast", id="fast-sigkill"),

@@ -87,6 +87,7 @@ def _assert_parity(single: Dict, results: List[Dict], steps: int = STEPS, weight
     return f"max |loss diff| {max(diffs):.2e}, gradients {grad:.2e}, weights {weight:.2e} (relative)"
 
 
+@pytest.mark.xdist_group("multirank")  # make test: one xdist worker runs these one after another
 @pytest.mark.timeout(400)
 def test_ddp_and_fsdp2_two_ranks_match_one_process_fast(config: Path, tmp_path: Path) -> None:
     """The default run's parity case: the slow tests' comparison over 2 steps, with one process, two

@@ -15,6 +15,7 @@ from multiproc import run_all
 from tiny_configs import tiny_t2i_config
 
 
+@pytest.mark.xdist_group("multirank")  # make test: one xdist worker runs these one after another
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy, steps", [
     pytest.param("ddp", 2, id="fast-ddp"),
