@@ -201,6 +201,10 @@ def read_pipeline_info(folder: str | Path) -> PipelineInfo:
     and for pipelines of other kinds (e.g. ``FluxPipeline``, SDXL refiners, inpainting U-Nets).
     """
     path = Path(str(folder)).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        raise ConfigError(f"model.pretrained '{folder}' is a single-file checkpoint; convert it to a pipeline "
+                          "folder once with diffusers' (StableDiffusionPipeline or StableDiffusionXLPipeline)"
+                          ".from_single_file(FILE).save_pretrained(DIR) and pass DIR.")
     if not path.is_dir():
         raise ConfigError(f"model.pretrained '{folder}' is not a folder; pass a diffusers pipeline folder "
                           "(with model_index.json).")
