@@ -75,7 +75,11 @@ def test_fine_tuned_pipeline_exports_as_its_family(family: str, train_text: bool
     source = pipeline_folders[family]
     ckpt = fine_tune(tmp_path, source, demo_shards, model={"clip": {"freeze": not train_text}})
     system = mmdiff.load(ckpt, device="cpu")
-    if train_text:
+    if train_text:  # the fine-tune itself moved the text encoders (model.clip.freeze=false trains them)
+        for index_, encoder in enumerate(ENCODERS[family]):
+            source_embedding = next(v for k, v in _text_weights(source, encoder).items()
+                                    if k.endswith("embeddings.token_embedding.weight"))
+            assert not torch.equal(system.clip.towers[index_].token_embedding.weight.detach(), source_embedding)
         # Whatever the optimiser did to the text encoder, move every weight (LayerNorms too, away
         # from their (1, 0) init, so a dropped one shows): the export must carry what the system holds.
         with torch.no_grad():
