@@ -164,7 +164,8 @@ def test_lora_export_samples_as_mmdiff_in_the_diffusers_pipeline(family: str, ru
 
     merged = merged_copy(system)  # what `mmdiff export --out` writes: adapters folded in
     merged_latents, _ = _ours(merged)
-    assert merged.lora is None and float((merged_latents - latents).abs().max()) < 1e-4
+    assert merged.lora is None and not [k for k in merged.state_dict() if is_lora_key(k) or ".base_layer." in k]
+    assert float((merged_latents - latents).abs().max()) < 1e-4
 
 
 def test_lora_resume_continues_from_the_adapters(runs, tmp_path: Path) -> None:
