@@ -4,7 +4,7 @@ With ``rank > 0`` the base weights are frozen and only the adapters train, are a
 are saved in checkpoints; the base weights are read again from where the config says they come
 from (``model.pretrained``, ``model.init_from`` or ``model.unet.pretrained``), so one of those must
 be set. Whether each target name matches a module is checked when the model is built (the names
-that exist are listed then). See docs/lora.md.
+that exist are listed then). See docs/finetune.md.
 """
 from __future__ import annotations
 

@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 _PIPELINE_CLASSES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+#: The diffusers pipeline class of each family (what model_index.json names).
+FAMILY_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                  "sdxl": "StableDiffusionXLPipeline"}
 #: Pipeline components per family: (text encoder folder, tokenizer folder) pairs.
-_TEXT_FOLDERS = {
+TEXT_FOLDERS: Dict[str, Tuple[Tuple[str, str], ...]] = {
     "sd1": (("text_encoder", "tokenizer"),),
     "sd2": (("text_encoder", "tokenizer"),),
     "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
@@ -198,6 +201,10 @@ def read_pipeline_info(folder: str | Path) -> PipelineInfo:
     and for pipelines of other kinds (e.g. ``FluxPipeline``, SDXL refiners, inpainting U-Nets).
     """
     path = Path(str(folder)).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        raise ConfigError(f"model.pretrained '{folder}' is a single-file checkpoint; convert it to a pipeline "
+                          "folder once with diffusers' (StableDiffusionPipeline or StableDiffusionXLPipeline)"
+                          ".from_single_file(FILE).save_pretrained(DIR) and pass DIR.")
     if not path.is_dir():
         raise ConfigError(f"model.pretrained '{folder}' is not a folder; pass a diffusers pipeline folder "
                           "(with model_index.json).")
@@ -207,7 +214,7 @@ def read_pipeline_info(folder: str | Path) -> PipelineInfo:
         raise ConfigError(f"model.pretrained: '{path / 'model_index.json'}' is a {class_name}; supported are "
                           f"{', '.join(_PIPELINE_CLASSES)} (Stable Diffusion 1.x, 2.x and XL).")
     sdxl = class_name == "StableDiffusionXLPipeline"
-    folders = _TEXT_FOLDERS["sdxl" if sdxl else "sd1"]
+    folders = TEXT_FOLDERS["sdxl" if sdxl else "sd1"]
     if sdxl and not (isinstance(index.get("text_encoder"), list) and index["text_encoder"][1] is not None):
         raise ConfigError(f"model.pretrained: '{path}' is an SDXL pipeline without a first text encoder "
                           "(a refiner); only SDXL base pipelines are supported.")
@@ -357,4 +364,4 @@ def apply_pipeline(cfg: DictConfig, info: PipelineInfo, is_set: Callable[[str], 
 
 
 __all__ = ["PipelineInfo", "TextEncoderInfo", "read_pipeline_info", "pipeline_values", "apply_pipeline",
-           "FAMILIES", "CONTRADICTING_KEYS"]
+           "FAMILIES", "FAMILY_CLASSES", "TEXT_FOLDERS", "CONTRADICTING_KEYS"]

@@ -19,6 +19,11 @@
                     checker: ``DiffusionPipeline.from_pretrained(OUT)`` samples as mmdiff does
     OUT/image_tokens/ (unCLIP decoder with image-embedding tokens) config.json + model.safetensors:
                     ``LayerNorm(Linear(embedding).view(B, N, W))``, appended to the text states
+    OUT/text_encoder[_2]/, OUT/tokenizer[_2]/, OUT/model_index.json (models fine-tuned from
+                    ``model.pretrained``) the source pipeline's own layout and class (SD 1.x/2.x:
+                    ``StableDiffusionPipeline``, SDXL: ``StableDiffusionXLPipeline``), the text
+                    encoder(s) converted back from open_clip (:mod:`mmdiff.inference.pipeline_export`);
+                    no ``open_clip/`` folder
     OUT/mmdiff.json the resolved training config, step, EMA flag, how conditioning is fed
     OUT/README.md   the model card
 
@@ -70,6 +75,7 @@ from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
 from mmdiff.models.clip import _custom_model_cfg
 from mmdiff.models.clip_tokenizer import write_clip_tokenizer
+from mmdiff.inference.pipeline_export import family_model_index, pipeline_family, write_pipeline_text_encoders
 from mmdiff.models.hf_text import hf_from_open_clip_text
 
 log = logging.getLogger(__name__)
@@ -105,8 +111,9 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
 
     Named schedules keep their name when diffusers rebuilds the same ᾱ table (within 1e-6);
     otherwise (sigmoid, custom, resolution shift, ...) the exact β table is written as
-    ``trained_betas``. ``set_alpha_to_one`` makes DDIM's last step land on the clean sample, as
-    mmdiff's sampler does. A learned variance adds ``variance_type: learned_range`` (read by
+    ``trained_betas``. ``steps_offset`` and ``set_alpha_to_one`` (DDIM's last step lands on ᾱ = 1,
+    or on timestep 0's ᾱ when false, as Stable Diffusion's configs have it) are the config's
+    ``sampling:`` values, which mmdiff's DDIM follows too. A learned variance adds ``variance_type: learned_range`` (read by
     ``DDPMScheduler``); EDM preconditioning is ``v_prediction`` or a :class:`CheckpointError`
     (:func:`_edm_as_v_prediction`).
     """
@@ -122,7 +129,7 @@ def scheduler_config(cfg: Any, alphas_cumprod: torch.Tensor) -> Dict[str, Any]:
         "timestep_spacing": s.timestep_spacing,
         "steps_offset": int(s.steps_offset),
         "clip_sample": False,
-        "set_alpha_to_one": True,
+        "set_alpha_to_one": bool(s.set_alpha_to_one),
         "rescale_betas_zero_snr": bool(d.zero_terminal_snr),
         "thresholding": False,
     }
@@ -278,6 +285,33 @@ def _model_index(scheduler_class: str) -> Dict[str, Any]:
     }
 
 
+def _write_open_clip_components(
+    system: Any, out: Path, sched: Dict[str, Any], scheduler_class: str
+) -> tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """A from-scratch model's text side: ``open_clip/`` always, and when it is pipeline-ready
+    ``text_encoder/`` + ``tokenizer/``; returns (why it is no pipeline or None, model_index or None)."""
+    blocker = _pipeline_blocker(system, sched)
+    if blocker is None:
+        try:
+            _write_pipeline_text(system, out)
+        except CheckpointError as err:  # a tower transformers' CLIP cannot hold
+            blocker = str(err).rstrip(".")
+    text_dir = out / OPEN_CLIP_DIR
+    text_dir.mkdir()
+    write_text_atomic(text_dir / "open_clip_config.json", json.dumps(_clip_export_config(system), indent=2))
+    with AtomicFile(text_dir / "open_clip_model.safetensors") as f:
+        save_file(_plain_state(system.clip.model), f.name)
+    return blocker, (_model_index(scheduler_class) if blocker is None else None)
+
+
+def _write_pipeline_components(system: Any, out: Path, family: str, scheduler_class: str) -> Dict[str, Any]:
+    """A model fine-tuned from ``model.pretrained``: the source family's text encoder(s) and
+    tokenizer(s); returns its ``model_index.json`` (see :mod:`mmdiff.inference.pipeline_export`)."""
+    classes = write_pipeline_text_encoders(system, out, family)
+    force_zeros = bool(system.hparams["pipeline"].get("force_zeros_for_empty_prompt", False))
+    return family_model_index(family, scheduler_class, classes, force_zeros)
+
+
 def export_folder(
     system: Any,
     out: str | Path,
@@ -295,6 +329,7 @@ def export_folder(
         raise UsageError(f"export folder '{out}' is not empty; pass a new or empty folder.")
     edm = _edm_as_v_prediction(system.cfg)
     sched = scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)
+    family = pipeline_family(system)
     out.mkdir(parents=True, exist_ok=True)
     system = merged_copy(system).to("cpu").float()
     _save_unet(system.unet, out / "unet", negate_output=edm)
@@ -303,17 +338,10 @@ def export_folder(
     # DDPMScheduler is the diffusers class with a learned_range variance (as DeepFloyd IF ships it).
     scheduler_cls = DDPMScheduler if "variance_type" in sched else DDIMScheduler
     scheduler_cls.from_config(sched).save_pretrained(out / "scheduler")
-    blocker = _pipeline_blocker(system, sched)
-    if blocker is None:
-        try:
-            _write_pipeline_text(system, out)
-        except CheckpointError as err:  # a tower transformers' CLIP cannot hold
-            blocker = str(err).rstrip(".")
-    text_dir = out / OPEN_CLIP_DIR
-    text_dir.mkdir()
-    write_text_atomic(text_dir / "open_clip_config.json", json.dumps(_clip_export_config(system), indent=2))
-    with AtomicFile(text_dir / "open_clip_model.safetensors") as f:
-        save_file(_plain_state(system.clip.model), f.name)
+    if family is not None:
+        blocker, model_index = None, _write_pipeline_components(system, out, family, scheduler_cls.__name__)
+    else:
+        blocker, model_index = _write_open_clip_components(system, out, sched, scheduler_cls.__name__)
     tokens = getattr(system, "image_tokens", None)
     if tokens is not None:
         tokens_dir = out / "image_tokens"
@@ -324,10 +352,11 @@ def export_folder(
     info = export_info(system, ckpt, use_ema)
     info["metrics"] = metrics or {}
     info["pipeline"] = blocker is None
+    info["pipeline_family"] = family
     write_text_atomic(out / "mmdiff.json", json.dumps(info, indent=2, default=str))
     write_text_atomic(out / "README.md", model_card(info, sched))
-    if blocker is None:  # last: its presence says the folder is a complete pipeline
-        write_text_atomic(out / "model_index.json", json.dumps(_model_index(scheduler_cls.__name__), indent=2))
+    if model_index is not None:  # last: its presence says the folder is a complete pipeline
+        write_text_atomic(out / "model_index.json", json.dumps(model_index, indent=2))
     else:
         log.info("no model_index.json (not a StableDiffusionPipeline): %s", blocker)
     if sched["timestep_spacing"] == "linspace":
@@ -354,6 +383,9 @@ def export_single_file(
         raise UsageError(f"--format safetensors writes a .safetensors file; '{out}' has another suffix.")
     if out.exists():
         raise UsageError(f"'{out}' exists; pass a new file name.")
+    if pipeline_family(system) is not None:
+        raise UsageError("a model fine-tuned from model.pretrained exports as a diffusers pipeline folder "
+                         "(--format diffusers); its text encoders have no open_clip single-file form.")
     out.parent.mkdir(parents=True, exist_ok=True)
     system = merged_copy(system).to("cpu").float()
     state = {k: v for k, v in _plain_state(system).items()

@@ -33,6 +33,51 @@ open_clip does. The whole open_clip model (with the image tower and the text pro
 `open_clip/` (`open_clip.create_model("local-dir:{dir}/open_clip")`).'''
 
 
+_FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+
+_FAMILY_USAGE = '''```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{dir}")  # {pipeline_class}, DDIM scheduler
+images = pipe(["a prompt"], height={size}, width={size}, guidance_scale={guidance},
+              num_inference_steps={steps}).images
+```
+Fine-tuned from a {family_name} pipeline (`model.pretrained`); the folder has that pipeline's own
+layout: {text_folders}, converted back from the open_clip towers mmdiff trained with.'''
+
+
+def _family_usage(info: Dict[str, Any], scheduler: Dict[str, Any], size: Any) -> str:
+    """Usage for a model fine-tuned from a pipeline folder: the same pipeline class as its source."""
+    family = info["pipeline_family"]
+    xl = family == "sdxl"
+    offset = ""
+    if not xl and int(scheduler.get("steps_offset", 1)) != 1:  # StableDiffusionPipeline rewrites it to 1
+        offset = ("\n\nThis model samples with steps_offset="
+                  f"{scheduler['steps_offset']}, which StableDiffusionPipeline rewrites to 1; set the exported "
+                  'scheduler back: `pipe.scheduler = DDIMScheduler.from_pretrained("THIS_FOLDER", '
+                  'subfolder="scheduler")`.')
+    return _FAMILY_USAGE.format(
+        dir="THIS_FOLDER", size=size, guidance=info["guidance_scale"], steps=info["steps"],
+        pipeline_class="StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        family_name=_FAMILY_NAMES.get(family, family),
+        text_folders="`text_encoder/` + `text_encoder_2/` (hidden_states[-2]) and `tokenizer/` + `tokenizer_2/`"
+        if xl else "`text_encoder/` (last_hidden_state) and `tokenizer/`",
+    ) + offset
+
+
+def _text_line(info: Dict[str, Any], cfg: Dict[str, Any], layer: str) -> str:
+    """The card's text-encoder line: the source pipeline's encoders, or the open_clip model."""
+    family = info.get("pipeline_family")
+    if family:
+        trained = not cfg.get("model", {}).get("clip", {}).get("freeze", True)
+        return (f"- text encoder(s): the {_FAMILY_NAMES.get(family, family)} pipeline's, "
+                + ("fine-tuned with the U-Net" if trained else "frozen (as in the source pipeline)"))
+    return (f"- text encoder: open_clip `{cfg['model']['clip']['name']}`, token states of the "
+            f"`{layer}` layer" + ("; the pooled text embedding is added to the time embedding"
+                                  " (diffusers `class_embed_type: projection`, pass it as `class_labels`)"
+                                  if info["pooled_text"] else ""))
+
+
 def _offset_line(scheduler: Dict[str, Any], folder: str) -> str:
     """StableDiffusionPipeline rewrites ``steps_offset`` to 1; other offsets need the scheduler set back."""
     if int(scheduler.get("steps_offset", 1)) == 1:
@@ -82,10 +127,7 @@ def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
         + (f" (checkpoint `{info['source_checkpoint']}`)" if info.get("source_checkpoint") else ""),
         f"- latents: {info['latent_shape']} per image, scaled by {info['latent_scale']:.6g}"
         " (stored as the VAE's `scaling_factor`)",
-        f"- text encoder: open_clip `{cfg['model']['clip']['name']}`, token states of the "
-        f"`{layer}` layer" + ("; the pooled text embedding is added to the time embedding"
-                              " (diffusers `class_embed_type: projection`, pass it as `class_labels`)"
-                              if info["pooled_text"] else ""),
+        _text_line(info, cfg, layer),
         f"- scheduler: {scheduler['beta_schedule'] if scheduler.get('trained_betas') is None else 'trained_betas'}"
         f" β, {scheduler['num_train_timesteps']} steps, prediction `{scheduler['prediction_type']}`,"
         f" spacing `{scheduler['timestep_spacing']}` (offset {scheduler['steps_offset']})",
@@ -101,6 +143,7 @@ def model_card(info: Dict[str, Any], scheduler: Dict[str, Any]) -> str:
         *(metric_lines or ["- none recorded (pass `--metrics FILE.json` to `mmdiff export`)"]),
         "",
         "## Use with diffusers",
+        _family_usage(info, scheduler, data.get("image_size")) if info.get("pipeline_family") else
         _PIPELINE_USAGE.format(dir="THIS_FOLDER", size=data.get("image_size"), guidance=info["guidance_scale"],
                                steps=info["steps"], offset=_offset_line(scheduler, "THIS_FOLDER"))
         if info.get("pipeline") else _USAGE.format(dir="THIS_FOLDER", layer=layer, pooled=pooled),

@@ -106,6 +106,20 @@ def test_scheduler_config_reproduces_training_schedule(overrides) -> None:
     assert config["clip_sample"] is False and config["set_alpha_to_one"] is True
 
 
+def test_scheduler_config_keeps_the_sampling_keys() -> None:
+    """steps_offset and set_alpha_to_one are the config's (Stable Diffusion's: 1 and false), which
+    mmdiff's DDIM follows too; a hard-coded value would move the exported DDIM's last step."""
+    from mmdiff.config import load_config
+    from mmdiff.diffusion import GaussianDiffusion
+    from interopkit import REPO
+
+    cfg = load_config(REPO / "configs/demo/text_to_image.yaml",
+                      ["sampling.set_alpha_to_one=false", "sampling.steps_offset=1"])
+    config = scheduler_config(cfg, GaussianDiffusion.from_config(cfg.diffusion).schedule.alphas_cumprod)
+    assert config["set_alpha_to_one"] is False and config["steps_offset"] == 1
+    assert DDIMScheduler.from_config(config).final_alpha_cumprod < 1
+
+
 def test_exported_text_encoder_loads_as_local_dir_clip(tiny_ckpt: Path, exported: Path) -> None:
     from mmdiff.models.clip import ClipEncoder
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorakit import base_system, lora_system, write_base_checkpoint  # noqa: E402
 
 from mmdiff.errors import UsageError  # noqa: E402
-from mmdiff.inference.export import export_folder, export_single_file  # noqa: E402
+from mmdiff.inference.export import OPEN_CLIP_DIR, export_folder, export_single_file  # noqa: E402
 from mmdiff.inference.lora_export import WEIGHT_NAME, export_lora  # noqa: E402
 
 TOL = 1e-5
@@ -116,7 +116,7 @@ def test_merged_export_equals_the_adapted_model(base, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "folder" / "mmdiff.json").read_text())["lora_merged"] is True
     import open_clip
 
-    text = open_clip.create_model("local-dir:" + str(tmp_path / "folder" / "text_encoder"))
+    text = open_clip.create_model("local-dir:" + str(tmp_path / "folder" / OPEN_CLIP_DIR))
     assert not any("lora" in k for k in text.state_dict())
     from safetensors.torch import load_file
 

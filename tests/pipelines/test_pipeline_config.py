@@ -118,6 +118,9 @@ def test_missing_model_index_and_folder(tmp_path: Path, pipeline_folders: Dict[s
     (folder / "model_index.json").unlink()
     assert str(folder / "model_index.json") in _one_line_error(tmp_path, folder, "has no model_index.json")
     _one_line_error(tmp_path, tmp_path / "nowhere", "is not a folder")
+    single = tmp_path / "sd15.safetensors"
+    single.write_bytes(b"")
+    _one_line_error(tmp_path, single, "is a single-file checkpoint; convert it .*from_single_file")
 
 
 def test_schedule_mmdiff_cannot_express(tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:

@@ -127,3 +127,13 @@ def pipeline_config(tmp_path: Path, folder: Path, shards: Path | None = None, ru
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def fine_tune(tmp_path: Path, folder: Path, shards: Path, run: str = "run", **sections: Dict[str, Any]) -> Path:
+    """Fit :func:`pipeline_config`'s few steps with ``mmdiff fit``; returns the run's last.ckpt."""
+    from mmdiff.cli import main
+
+    config = pipeline_config(tmp_path, folder, shards, run=run, **sections)
+    if main(["fit", str(config)]) != 0:
+        raise RuntimeError(f"mmdiff fit {config} failed")
+    return tmp_path / run / "checkpoints" / "last.ckpt"
