@@ -201,3 +201,17 @@ def test_every_trainable_parameter_gets_a_gradient(family: str, tmp_path: Path, 
     model._loss(batch)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_folder_samples_as_mmdiff(family: str, runs, tmp_path: Path) -> None:
+    """``mmdiff export CKPT --out DIR`` of a LoRA fine-tune: the source family's pipeline with the
+    adapters (U-Net and every text tower) folded in, sampling what mmdiff samples."""
+    run = runs(family)
+    out = tmp_path / "merged"
+    assert main(["export", str(run.ckpt), "--out", str(out)]) == 0
+    assert json.loads((out / "mmdiff.json").read_text())["lora_merged"] is True
+    latents, images = _ours(mmdiff.load(run.ckpt, device="cpu"))
+    want_latents, want_images = _theirs(_pipeline(out))
+    assert float((latents - want_latents).abs().max()) < 1e-4
+    assert float((images - want_images).abs().max()) < 1e-4
