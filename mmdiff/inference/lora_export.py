@@ -5,8 +5,12 @@ LoRA training scripts save (``StableDiffusionLoraLoaderMixin.save_lora_weights``
 ``pipeline.load_lora_weights(OUT)`` reads: U-Net adapters under ``unet.`` with diffusers' module
 names, text-encoder adapters under ``text_encoder.`` with transformers ``CLIPTextModel`` names
 (open_clip ``transformer.resblocks.N.attn.out_proj`` → ``text_model.encoder.layers.N.self_attn.out_proj``,
-``mlp.c_fc`` → ``mlp.fc1``, ``mlp.c_proj`` → ``mlp.fc2``). Rank, alpha and targets travel in the
-file's adapter metadata, so an alpha other than the rank loads with its scale.
+``mlp.c_fc`` → ``mlp.fc1``, ``mlp.c_proj`` → ``mlp.fc2``). A model imported from a pipeline
+(:class:`~mmdiff.models.pipeline_text.PipelineTextEncoder`) writes each tower under its pipeline
+component's name: ``towers.0`` → ``text_encoder.``, ``towers.1`` → ``text_encoder_2.`` (SDXL, as
+``StableDiffusionXLLoraLoaderMixin.save_lora_weights`` writes it). Rank, alpha and targets travel
+in the file's adapter metadata (one entry per component), so an alpha other than the rank loads
+with its scale.
 
 :func:`merged_copy` is what the normal export writes for a LoRA system: a copy with every adapter
 folded into its base weight (at scale 1), saved like any other model.
@@ -17,10 +21,10 @@ import copy
 import logging
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
-from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
@@ -38,6 +42,8 @@ _TEXT_NAMES = (
     (re.compile(r"^resblocks\.(\d+)\.mlp\.c_proj\."), r"text_model.encoder.layers.\1.mlp.fc2."),
 )
 _TEXT_TARGETS = {"out_proj": "out_proj", "c_fc": "fc1", "c_proj": "fc2"}
+# A pipeline's text encoders in order, by the component names load_lora_weights reads them under.
+_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def _text_key(key: str) -> str:
@@ -60,15 +66,29 @@ def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def text_towers(system: Any) -> List[Tuple[str, Any]]:
+    """``(component, open_clip TextTransformer)`` of each text tower, in the pipeline's order:
+    a :class:`~mmdiff.models.pipeline_text.PipelineTextEncoder`'s ``towers`` (``text_encoder``,
+    ``text_encoder_2``) or a :class:`~mmdiff.models.clip.ClipEncoder`'s one tower (``text_encoder``)."""
+    clip = system.clip
+    towers = list(clip.towers) if hasattr(clip, "towers") else [clip._text]
+    if len(towers) > len(_TEXT_COMPONENTS):
+        raise UsageError(f"this model has {len(towers)} text encoders; diffusers' LoRA files hold at most "
+                         f"{len(_TEXT_COMPONENTS)}.")
+    return list(zip(_TEXT_COMPONENTS, towers))
+
+
 def lora_layers_for_diffusers(system: Any) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{"unet": {...}, "text_encoder": {...}}``: the adapters in diffusers' naming, without prefixes
-    (the text encoder's only when it has adapters)."""
+    """``{"unet": {...}, "text_encoder": {...}, "text_encoder_2": {...}}``: the adapters in
+    diffusers' naming, without prefixes (a text encoder's only when it has adapters)."""
     unet = convert_state_dict_to_diffusers(get_peft_model_state_dict(system.unet, adapter_name=ADAPTER))
     layers = {"unet": _plain(unet)}
-    blocks = system.clip._text.transformer
-    if has_lora(blocks):
-        peft_state = get_peft_model_state_dict(blocks, adapter_name=ADAPTER)
-        layers["text_encoder"] = _plain(convert_state_dict_to_diffusers({_text_key(k): v for k, v in peft_state.items()}))
+    for component, tower in text_towers(system):
+        blocks = tower.transformer  # add_text_lora injects into the blocks only
+        if has_lora(blocks):
+            peft_state = get_peft_model_state_dict(blocks, adapter_name=ADAPTER)
+            layers[component] = _plain(convert_state_dict_to_diffusers(
+                {_text_key(k): v for k, v in peft_state.items()}))
     return layers
 
 
@@ -83,16 +103,20 @@ def export_lora(system: Any, out: str | Path) -> Path:
         raise UsageError(f"LoRA export folder '{out}' exists and is not empty; pass a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
     layers = lora_layers_for_diffusers(system.to("cpu").float())
-    text = layers.get("text_encoder")
-    text_targets = [_TEXT_TARGETS.get(t, t) for t in lora.text_encoder_targets]
+    text_meta = _metadata(lora, [_TEXT_TARGETS.get(t, t) for t in lora.text_encoder_targets])
+    kwargs: Dict[str, Any] = dict(unet_lora_layers=layers["unet"],
+                                  unet_lora_adapter_metadata=_metadata(lora, list(lora.unet_targets)))
+    for component in _TEXT_COMPONENTS:
+        if component in layers:
+            kwargs[f"{component}_lora_layers"] = layers[component]
+            kwargs[f"{component}_lora_adapter_metadata"] = text_meta
+    # SDXL's mixin is the one that writes text_encoder_2; both write the same file format.
+    saver = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in layers else StableDiffusionLoraLoaderMixin
     with AtomicFile(out / WEIGHT_NAME) as f:  # diffusers writes the file; ours lands only when complete
         tmp = Path(f.name)
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp.parent, unet_lora_layers=layers["unet"], text_encoder_lora_layers=text, weight_name=tmp.name,
-            safe_serialization=True, unet_lora_adapter_metadata=_metadata(lora, list(lora.unet_targets)),
-            text_encoder_lora_adapter_metadata=_metadata(lora, text_targets) if text else None)
-    log.info("wrote %d U-Net%s adapter tensors to %s", len(layers["unet"]),
-             f" and {len(text)} text-encoder" if text else "", out / WEIGHT_NAME)
+        saver.save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **kwargs)
+    log.info("wrote %s adapter tensors to %s",
+             ", ".join(f"{len(v)} {k}" for k, v in layers.items()), out / WEIGHT_NAME)
     return out / WEIGHT_NAME
 
 
@@ -102,11 +126,11 @@ def merged_copy(system: Any) -> Any:
         return system
     merged = copy.deepcopy(system)
     merged.unet = merge_lora(merged.unet)
-    text = merged.clip._text
-    if has_lora(text.transformer):
-        text.transformer = merge_lora(text.transformer)
+    for _, tower in text_towers(merged):
+        if has_lora(tower.transformer):
+            tower.transformer = merge_lora(tower.transformer)
     merged.lora = None
     return merged
 
 
-__all__ = ["WEIGHT_NAME", "export_lora", "lora_layers_for_diffusers", "merged_copy"]
+__all__ = ["WEIGHT_NAME", "export_lora", "lora_layers_for_diffusers", "merged_copy", "text_towers"]
