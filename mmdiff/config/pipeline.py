@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmdiff.config.schema import schema
 from mmdiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -338,14 +339,24 @@ def pipeline_values(info: PipelineInfo) -> Dict[str, Any]:
     return values
 
 
+def _same(value: Any, reference: Any) -> bool:
+    """Equal as plain containers (sections and lists compare by content)."""
+    plain = [OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for v in (value, reference)]
+    return plain[0] == plain[1]
+
+
 def apply_pipeline(cfg: DictConfig, info: PipelineInfo, is_set: Callable[[str], bool]) -> DictConfig:
     """Merge the pipeline's values into ``cfg`` under the keys the user set (``is_set(dotted)``).
 
     Raises :class:`ConfigError` for a user key that contradicts the folder (see
     :data:`CONTRADICTING_KEYS`), a learned variance, or image-embedding conditioning.
     """
+    values = pipeline_values(info)
+    defaults = schema()
     for key in CONTRADICTING_KEYS:
-        if is_set(key):
+        # A run's saved config.yaml repeats every key: the schema's defaults and what the folder
+        # filled in are no contradiction, so `mmdiff fit RUN_DIR/config.yaml` loads again.
+        if is_set(key) and not _same(OmegaConf.select(cfg, key), values.get(key, OmegaConf.select(defaults, key))):
             raise ConfigError(f"{key} cannot be set together with model.pretrained (the pipeline folder "
                               f"'{info.folder}' holds the networks); remove one of them.")
     if OmegaConf.select(cfg, "diffusion.variance_type") == "learned_range":
@@ -354,7 +365,7 @@ def apply_pipeline(cfg: DictConfig, info: PipelineInfo, is_set: Callable[[str], 
     if OmegaConf.select(cfg, "model.image_embed_conditioning") not in (None, "none"):
         raise ConfigError("model.image_embed_conditioning builds new U-Net inputs; it cannot be combined with "
                           "model.pretrained.")
-    for key, value in pipeline_values(info).items():
+    for key, value in values.items():
         if is_set(key):
             if OmegaConf.select(cfg, key) != value:
                 log.info("%s: keeping your %r (the pipeline has %r)", key, OmegaConf.select(cfg, key), value)

@@ -10,7 +10,7 @@ from typing import Dict
 import pytest
 
 from mmdiff.cli import main
-from mmdiff.config import load_config
+from mmdiff.config import load_config, save_config
 from mmdiff.config.pipeline import read_pipeline_info
 from mmdiff.errors import ConfigError
 
@@ -71,6 +71,17 @@ def test_contradicting_keys_are_refused(key: str, value: str, tmp_path: Path, pi
     with pytest.raises(ConfigError, match=rf"^{key} cannot be set together with model.pretrained") as err:
         load_config(pipeline_config(tmp_path, pipeline_folders["sd1"]), [f"{key}={value}"])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_saved_run_config_loads_again(family: str, tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
+    """RUN_DIR/config.yaml repeats every key (defaults, the folder's values): no contradiction."""
+    cfg = load_config(pipeline_config(tmp_path, pipeline_folders[family]), ["diffusion.prediction_type=v_prediction"])
+    saved = save_config(cfg, tmp_path / "run")
+    again = load_config(saved)
+    assert again == cfg and again.diffusion.prediction_type == "v_prediction"
+    with pytest.raises(ConfigError, match=r"^model.unet.block_out_channels cannot be set"):
+        load_config(saved, ["model.unet.block_out_channels=[64,128]"])
 
 
 def test_learned_variance_is_refused(tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
