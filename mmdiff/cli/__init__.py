@@ -11,8 +11,8 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from mmdiff.cli.arguments import (OneLineParser, add_sampling_options, add_size_options, finite_float,
-                                  non_negative_float, non_negative_int, output_folder, positive_float,
+from mmdiff.cli.arguments import (OneLineParser, add_overrides, add_sampling_options, add_size_options,
+                                  finite_float, non_negative_float, non_negative_int, output_folder, positive_float,
                                   positive_int, unit_fraction)
 from mmdiff.cli.commands import (cmd_bench, cmd_caption, cmd_config, cmd_eval_digits, cmd_eval_images,
                                  cmd_eval_roundtrip, cmd_export, cmd_fit, cmd_interpolate, cmd_precompute,
@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config (checks every key and type)")
     p.add_argument("config", help="experiment YAML file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+    add_overrides(p, "trainer.max_steps=100")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("fit", help="train the system a config describes")
     p.add_argument("config", help="experiment YAML file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=16")
+    add_overrides(p, "data.batch_size=16")
     p.add_argument("--resume", metavar="CKPT", help="'last' (this run's last checkpoint) or a .ckpt path")
     p.set_defaults(func=cmd_fit)
 
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("precompute", help="encode a text-to-image config's shards once into latent/text-state shards")
     p.add_argument("config", help="experiment YAML file (the image-shard config)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.precompute_dtype=fp32")
+    add_overrides(p, "model.precompute_dtype=fp32")
     p.add_argument("--out", type=output_folder, required=True, help="output folder for the precomputed shards")
     p.add_argument("--split", action="append", choices=["train", "val"], help="only this split (repeatable)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="encoder batch (default data.val_batch_size)")
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure training, loader, FLOPs, memory and sampling speed of a config")
     p.add_argument("config", help="text_to_image experiment YAML file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.precision=bf16-mixed")
+    add_overrides(p, "trainer.precision=bf16-mixed")
     p.add_argument("--steps", type=positive_int, default=20, help="timed training steps per run (default 20)")
     p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--rounds", type=positive_int, default=2, help="interleaved repetitions (default 2)")

@@ -1,13 +1,15 @@
 """argparse value types and flags the ``mmdiff`` commands share: ranged numbers, output folders,
-one-line parser errors, and one flag per sampling option (from :class:`SamplingOptions`)."""
+one-line parser errors, config overrides in three spellings, and one flag per sampling option (from
+:class:`SamplingOptions`)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, NoReturn
+from typing import Any, Callable, Collection, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from mmdiff.diffusion.options import SamplingOptions, option_fields, option_names, option_problem
 from mmdiff.errors import UsageError
@@ -80,12 +82,94 @@ def output_folder(text: str) -> str:
     return text
 
 
+# ------------------------------------------------------------------------- config overrides
+OVERRIDES_DEST = "overrides"
+OVERRIDES_HELP = ("config overrides, each as key=value, --key=value or --key value (the form `wandb agent` "
+                  "passes), anywhere among the flags; a flag of this command wins over a config key of the "
+                  "same spelling")
+
+
+def add_overrides(p: argparse.ArgumentParser, example: str) -> None:
+    """The trailing ``key=value`` overrides of a config-taking command; its parser then also reads
+    ``--key=value`` and ``--key value`` (see :func:`overrides_from_flags`)."""
+    p.add_argument(OVERRIDES_DEST, nargs="*", metavar="KEY=VALUE", help=f"{OVERRIDES_HELP}; e.g. {example}")
+
+
+def _is_option(text: str) -> bool:
+    """``text`` is spelled as an option (``--x``, ``-x``), not a value; ``-1`` and ``-1e-05`` are values."""
+    if text.startswith("--"):
+        return True
+    if not text.startswith("-") or len(text) == 1:
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
+
+
+def overrides_from_flags(arg_strings: Sequence[str], flags: Collection[str], prog: str) -> List[str]:
+    """``--a.b=c`` and ``--a.b c`` as ``a.b=c``; the command's own ``flags`` and everything else as given.
+
+    Any ``--name`` that is not exactly one of ``flags`` is read as a config key, so a misspelt key
+    meets the config's did-you-mean error, and a flag always wins over a key of its spelling (which
+    also turns off argparse's flag abbreviations for these commands: ``--res`` would be ambiguous).
+    Values are kept as text: the config loader types them as it types ``a.b=c``.
+    """
+    out: List[str] = []
+    i = 0
+    while i < len(arg_strings):
+        token = arg_strings[i]
+        i += 1
+        if token == "--":  # the user's end of options: the rest is positional, untouched
+            out.extend(arg_strings[i - 1:])
+            break
+        if not token.startswith("--") or len(token) == 2:
+            out.append(token)
+            continue
+        name, equals, value = token[2:].partition("=")
+        if f"--{name}" in flags:
+            out.append(token)
+            continue
+        if not equals:
+            if i >= len(arg_strings) or _is_option(arg_strings[i]):
+                raise UsageError(f"{prog}: --{name} needs a value (--{name}=VALUE or --{name} VALUE), or is not "
+                                 f"a flag of this command (see {prog} --help).")
+            value = arg_strings[i]
+            i += 1
+        out.append(f"{name}={value}")
+    return out
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one-line UsageErrors, like every other mmdiff error
-    (argparse's own prints the whole usage block and exits from inside parse_args)."""
+    (argparse's own prints the whole usage block and exits from inside parse_args).
+
+    A parser with config overrides (:func:`add_overrides`) also reads them as ``--key=value`` and
+    ``--key value`` and lets them stand anywhere among its flags (``fit C a=1 --resume last b=2``).
+    """
+
+    _parsing_intermixed = False
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help).")
+
+    def _takes_overrides(self) -> bool:
+        return any(action.dest == OVERRIDES_DEST for action in self._get_positional_actions())
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,
+                         namespace: Optional[argparse.Namespace] = None) -> Tuple[argparse.Namespace, List[str]]:
+        if self._parsing_intermixed or not self._takes_overrides():
+            return super().parse_known_args(args, namespace)
+        rewritten = overrides_from_flags(list(sys.argv[1:] if args is None else args),
+                                         self._option_string_actions, self.prog)
+        # Intermixed: plain argparse stops filling a nargs="*" positional at the first flag, and a
+        # sweep agent puts its overrides after the command's flags.
+        self._parsing_intermixed = True
+        try:
+            return super().parse_known_intermixed_args(rewritten, namespace)
+        finally:
+            self._parsing_intermixed = False
 
 
 # ----------------------------------------------------------------------------- sampler flags
