@@ -74,6 +74,7 @@ def test_wandb_agent_arguments_reach_the_config(macro: str, capsys) -> None:
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["optim"]["lr"] == 0.00031415926 and cfg["model"]["caption_dropout"] == 0.2
     assert cfg["logger"]["mode"] == "online" and cfg["trainer"]["max_steps"] == 500
+    assert cfg["run_dir"] == "runs/sweeps/t2i_lr"
 
 
 def test_wandb_formatting_of_small_floats_lists_and_booleans(capsys) -> None:
