@@ -11,8 +11,9 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from mmdiff.cli.arguments import (OneLineParser, add_sampling_options, add_size_options, non_negative_float,
-                                  non_negative_int, output_folder, positive_float, positive_int, unit_fraction)
+from mmdiff.cli.arguments import (OneLineParser, add_sampling_options, add_size_options, finite_float,
+                                  non_negative_float, non_negative_int, output_folder, positive_float, positive_int,
+                                  unit_fraction)
 from mmdiff.cli.commands import (cmd_bench, cmd_caption, cmd_config, cmd_eval_digits, cmd_eval_images,
                                  cmd_eval_roundtrip, cmd_export, cmd_fit, cmd_interpolate, cmd_precompute,
                                  cmd_sample, cmd_shards_demo, cmd_shards_folder, cmd_vary)
@@ -28,6 +29,7 @@ EPILOG = """examples:
   mmdiff sample CKPT --prompt "a handwritten digit one" --init-image seven.png --strength 0.6 [--mask m.png]
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
   mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out export/t2i   # diffusers folder
+  mmdiff export LORA_CKPT --lora export/lora            # adapters for pipeline.load_lora_weights
 """
 
 
@@ -75,7 +77,12 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
 
     p = sub.add_parser("export", help="write a text-to-image checkpoint as a diffusers/open_clip folder")
     p.add_argument("ckpt", help="text_to_image checkpoint (.ckpt)")
-    p.add_argument("--out", required=True, help="output folder (or .safetensors file with --format safetensors)")
+    p.add_argument("--out", default=None,
+                   help="output folder (or .safetensors file with --format safetensors); a LoRA model's adapters "
+                        "are merged into the weights")
+    p.add_argument("--lora", metavar="OUT", default=None,
+                   help="write a LoRA model's adapters to OUT/pytorch_lora_weights.safetensors "
+                        "(diffusers' load_lora_weights reads it)")
     p.add_argument("--format", choices=["diffusers", "safetensors"], default="diffusers",
                    help="diffusers folder (default) or one .safetensors file")
     p.add_argument("--metrics", action="append", metavar="JSON", help="metrics JSON for the model card (repeatable)")
@@ -119,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="img2img: start from this image, noised to --strength (resized and centre-cropped)")
     p.add_argument("--mask", metavar="MASK", default=None,
                    help="inpainting, with --init-image: an image of its size, white = regenerate, black = keep")
+    p.add_argument("--lora-scale", type=finite_float, default=None, metavar="S",
+                   help="multiply a LoRA model's adapters by S (0 = the base model; default 1)")
     add_sampling_options(p)
     add_size_options(p)
     p.set_defaults(func=cmd_sample)

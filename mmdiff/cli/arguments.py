@@ -59,6 +59,8 @@ non_negative_float = _ranged("non_negative_float", _finite_number, lambda v: v >
                              "argparse type for scales and temperatures (guidance, eta): a number >= 0.")
 positive_float = _ranged("positive_float", _finite_number, lambda v: v > 0, "more than zero",
                          "argparse type for rates and capacities (peak TFLOP/s): a number > 0.")
+finite_float = _ranged("finite_float", _finite_number, lambda v: True, "finite",
+                      "argparse type for a scale that may be negative (the LoRA scale): any finite number.")
 unit_fraction = _ranged("unit_fraction", _finite_number, lambda v: 0 < v <= 1, "in (0, 1]",
                         "argparse type for shares (top-p mass, re-masked share): a number in (0, 1].")
 

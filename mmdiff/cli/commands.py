@@ -52,6 +52,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("--init-image is for one-stage sampling; leave out --prior.")
     if args.prior and size_options(args):
         raise UsageError("--original-size, --crop-top-left and --target-size are for SDXL checkpoints; leave out --prior.")
+    if args.prior and args.lora_scale is not None:
+        raise UsageError("--lora-scale is for one-stage sampling; leave out --prior.")
     if args.prior:
         return _sample_two_stage(args, prompts)
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
@@ -64,6 +66,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if image_options and not getattr(system, "micro_conditioning", False):
         raise UsageError(f"--{next(iter(image_options)).replace('_', '-')} is SDXL micro-conditioning; the U-Net "
                          f"of '{args.ckpt}' takes no size/crop ids (leave the size flags out).")
+    if args.lora_scale is not None:
+        if getattr(system, "lora", None) is None:
+            raise UsageError(f"--lora-scale needs a checkpoint trained with LoRA adapters; '{args.ckpt}' has none.")
+        image_options["lora_scale"] = args.lora_scale
     if init is not None:
         image_options["init_image"], image_options["mask"] = init_tensors(*init, int(system.cfg.data.image_size))
         strength = args.strength if args.strength is not None else float(system.cfg.sampling.strength)
@@ -268,14 +274,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.inference.api import load
     from mmdiff.inference.export import export_folder, export_single_file, read_metrics
+    from mmdiff.inference.lora_export import export_lora
 
-    if args.format == "diffusers":  # a folder; checked before the checkpoint is loaded
+    if args.out is None and args.lora is None:
+        raise UsageError("mmdiff export needs --out OUT (the model) or --lora OUT (a LoRA model's adapters).")
+    folders = ([("--out", args.out)] if args.out is not None and args.format == "diffusers" else []) \
+        + ([("--lora", args.lora)] if args.lora is not None else [])
+    for flag, folder in folders:  # checked before the checkpoint is loaded
         try:
-            output_folder(args.out)
+            output_folder(folder)
         except argparse.ArgumentTypeError as err:
-            raise UsageError(f"mmdiff export: argument --out: {err}.") from None
+            raise UsageError(f"mmdiff export: argument {flag}: {err}.") from None
     metrics = read_metrics(args.metrics or [])
     system = load(args.ckpt, expect="text_to_image", use_ema=not args.no_ema, device="cpu")
+    if args.lora is not None:
+        log.info("wrote %s", export_lora(system, args.lora))
+        if args.out is None:
+            return 0
     if args.format == "safetensors":
         out = export_single_file(system, args.out, ckpt=args.ckpt, use_ema=not args.no_ema)
     else:

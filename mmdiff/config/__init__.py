@@ -9,8 +9,10 @@ closest valid key. Choice fields hold plain strings (the enums below list their 
 * :mod:`.schema` — the root config and the order of the section checks;
 * shared sections: :mod:`.data`, :mod:`.trainer` (trainer, logger, optim), :mod:`.diffusion`
   (diffusion, sampling), :mod:`.models` (vae, clip, unet), :mod:`.eval`;
-* per-system options: :mod:`.systems` (caption, contrastive, prior, text_to_image-only keys).
+* per-system options: :mod:`.systems` (caption, contrastive, prior, text_to_image-only keys),
+  :mod:`.adapters` (``model.lora``).
 """
+from mmdiff.config.adapters import LoRAConfig, LoRAInit
 from mmdiff.config.data import Crop, DataConfig
 from mmdiff.config.diffusion import (
     BetaSchedule,
@@ -102,6 +104,8 @@ __all__ = [
     "CaptionConfig",
     "ContrastiveConfig",
     "PriorConfig",
+    "LoRAConfig",
+    "LoRAInit",
     "TextToImageOptions",
     "TrainerConfig",
     "LoggerConfig",

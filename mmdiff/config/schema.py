@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmdiff.config.adapters import LoRAConfig
 from mmdiff.config.data import DataConfig
 from mmdiff.config.diffusion import DiffusionConfig, SamplingConfig
 from mmdiff.config.eval import EvalConfig
@@ -32,6 +33,7 @@ class ModelConfig(TextToImageOptions):
     ema_decay: float = 0.9999
     use_ema: bool = True
     prior: PriorConfig = field(default_factory=PriorConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @staticmethod
     def check(m: DictConfig, cfg: DictConfig) -> None:
@@ -84,6 +86,7 @@ SECTION_CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("model.caption", CaptionConfig.check),
     ("model.contrastive", ContrastiveConfig.check),
     ("model.prior", PriorConfig.check),
+    ("model.lora", LoRAConfig.check),
 )
 
 #: The model sections each system builds, checked only when it is selected; a system not listed

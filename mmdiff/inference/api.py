@@ -7,7 +7,6 @@ from typing import Optional
 
 
 from mmdiff.callbacks.ema import load_ema_into
-from mmdiff.io.weights import load_strict
 from mmdiff.run.checkpoint_io import read_training_checkpoint
 from mmdiff.run.devices import resolve_device
 from mmdiff.errors import CheckpointError
@@ -41,7 +40,7 @@ def load(
         raise CheckpointError(f"'{path}' names an unknown system '{cfg.system}'; it was not written by mmdiff.")
     system_cls = get_system(cfg.system)
     system = system_cls.from_checkpoint_config(cfg, hparams)
-    load_strict(system, checkpoint["state_dict"], what=f"checkpoint '{path}'")
+    system.load_weights(checkpoint["state_dict"], what=f"checkpoint '{path}'")
     target = system.ema_target
     system.ema_loaded = bool(use_ema and target is not None and load_ema_into(target, checkpoint))
     if system.ema_loaded:

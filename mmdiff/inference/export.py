@@ -22,6 +22,9 @@
     OUT/mmdiff.json the resolved training config, step, EMA flag, how conditioning is fed
     OUT/README.md   the model card
 
+A LoRA-trained system is written with its adapters merged into the weights
+(:func:`mmdiff.inference.lora_export.merged_copy`); ``mmdiff export --lora`` writes the adapters alone.
+
 :func:`export_single_file` writes one ``.safetensors`` with the system's own key names
 (``unet.*``, ``vae.*``, ``clip.model.*``, ``image_tokens.*``, ``latent_scale``) and the configs
 as metadata; each of mmdiff's ``pretrained:`` loaders accepts it. It holds every model mmdiff
@@ -61,6 +64,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from mmdiff.config import to_container
 from mmdiff.errors import CheckpointError, UsageError
+from mmdiff.inference.lora_export import merged_copy
 from mmdiff.inference.model_card import model_card
 from mmdiff.io.atomic import AtomicFile, write_text_atomic
 from mmdiff.io.textfiles import read_user_text
@@ -183,6 +187,7 @@ def export_info(system: Any, ckpt: Optional[str], use_ema: bool) -> Dict[str, An
         "pooled_text": bool(cfg.model.unet.use_pooled_text),
         "image_embed_conditioning": cfg.model.image_embed_conditioning,
         "edm_preconditioning": bool(cfg.diffusion.edm_preconditioning),
+        "lora_merged": bool(cfg.model.get("lora") and cfg.model.lora.rank),
         "guidance_scale": float(cfg.sampling.guidance_scale),
         "sampler": str(cfg.sampling.sampler),
         "steps": int(cfg.sampling.steps),
@@ -291,7 +296,7 @@ def export_folder(
     edm = _edm_as_v_prediction(system.cfg)
     sched = scheduler_config(system.cfg, system.diffusion.schedule.alphas_cumprod)
     out.mkdir(parents=True, exist_ok=True)
-    system = system.to("cpu").float()
+    system = merged_copy(system).to("cpu").float()
     _save_unet(system.unet, out / "unet", negate_output=edm)
     system.vae.register_to_config(scaling_factor=float(system.latent_scale))
     system.vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -350,7 +355,7 @@ def export_single_file(
     if out.exists():
         raise UsageError(f"'{out}' exists; pass a new file name.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    system = system.to("cpu").float()
+    system = merged_copy(system).to("cpu").float()
     state = {k: v for k, v in _plain_state(system).items()
              if k.split(".")[0] in ("unet", "vae", "clip", "image_tokens") or k == "latent_scale"}
     info = export_info(system, ckpt, use_ema)

@@ -106,10 +106,20 @@ def shard_trainable(
         if _to_contiguous(child):
             log.info("FSDP2: %s's channels_last weights made contiguous (fully_shard refuses them); "
                      "its inputs stay channels_last", name)
-        for block in _blocks(child):
+        # fully_shard refuses 0-d parameters (open_clip's logit_scale, once a CLIP holds adapters);
+        # frozen ones need no gradient reduction, so they stay ordinary replicated tensors.
+        ignored = {p for p in child.parameters() if p.ndim == 0 and not p.requires_grad} or None
+        blocks = list(_blocks(child))
+        for block in blocks:
             if not _is_sharded(block):
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-        fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        # The child itself becomes a unit only when it trains parameters outside its blocks: a CLIP
+        # whose adapters all sit in its blocks is called through encode_text, not forward, so FSDP's
+        # forward hooks on it would never gather its (frozen) embeddings.
+        in_blocks = {id(p) for block in blocks for p in block.parameters()}
+        if not blocks or any(p.requires_grad and id(p) not in in_blocks for p in child.parameters()):
+            fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                        ignored_params=ignored)
         sharded.append(name)
     if sharded:
         log.info("FSDP2: sharded %s over a %s mesh", ", ".join(sharded), tuple(mesh.shape))

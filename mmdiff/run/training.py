@@ -35,7 +35,7 @@ from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
 from mmdiff.io.atomic import write_text_atomic
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
-from mmdiff.io.weights import describe_mismatch, unpickling_refusal
+from mmdiff.io.weights import unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.run.strategies import build_strategy
@@ -226,10 +226,10 @@ def read_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def check_resume_fits(system: L.LightningModule, checkpoint: Dict[str, Any], ckpt_path: str) -> None:
+def check_resume_fits(system: System, checkpoint: Dict[str, Any], ckpt_path: str) -> None:
     """Refuse, in one sentence, a resume checkpoint of another architecture (Lightning would find
     out only inside ``fit``, with torch's multi-line key report)."""
-    problem = describe_mismatch(system, checkpoint["state_dict"])
+    problem = system.weights_mismatch(checkpoint["state_dict"])
     if problem:
         raise CheckpointError(f"cannot resume from '{ckpt_path}': its weights do not fit this config's model "
                               f"({problem}); resume with the config it was trained with.")

@@ -13,19 +13,24 @@ machinery, the Python API and the callbacks rely on this class only:
 * :attr:`System.ema_target` — the module an EMA of the weights follows (None: no EMA);
 * :meth:`System.preview_images` — images for the preview callback (none by default);
 * :meth:`System.configure_optimizers` — AdamW + LR schedule over :meth:`System.optimizer_parameters`;
-* :meth:`System.log_losses` — how losses and metrics are logged.
+* :meth:`System.log_losses` — how losses and metrics are logged;
+* :meth:`System.optional_checkpoint_keys`, :meth:`System.weights_mismatch`, :meth:`System.load_weights` —
+  which weights a checkpoint may leave out (default none: every key must match) and the strict
+  check and load every reader of a checkpoint uses.
 
 :func:`valid_rows` and :func:`all_gather_objects` are the validation helpers every system shares.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Set
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
 from mmdiff.config import to_container
+from mmdiff.errors import CheckpointError
+from mmdiff.io.weights import describe_mismatch
 from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
 
 
@@ -78,6 +83,30 @@ class System(L.LightningModule):
         take it from the checkpoint here instead, so a resume never re-derives it from new shards.
         """
         return cls(cfg)
+
+    # ------------------------------------------------------------------------------ checkpoint weights
+    def optional_checkpoint_keys(self) -> Set[str]:
+        """State-dict keys a checkpoint of this system may leave out because building the system
+        from its config reads them again (frozen base weights under LoRA); none by default."""
+        return set()
+
+    def weights_mismatch(self, state_dict: Mapping[str, Any]) -> Optional[str]:
+        """How ``state_dict`` fails to fit this system (None: it fits); only
+        :meth:`optional_checkpoint_keys` may be missing."""
+        optional = self.optional_checkpoint_keys()
+        if optional:
+            own = self.state_dict()
+            state_dict = {**{k: own[k] for k in optional if k not in state_dict}, **state_dict}
+        return describe_mismatch(self, state_dict)
+
+    def load_weights(self, state_dict: Mapping[str, Any], what: str) -> None:
+        """Load a checkpoint's state dict strictly (see :meth:`weights_mismatch`); a mismatch is a
+        one-line :class:`CheckpointError` naming ``what``."""
+        problem = self.weights_mismatch(state_dict)
+        if problem:
+            raise CheckpointError(f"{what} weights do not fit the model: {problem}; check that the architecture "
+                                  "in the config matches the weights file.")
+        self.load_state_dict(dict(state_dict), strict=not self.optional_checkpoint_keys())
 
     @property
     def ema_target(self) -> Optional[torch.nn.Module]:

@@ -6,13 +6,15 @@ or with ``model.precomputed`` the arrays ``mmdiff precompute`` wrote (``latent``
 posterior mean or sample, optional ``latent_logvar``, ``context``, ``pooled``): the frozen
 encoders are then skipped, and caption dropout swaps in the stored empty-prompt states.
 With ``model.image_embed_conditioning`` it is also the unCLIP decoder, conditioned on the CLIP
-image embedding (:mod:`mmdiff.systems.image_embed`).
+image embedding (:mod:`mmdiff.systems.image_embed`). With ``model.lora.rank > 0`` only low-rank
+adapters train and are checkpointed (:mod:`mmdiff.systems.lora_training`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
 
 import torch
 from diffusers import AutoencoderKL
@@ -23,6 +25,7 @@ from mmdiff.data.precomputed import check_against, find_precompute_dir
 from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.config.pipeline import read_pipeline_info
 from mmdiff.models.clip import ClipEncoder
+from mmdiff.models.lora import set_lora_scale
 from mmdiff.models.pipelines import (
     PipelineParts,
     build_pipeline_components,
@@ -32,8 +35,8 @@ from mmdiff.models.pipelines import (
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite, moments, pool_moments
-from mmdiff.errors import DataError
-from mmdiff.systems import image_embed
+from mmdiff.errors import CheckpointError, DataError
+from mmdiff.systems import image_embed, lora_training
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
 from mmdiff.systems.speed import prepare_unet
@@ -95,6 +98,9 @@ class TextToImageSystem(System):
         # the unconditional branch is all zeros when the pipeline says force_zeros_for_empty_prompt.
         self.micro_conditioning = uses_time_ids(self.unet)
         self.zero_empty_prompt = bool(parts.meta["force_zeros_for_empty_prompt"]) if parts is not None else False
+        self.lora = lora_training.lora_section(cfg)
+        if self.lora is not None:  # after every base weight is in place
+            lora_training.add_adapters(self, self.lora)
         extra = {"pipeline": parts.meta} if parts is not None else {}
         self.save_config(vae_config=_plain(vae.config), **extra)
 
@@ -116,14 +122,52 @@ class TextToImageSystem(System):
     @classmethod
     def from_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "TextToImageSystem":
         """Build the architecture only; weights come from the checkpoint's state dict."""
+        if lora_training.lora_section(cfg) is not None:
+            return cls._from_lora_checkpoint_config(cfg, hparams)
         cfg.model.clip.pretrained = None
         cfg.model.unet.pretrained = None
         cfg.model.init_from = None
         return cls(cfg, vae_config=hparams["vae_config"], pipeline=hparams.get("pipeline"))
 
+    # ------------------------------------------------------------------------------ LoRA
+    @classmethod
+    def _from_lora_checkpoint_config(cls, cfg: DictConfig, hparams: Dict[str, Any]) -> "TextToImageSystem":
+        """A LoRA checkpoint holds the adapters only: the base weights are read again from where the
+        config says (model.pretrained, init_from, unet/clip/vae.pretrained)."""
+        vae_from_file = cfg.model.vae.pretrained is not None or cfg.model.get("pretrained") is not None
+        return cls(cfg, vae_config=None if vae_from_file else hparams["vae_config"])
+
+    def optional_checkpoint_keys(self) -> Set[str]:
+        """Under LoRA: the frozen base weights the config reads again (left out of checkpoints)."""
+        return lora_training.rebuilt_keys(self) if self.lora is not None else set()
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.lora is not None:
+            lora_training.filter_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.lora is not None:  # Lightning loads it unstrictly (the base is left out): check here
+            problem = self.weights_mismatch(checkpoint["state_dict"])
+            if problem:
+                raise CheckpointError(f"the checkpoint's weights do not fit this LoRA model: {problem}; "
+                                      "resume with the config it was trained with.")
+
+    @contextlib.contextmanager
+    def lora_scaled(self, scale: Optional[float]) -> Iterator[None]:
+        """Inside the block the adapters' output is multiplied by ``scale`` (None: unchanged; 0: the base model)."""
+        if scale is None:
+            yield
+            return
+        if self.lora is None:
+            raise ValueError("lora_scale needs a model trained with LoRA adapters (model.lora.rank > 0).")
+        with set_lora_scale(self, float(scale)):
+            yield
+
     # ------------------------------------------------------------------------------ plumbing
     @property
     def ema_target(self) -> torch.nn.Module:
+        if self.lora is not None and self.lora.text_encoder:  # the text tower's adapters train too
+            return torch.nn.ModuleList([self.unet, self.clip] + ([self.image_tokens] if self.image_tokens is not None else []))
         if self.image_tokens is not None:  # trained beside the U-Net (a view, not a registered module)
             return torch.nn.ModuleList([self.unet, self.image_tokens])
         return self.unet
@@ -376,8 +420,16 @@ class TextToImageSystem(System):
         self.log_losses("val", out, batch_size=len(keep))
 
     # ------------------------------------------------------------------------------ sampling
+    def sample(self, prompts: List[str], *, lora_scale: Optional[float] = None, **kwargs: Any) -> torch.Tensor:
+        """Prompts → images B×3×H×W in [-1, 1] (:meth:`_sample` says which ``kwargs``).
+
+        ``lora_scale`` multiplies the LoRA adapters' output (0: the base model's images exactly).
+        """
+        with self.lora_scaled(lora_scale):
+            return self._sample(prompts, **kwargs)
+
     @torch.no_grad()
-    def sample(
+    def _sample(
         self, prompts: List[str], *, seed: int = 0, progress: bool = False,
         image_embeds: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None, original_size: Optional[Any] = None,
