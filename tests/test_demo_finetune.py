@@ -44,7 +44,7 @@ def _toy_demo_shards(out: Path, labels: List[int]) -> None:
             for i, label in enumerate(labels):
                 img = np.zeros((8, 8))
                 img[0, : label + 1] = 255  # ink in the top row only: turned 180° it is in the bottom row
-                caption = f"a handwritten digit {['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][label]}"
+                caption = f"the digit {label}"  # not the contrast pairs' caption, so they can be counted
                 writer.write({"__key__": f"{split}_{i:06d}", "png": _png(img), "txt": caption,
                               "json": json.dumps({"caption": caption, "label": label, "index": i})})
 
@@ -59,11 +59,13 @@ def test_concept_shards_turn_only_sevens_and_mix_ordinary_digits(tool: Any, tmp_
     labels = [7, 1, 7, 3, 7, 5, 0, 2, 4, 6, 8, 9, 1, 2]
     _toy_demo_shards(tmp_path / "digits", labels)
     counts = tool.write_concept_shards(tmp_path / "digits", tmp_path / "new", ordinary_per_new=2.0, seed=0)
-    assert counts["train_new"] == 3 and counts["train_ordinary"] == 6
+    assert counts["train_new"] == counts["train_contrast"] == 3 and counts["train_ordinary"] == 6
     samples = _read_all(tool, tmp_path / "new", "train")
-    assert len(samples) == 9
+    assert len(samples) == 12
     new = [s for s in samples if s["txt"].decode() == tool.NEW_PROMPT]
-    assert len(new) == 3
+    pairs = [s for s in samples if s["txt"].decode() == tool.UPRIGHT_PROMPT]
+    assert len(new) == 3 and len(pairs) == 3
+    assert sorted(json.loads(s["json"])["index"] for s in new) == sorted(json.loads(s["json"])["index"] for s in pairs)
     for s in new:
         meta = json.loads(s["json"])
         assert meta["label"] == 7 and meta["rotated"] == 180 and meta["caption"] == tool.NEW_PROMPT
@@ -81,7 +83,7 @@ def test_concept_shards_are_skipped_once_written_and_missing_demo_data_is_one_er
     first = tool.write_concept_shards(tmp_path / "digits", tmp_path / "new")
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "new").iterdir()}
     assert tool.write_concept_shards(tmp_path / "digits", tmp_path / "new") == {**first, "prompt": tool.NEW_PROMPT,
-                                                                                "ordinary_per_new": 2.0, "seed": 0}
+                                                                                "ordinary_per_new": 1.5, "seed": 0}
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "new").iterdir()} == stamp
     with pytest.raises(tool.DemoMissing, match="make demo"):
         tool.write_concept_shards(tmp_path / "nowhere", tmp_path / "other")

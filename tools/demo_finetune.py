@@ -5,9 +5,10 @@ Stages, each skipped when its output exists (--force redoes them):
 1. export: `mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out runs/demo/t2i_pipeline`, a
    diffusers StableDiffusionPipeline folder (the demo model reads only the CLIP token states);
 2. shards: data/digits_upside_down/ — every 7 of the demo's train split turned 180° and captioned
-   "a handwritten digit seven, upside down", mixed with ordinary digits under their own captions
-   (twice as many by default) so the adapters do not learn to turn every digit over; the val
-   split gets the same treatment;
+   "a handwritten digit seven, upside down", each also upright as "a handwritten digit seven"
+   (a contrast pair, as DreamBooth's class prompt: it tells the adapters that the new words, not
+   "seven", carry the turn), mixed with ordinary digits under their own captions (1.5 per new
+   sample by default) against forgetting; the val split gets the same treatment;
 3. fine-tune: configs/demo/finetune_lora.yaml (`model.pretrained` = the pipeline folder,
    `model.lora`: adapters on the U-Net's attention projections);
 4. judge, with the independent digit SVC (mmdiff.eval.digit_judge), the fine-tuned model with the
@@ -51,7 +52,8 @@ CONFIG = "configs/demo/finetune_lora.yaml"
 OUT = RUNS / "finetune_eval"
 METRICS = RUNS / "finetune_metrics.json"
 NEW_DIGIT = 7
-NEW_PROMPT = "a handwritten digit seven, upside down"
+UPRIGHT_PROMPT = "a handwritten digit seven"  # the class prompt of the contrast pairs
+NEW_PROMPT = f"{UPRIGHT_PROMPT}, upside down"
 
 
 class DemoMissing(Exception):
@@ -109,25 +111,30 @@ def _rotated_png(data: bytes) -> bytes:
 
 def concept_samples(samples: List[Dict[str, bytes]], ordinary_per_new: float,
                     rng: np.random.Generator) -> Tuple[List[Dict[str, Any]], int]:
-    """The new concept (every 7 turned 180°, :data:`NEW_PROMPT`) mixed with ordinary digits.
+    """The new concept (every 7 turned 180°, :data:`NEW_PROMPT`), the same 7s upright under
+    :data:`UPRIGHT_PROMPT` (contrast pairs), and ordinary digits.
 
     ``ordinary_per_new`` ordinary samples (any digit, upright, own caption) per new-concept one,
-    drawn without replacement (all of them if there are fewer). Returns (shuffled samples, number new).
+    drawn without replacement (all of them if there are fewer). Returns (shuffled samples, number
+    new); the contrast pairs are as many as the new samples.
     """
     labels = [int(json.loads(s["json"])["label"]) for s in samples]
-    new = []
+    new, pairs = [], []
     for s, label in zip(samples, labels):
         if label == NEW_DIGIT:
             meta = {**json.loads(s["json"]), "caption": NEW_PROMPT, "rotated": 180}
             new.append({"png": _rotated_png(s["png"]), "txt": NEW_PROMPT, "json": json.dumps(meta)})
+            meta = {**json.loads(s["json"]), "caption": UPRIGHT_PROMPT, "rotated": 0}
+            pairs.append({"png": s["png"], "txt": UPRIGHT_PROMPT, "json": json.dumps(meta)})
     n_ordinary = min(len(samples), int(round(ordinary_per_new * len(new))))
     ordinary = [{"png": samples[i]["png"], "txt": samples[i]["txt"], "json": samples[i]["json"]}
                 for i in sorted(rng.choice(len(samples), n_ordinary, replace=False))]
-    mixed = [(new + ordinary)[i] for i in rng.permutation(len(new) + len(ordinary))]
+    pool = new + pairs + ordinary
+    mixed = [pool[i] for i in rng.permutation(len(pool))]
     return mixed, len(new)
 
 
-def write_concept_shards(src: Path, out: Path, *, ordinary_per_new: float = 2.0, seed: int = 0,
+def write_concept_shards(src: Path, out: Path, *, ordinary_per_new: float = 1.5, seed: int = 0,
                          force: bool = False) -> Dict[str, int]:
     """Write ``OUT/{train,val}-NNNNNN.tar`` from the demo's shards in ``src``; returns counts."""
     from mmdiff.data.writers import AtomicShardWriter
@@ -147,9 +154,10 @@ def write_concept_shards(src: Path, out: Path, *, ordinary_per_new: float = 2.0,
         with AtomicShardWriter(out, split, maxcount=200) as writer:
             for i, sample in enumerate(mixed):
                 writer.write({"__key__": f"{split}_{i:06d}", **sample})
-        counts[f"{split}_new"], counts[f"{split}_ordinary"] = n_new, len(mixed) - n_new
-        log.info("[shards] %s: %d upside-down 7s + %d ordinary digits in %d shard(s) in %s",
-                 split, n_new, len(mixed) - n_new, len(writer.paths), out)
+        n_ordinary = len(mixed) - 2 * n_new
+        counts[f"{split}_new"], counts[f"{split}_contrast"], counts[f"{split}_ordinary"] = n_new, n_new, n_ordinary
+        log.info("[shards] %s: %d upside-down 7s, the same upright, %d ordinary digits in %d shard(s) in %s",
+                 split, n_new, n_ordinary, len(writer.paths), out)
     write_text_atomic(summary, json.dumps({**counts, "prompt": NEW_PROMPT, "ordinary_per_new": ordinary_per_new,
                                            "seed": seed}, indent=2))
     return counts
@@ -218,8 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config", default=CONFIG, help=f"fine-tune config (default {CONFIG})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set trainer.max_steps=100)")
-    parser.add_argument("--ordinary-per-new", type=float, default=2.0,
-                        help="ordinary digits per upside-down 7 in the shards (default 2)")
+    parser.add_argument("--ordinary-per-new", type=float, default=1.5,
+                        help="ordinary digits per upside-down 7 in the shards (default 1.5)")
     parser.add_argument("--n-new", type=int, default=100, help="samples of the new prompt judged (default 100)")
     parser.add_argument("--n-per-digit", type=int, default=20, help="samples per ordinary prompt (default 20)")
     parser.add_argument("--seed", type=int, default=1, help="sampling seed (default 1, as the demo's evaluation)")
