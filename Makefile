@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # process starve the others (a 30x slowdown measured here with two busy processes on 2 cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo demo-unclip test install clean
+.PHONY: demo demo-unclip demo-finetune test install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 # unCLIP (prior + image-embedding decoder) on top of `make demo`'s VAE, CLIP and text-to-image runs.
 demo-unclip: $(STAMP)
 	$(BIN)/python tools/demo_unclip.py
+
+# LoRA fine-tune of `make demo`'s text-to-image model, exported as a diffusers pipeline, on a new
+# concept ("a handwritten digit seven, upside down"); judged before and after (tools/demo_finetune.py).
+demo-finetune: $(STAMP)
+	$(BIN)/python tools/demo_finetune.py
 
 # pytest-xdist: one worker per core (at most 4). loadgroup hands out single tests, so the load
 # evens out; the multi-rank tests (xdist_group "multirank") go first, to one worker, one at a time
