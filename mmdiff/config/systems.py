@@ -176,6 +176,9 @@ class TextToImageOptions:
     image_embed_conditioning: str = choice(ImageEmbedConditioning.none, system="text_to_image")
     image_embed_dropout: float = 0.1
     image_embed_tokens: int = 4
+    # SDXL (model.pretrained): share of training rows whose size/crop ids are replaced by the
+    # sampling defaults (original = target size, crop (0, 0)), so the model also learns them unconditioned.
+    micro_conditioning_dropout: float = 0.0
     # A text_to_image checkpoint whose weights (EMA ones when present) initialise this model;
     # only the image-embedding layers may be new, every other key must match.
     init_from: Optional[str] = system_field(None, "text_to_image")
@@ -189,6 +192,10 @@ class TextToImageOptions:
         require(
             0.0 <= m.image_embed_dropout <= 1.0,
             f"model.image_embed_dropout must be in [0, 1], got {m.image_embed_dropout}.",
+        )
+        require(
+            0.0 <= m.micro_conditioning_dropout <= 1.0,
+            f"model.micro_conditioning_dropout must be in [0, 1], got {m.micro_conditioning_dropout}.",
         )
         require(m.image_embed_tokens > 0, f"model.image_embed_tokens must be positive, got {m.image_embed_tokens}.")
         require(

@@ -38,7 +38,7 @@ from mmdiff.models.pipelines import (
 from mmdiff.models.prior_net import ImageEmbedTokens, scaled_embedding
 from mmdiff.models.unet import build_unet
 from mmdiff.models.vae import build_vae, encode_finite, moments, pool_moments
-from mmdiff.errors import CheckpointError, DataError
+from mmdiff.errors import CheckpointError, ConfigError, DataError
 from mmdiff.systems import image_embed, lora_training, text_training
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import register_system
@@ -103,6 +103,9 @@ class TextToImageSystem(System):
         # Whether the U-Net reads the pooled text (class embedding, or SDXL's text_embeds): without it
         # the parameters only the pooled output depends on stay frozen (they would get no gradient).
         self.uses_pooled_text = bool(m.unet.use_pooled_text) or self.micro_conditioning
+        if m.micro_conditioning_dropout > 0 and not self.micro_conditioning:
+            raise ConfigError("model.micro_conditioning_dropout is for SDXL U-Nets (size/crop ids); this U-Net "
+                              "takes none: remove the key.")
         text_training.train_text_tower(self.clip, pooled=self.uses_pooled_text)
         self.zero_empty_prompt = bool(parts.meta["force_zeros_for_empty_prompt"]) if parts is not None else False
         self.lora = lora_training.lora_section(cfg)
@@ -269,10 +272,11 @@ class TextToImageSystem(System):
 
     def batch_condition(
         self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None,
-        image_drop: Optional[torch.Tensor] = None,
+        image_drop: Optional[torch.Tensor] = None, size_drop: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Text (and image-embedding) conditioning of a batch; rows where ``drop`` is True get the
-        empty prompt's states, rows where ``image_drop`` is True a zero image embedding."""
+        empty prompt's states, rows where ``image_drop`` is True a zero image embedding, rows where
+        ``size_drop`` is True SDXL's default size/crop ids."""
         if not self.precomputed:
             captions = list(batch["caption"])
             if drop is not None and not self.zero_empty_prompt:
@@ -290,6 +294,9 @@ class TextToImageSystem(System):
                 cond = self._empty_rows(cond, drop)
         if self.micro_conditioning:
             cond["time_ids"] = self._batch_time_ids(batch, len(cond["context"]))
+            if size_drop is not None:
+                default = self.time_ids(1, target_size=tuple(int(v) for v in cond["time_ids"][0, 4:].tolist()))
+                cond["time_ids"] = torch.where(size_drop.to(self.device).view(-1, 1), default, cond["time_ids"])
         return cond
 
     def _empty_rows(self, cond: Dict[str, torch.Tensor], drop: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -405,17 +412,20 @@ class TextToImageSystem(System):
         log.info("latent scale estimated from %d batches: %.5f", n_batches, scale)
 
     def _loss(self, batch: Dict[str, Any], drop: Optional[torch.Tensor] = None, generator=None,
-              sample: bool = True, image_drop: Optional[torch.Tensor] = None):
+              sample: bool = True, image_drop: Optional[torch.Tensor] = None,
+              size_drop: Optional[torch.Tensor] = None):
         latents = self.batch_latents(batch, sample=sample)
-        cond = self.batch_condition(batch, drop, image_drop)
+        cond = self.batch_condition(batch, drop, image_drop, size_drop)
         return self.diffusion.training_loss(
             lambda x_t, t: self.denoise(x_t, t, cond), latents, generator=generator
         )
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
         bs = len(batch["caption"])
+        p = float(self.cfg.model.micro_conditioning_dropout)
+        size_drop = torch.rand(bs) < p if p > 0 else None  # no draw at 0: the RNG stream stays as it was
         out = self._loss(batch, self._drop_mask(bs),
-                         image_drop=image_embed.drop_mask(bs, self.cfg.model.image_embed_dropout))
+                         image_drop=image_embed.drop_mask(bs, self.cfg.model.image_embed_dropout), size_drop=size_drop)
         self.log_losses("train", out, batch_size=bs)
         return out["loss"]
 

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 from typing import Dict
 
+import pytest
 import torch
 
 from mmdiff.config import load_config
+from mmdiff.errors import ConfigError
 from mmdiff.systems.text_to_image import TextToImageSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,3 +40,22 @@ def test_sd_dropped_captions_use_the_empty_prompt(tmp_path: Path, pipeline_folde
     cond = system.batch_condition({"caption": ["a", "b"]}, drop=torch.tensor([True, False]))
     assert "time_ids" not in cond
     assert torch.allclose(cond["context"][0], system.encode_prompts([""])["context"][0], atol=1e-6)
+
+
+def test_micro_conditioning_dropout_gives_rows_the_default_ids(tmp_path: Path,
+                                                               pipeline_folders: Dict[str, Path]) -> None:
+    system = TextToImageSystem(load_config(pipeline_config(tmp_path, pipeline_folders["sdxl"]),
+                                           ["model.micro_conditioning_dropout=0.5"]))
+    batch = {"image": torch.zeros(2, 3, 16, 24), "caption": ["a", "b"],
+             "original_size": torch.tensor([[100, 80], [40, 60]]), "crop_top_left": torch.tensor([[3, 0], [0, 7]])}
+    cond = system.batch_condition(batch, size_drop=torch.tensor([True, False]))
+    want = torch.tensor([[16, 24, 0, 0, 16, 24], [40, 60, 0, 7, 16, 24]]).float()
+    assert torch.equal(cond["time_ids"], want)
+    torch.manual_seed(0)
+    assert torch.isfinite(system.training_step(batch, 0))
+
+
+def test_micro_conditioning_dropout_needs_an_sdxl_unet(tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
+    cfg = load_config(pipeline_config(tmp_path, pipeline_folders["sd1"]), ["model.micro_conditioning_dropout=0.1"])
+    with pytest.raises(ConfigError, match="micro_conditioning_dropout is for SDXL"):
+        TextToImageSystem(cfg)
