@@ -1,0 +1,90 @@
+"""W&B runs that follow the experiment: one run id per run dir across starts, group and job type,
+checkpoints as artifacts (all offline, read back from the run files)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import yaml
+
+from mmdiff.cli import main
+from mmdiff.run.wandb_run import wandb_run_id
+
+from tiny_configs import ToySystem  # noqa: F401  (registers the toy system)
+from wandb_offline import read_run
+
+
+@pytest.fixture
+def toy_wandb(tmp_path: Path, demo_shards: Path) -> Path:
+    cfg = {
+        "name": "toy-exp",
+        "system": "toy",
+        "run_dir": str(tmp_path / "run"),
+        "data": {"train_shards": str(demo_shards / "train-*.tar"), "val_shards": str(demo_shards / "val-*.tar"),
+                 "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4},
+        "sampling": {"every_n_steps": 100000},
+        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": "1", "val_every_n_steps": 100000,
+                    "limit_val_batches": 1, "checkpoint_every_n_steps": 3, "log_every_n_steps": 1,
+                    "enable_progress_bar": False},
+        "logger": {"kind": "wandb", "mode": "offline"},
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _runs(run_dir: Path) -> List[Dict[str, Any]]:
+    """Every start's offline run, in start order."""
+    return [read_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def test_run_id_is_written_once_and_ignores_the_slurm_job(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "111")
+    first = wandb_run_id(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "222")  # a resubmitted job: another job id, same run dir
+    assert wandb_run_id(tmp_path) == first
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first
+    assert wandb_run_id(tmp_path / "other") != first
+
+
+def test_resume_continues_one_run_in_the_experiment_group(toy_wandb: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", str(toy_wandb)]) == 0
+    assert main(["fit", str(toy_wandb), "trainer.max_steps=6", "--resume", "last"]) == 0
+    first, second = _runs(run_dir)
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert first["run"]["id"] == second["run"]["id"] == run_id
+    for start in (first, second):
+        assert start["run"]["group"] == "toy-exp" and start["run"]["job_type"] == "toy"
+        assert start["exit_code"] == 0
+    steps = [int(h["trainer/global_step"]) for h in second["history"] if "train/loss" in h]
+    assert min(steps) == 3  # the second start logs where the first stopped
+
+
+def test_group_and_job_type_keys(toy_wandb: Path, tmp_path: Path) -> None:
+    assert main(["fit", str(toy_wandb), "logger.group=sweep-7", "logger.job_type=finetune"]) == 0
+    (run,) = _runs(tmp_path / "run")
+    assert (run["run"]["group"], run["run"]["job_type"]) == ("sweep-7", "finetune")
+
+
+@pytest.mark.parametrize("mode, aliases", [
+    ("none", []),
+    ("last", [["last"]]),
+    ("all", [["step0000003"], ["step0000006"], ["last"]]),
+])
+def test_log_checkpoints_uploads_artifacts(toy_wandb: Path, tmp_path: Path, mode: str, aliases: list) -> None:
+    assert main(["fit", str(toy_wandb), "trainer.max_steps=6", f"logger.log_checkpoints={mode}"]) == 0
+    (run,) = _runs(tmp_path / "run")
+    artifacts = run["artifacts"]
+    # W&B adds `latest` to every version it logs; ours are the others.
+    assert [[x for x in a["aliases"] if x != "latest"] for a in artifacts] == aliases
+    for artifact in artifacts:
+        assert artifact["name"] == f"checkpoints-{run['run']['id']}" and artifact["type"] == "model"
+    if mode == "last":
+        assert artifacts[0]["files"] == ["last.ckpt"]
+
+
+def test_log_checkpoints_without_wandb_is_refused(toy_wandb: Path, capsys) -> None:
+    assert main(["fit", str(toy_wandb), "logger.kind=csv", "logger.log_checkpoints=last"]) == 2
+    assert "logger.log_checkpoints: last needs logger.kind: wandb" in capsys.readouterr().err
