@@ -88,3 +88,24 @@ def test_log_checkpoints_uploads_artifacts(toy_wandb: Path, tmp_path: Path, mode
 def test_log_checkpoints_without_wandb_is_refused(toy_wandb: Path, capsys) -> None:
     assert main(["fit", str(toy_wandb), "logger.kind=csv", "logger.log_checkpoints=last"]) == 2
     assert "logger.log_checkpoints: last needs logger.kind: wandb" in capsys.readouterr().err
+
+
+def test_eval_run_joins_the_training_group_with_its_entity(toy_wandb: Path, tmp_path: Path) -> None:
+    """`mmdiff eval`'s W&B run: the training config's project/entity, its group, job type eval,
+    the training run's id in its config."""
+    from mmdiff.config import load_config
+    from mmdiff.eval.wandb_log import log_eval_to_wandb
+    from mmdiff.run.wandb_run import eval_run_options
+
+    cfg = load_config(toy_wandb, ["logger.entity=my-team", "logger.project=digits"])
+    training_id = wandb_run_id(Path(cfg.run_dir))
+    options = eval_run_options(cfg)
+    assert options.pop("training_run_id") == training_id
+    log_eval_to_wandb({"fid": 12.5}, out_dir=tmp_path / "eval", name="toy-exp-eval-fid",
+                      config={"training_run_id": training_id}, **options)
+    (folder,) = (tmp_path / "eval" / "wandb").glob("offline-run-*")
+    run = read_run(folder)
+    assert run["run"]["group"] == "toy-exp" and run["run"]["job_type"] == "eval"
+    assert (run["run"]["entity"], run["run"]["project"]) == ("my-team", "digits")
+    assert run["config"]["training_run_id"] == training_id
+    assert [h["eval/fid"] for h in run["history"]] == [12.5]

@@ -41,6 +41,17 @@ def run_identity(cfg: DictConfig) -> Dict[str, Any]:
     return {"group": cfg.logger.group or cfg.name, "job_type": cfg.logger.job_type or cfg.system}
 
 
+def eval_run_options(cfg: DictConfig) -> Dict[str, Any]:
+    """Keyword arguments of :func:`mmdiff.eval.wandb_log.log_eval_to_wandb` for an evaluation of a
+    checkpoint trained with ``cfg``: its project, entity, mode and group; the training run's id
+    (when its run dir is at hand) goes into the eval run's config."""
+    options: Dict[str, Any] = {"project": cfg.logger.project, "entity": cfg.logger.entity,
+                               "mode": cfg.logger.mode, "group": run_identity(cfg)["group"]}
+    id_file = Path(cfg.run_dir) / RUN_ID_FILE
+    options["training_run_id"] = id_file.read_text().strip() if id_file.is_file() else None
+    return options
+
+
 class RunWandbLogger(WandbLogger):
     """Lightning's WandbLogger with checkpoint upload that works offline too.
 
@@ -87,4 +98,4 @@ class RunWandbLogger(WandbLogger):
         log.info("uploaded %s to W&B (aliases %s)", path, ", ".join(aliases))
 
 
-__all__ = ["RUN_ID_FILE", "RunWandbLogger", "run_identity", "wandb_run_id"]
+__all__ = ["RUN_ID_FILE", "RunWandbLogger", "eval_run_options", "run_identity", "wandb_run_id"]
