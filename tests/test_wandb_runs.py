@@ -109,3 +109,22 @@ def test_eval_run_joins_the_training_group_with_its_entity(toy_wandb: Path, tmp_
     assert (run["run"]["entity"], run["run"]["project"]) == ("my-team", "digits")
     assert run["config"]["training_run_id"] == training_id
     assert [h["eval/fid"] for h in run["history"]] == [12.5]
+
+
+def test_checkpoint_upload_survives_a_second_finalize(tmp_path: Path) -> None:
+    """The requeue handler finalizes and closes the run before Lightning finalizes again."""
+    from types import SimpleNamespace
+
+    from mmdiff.run.wandb_run import RunWandbLogger
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"weights")
+    logger = RunWandbLogger(project="p", save_dir=str(tmp_path), id="abc123", mode="offline", offline=True,
+                            log_checkpoints="last")
+    assert logger.experiment.id == "abc123"  # started, as build_loggers' log_hyperparams does
+    logger.after_save_checkpoint(SimpleNamespace(best_k_models={}, last_model_path=str(last)))
+    logger.finalize("success")
+    logger.experiment.finish()
+    logger.finalize("success")  # must neither raise nor upload again
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert [sorted(a["aliases"]) for a in read_run(folder)["artifacts"]] == [["last", "latest"]]

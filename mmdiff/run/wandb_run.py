@@ -66,6 +66,8 @@ class RunWandbLogger(WandbLogger):
         self.log_checkpoints = CheckpointUpload(log_checkpoints)
         self._uploaded: Set[str] = set()
         self._ckpt_callback: ModelCheckpoint | None = None
+        # The requeue handler finalizes (and closes the run) before Lightning's own finalize.
+        self._finalized = False
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """Called by ModelCheckpoint on rank 0 after each file it writes."""
@@ -78,11 +80,13 @@ class RunWandbLogger(WandbLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """Upload ``last.ckpt`` (alias ``last``) once a run ends successfully."""
+        """Upload ``last.ckpt`` (alias ``last``) once a run ends successfully (a requeue stop
+        counts: the requeued job uploads its own ``last`` later, and the alias moves to it)."""
         callback = self._ckpt_callback
         if (status != "success" or self.log_checkpoints == CheckpointUpload.none or callback is None
-                or self._experiment is None):
+                or self._experiment is None or self._finalized):
             return
+        self._finalized = True
         last = callback.last_model_path
         if last and Path(last).is_file():
             self._upload(last, ["last"])
