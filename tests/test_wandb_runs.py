@@ -128,3 +128,11 @@ def test_checkpoint_upload_survives_a_second_finalize(tmp_path: Path) -> None:
     logger.finalize("success")  # must neither raise nor upload again
     (folder,) = (tmp_path / "wandb").glob("offline-run-*")
     assert [sorted(a["aliases"]) for a in read_run(folder)["artifacts"]] == [["last", "latest"]]
+
+
+def test_a_run_dir_from_before_the_id_file_keeps_its_wandb_run(tmp_path: Path) -> None:
+    """A run dir whose W&B runs were `slurm-<job id>` continues the newest of them."""
+    for name in ("offline-run-20260101_000000-slurm-41", "run-20260102_000000-slurm-42", "debug-internal.log"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    assert wandb_run_id(tmp_path) == "slurm-42"
+    assert (tmp_path / "wandb_run_id").read_text().strip() == "slurm-42"

@@ -8,6 +8,7 @@ run, whatever the job id.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Set
@@ -24,15 +25,27 @@ log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
 
+# W&B's folder of one start of a run: wandb/[offline-]run-YYYYMMDD_HHMMSS-<run id>.
+_RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-(.+)$")
+
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The run id kept in ``run_dir/wandb_run_id``; a new one is written there on first use."""
+    """The run id kept in ``run_dir/wandb_run_id``; on first use it is written there: the id of
+    the newest W&B run already in ``run_dir/wandb`` (a run dir from before the file existed, whose
+    id was ``slurm-<job id>``), else a new one."""
     id_file = Path(run_dir) / RUN_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
+    run_id = _existing_run_id(Path(run_dir) / "wandb") or uuid.uuid4().hex[:12]
     write_text_atomic(id_file, run_id + "\n")
     return run_id
+
+
+def _existing_run_id(wandb_dir: Path) -> str | None:
+    """The run id of the newest start in a W&B folder, or None."""
+    starts = [m.groups() for p in (wandb_dir.iterdir() if wandb_dir.is_dir() else ())
+              if p.is_dir() and not p.is_symlink() and (m := _RUN_FOLDER.match(p.name))]
+    return max(starts)[1] if starts else None
 
 
 def run_identity(cfg: DictConfig) -> Dict[str, Any]:
