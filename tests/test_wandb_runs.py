@@ -85,9 +85,15 @@ def test_log_checkpoints_uploads_artifacts(toy_wandb: Path, tmp_path: Path, mode
         assert artifacts[0]["files"] == ["last.ckpt"]
 
 
-def test_log_checkpoints_without_wandb_is_refused(toy_wandb: Path, capsys) -> None:
-    assert main(["fit", str(toy_wandb), "logger.kind=csv", "logger.log_checkpoints=last"]) == 2
-    assert "logger.log_checkpoints: last needs logger.kind: wandb" in capsys.readouterr().err
+@pytest.mark.parametrize("override, message", [
+    ("logger.log_checkpoints=last", "logger.log_checkpoints: last needs logger.kind: wandb (it is csv)."),
+    ("logger.group=g", "logger.group is a W&B setting; it needs logger.kind: wandb (it is csv)."),
+    ("logger.job_type=j", "logger.job_type is a W&B setting; it needs logger.kind: wandb (it is csv)."),
+])
+def test_wandb_keys_without_wandb_are_refused(toy_wandb: Path, capsys, override: str, message: str) -> None:
+    assert main(["fit", str(toy_wandb), "logger.kind=csv", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 def test_eval_run_joins_the_training_group_with_its_entity(toy_wandb: Path, tmp_path: Path) -> None:

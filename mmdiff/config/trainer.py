@@ -171,8 +171,12 @@ class LoggerConfig:
 
     @staticmethod
     def check(lg: DictConfig, cfg: DictConfig) -> None:
-        require(lg.log_checkpoints == CheckpointUpload.none.value or lg.kind == LoggerKind.wandb.value,
+        if lg.kind == LoggerKind.wandb.value:
+            return
+        require(lg.log_checkpoints == CheckpointUpload.none.value,
                 f"logger.log_checkpoints: {lg.log_checkpoints} needs logger.kind: wandb (it is {lg.kind}).")
+        for key in ("group", "job_type"):
+            require(lg[key] is None, f"logger.{key} is a W&B setting; it needs logger.kind: wandb (it is {lg.kind}).")
 
 
 @dataclass
