@@ -46,8 +46,10 @@ def records(path: Path) -> Iterator[pb.Record]:
 
 
 def read_run(run_dir: Path) -> Dict[str, Any]:
-    """``{"config": {key: value}, "history": [{key: value}, ...], "exit_code": int or None}`` from
-    an offline run folder (``exit_code`` is None while the run was never finished).
+    """``{"config": {key: value}, "history": [{key: value}, ...], "exit_code": int or None,
+    "run": {"id", "group", "job_type", "entity", "project"}, "artifacts": [{"name", "type",
+    "aliases", "files"}, ...]}`` from an offline run folder (``exit_code`` is None while the run
+    was never finished).
 
     ``run.finish()`` returns once the W&B service has handled the exit record, but the service
     (a separate process) writes and closes the file on its own time; ``wandb.teardown()`` waits
@@ -58,8 +60,18 @@ def read_run(run_dir: Path) -> Dict[str, Any]:
     config: Dict[str, Any] = {}
     history: List[Dict[str, Any]] = []
     exit_code = None
+    run: Dict[str, Any] = {}
+    artifacts: List[Dict[str, Any]] = []
     for record in records(wandb_file):
         kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run = {"id": r.run_id, "group": r.run_group, "job_type": r.job_type, "entity": r.entity,
+                   "project": r.project}
+        elif kind == "artifact":
+            a = record.artifact
+            artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                              "files": [e.path for e in a.manifest.contents]})
         if kind in ("config", "run"):
             updates = record.config.update if kind == "config" else record.run.config.update
             for item in updates:
@@ -68,4 +80,4 @@ def read_run(run_dir: Path) -> Dict[str, Any]:
             history.append({item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
         elif kind == "exit":
             exit_code = record.exit.exit_code
-    return {"config": config, "history": history, "exit_code": exit_code}
+    return {"config": config, "history": history, "exit_code": exit_code, "run": run, "artifacts": artifacts}

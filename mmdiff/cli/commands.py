@@ -341,10 +341,12 @@ def cmd_eval_images(args: argparse.Namespace) -> int:
     path = write_json(result, Path(args.out) / f"{metric}.json")
     if not args.no_wandb and system.cfg.logger.kind == "wandb":
         from mmdiff.eval.wandb_log import log_eval_to_wandb
+        from mmdiff.run.wandb_run import eval_run_options
 
-        log_eval_to_wandb(result, project=system.cfg.logger.project, out_dir=args.out,
-                          mode=system.cfg.logger.mode,
-                          name=f"{system.cfg.name}-eval-{metric}", config={"checkpoint": str(args.ckpt)})
+        options = eval_run_options(system.cfg)
+        config = {"checkpoint": str(args.ckpt), "training_run_id": options.pop("training_run_id")}
+        log_eval_to_wandb(result, out_dir=args.out, name=f"{system.cfg.name}-eval-{metric}", config=config,
+                          **options)
     sys.stdout.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()) + "\n")
     log.info("wrote %s", path)
     return 0

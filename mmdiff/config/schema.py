@@ -76,6 +76,7 @@ Check = Callable[[DictConfig, DictConfig], None]
 SECTION_CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("data", DataConfig.check),
     ("trainer", TrainerConfig.check),
+    ("logger", LoggerConfig.check),
     ("", ExperimentConfig.check),
     ("optim", OptimConfig.check),
     ("model", ModelConfig.check),

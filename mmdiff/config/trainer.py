@@ -23,6 +23,14 @@ class WandbMode(str, enum.Enum):
     disabled = "disabled"
 
 
+class CheckpointUpload(str, enum.Enum):
+    """Which checkpoints ``logger.log_checkpoints`` uploads to W&B as artifacts."""
+
+    none = "none"
+    last = "last"
+    all = "all"
+
+
 class LRSchedule(str, enum.Enum):
     constant = "constant"
     cosine = "cosine"
@@ -153,6 +161,22 @@ class LoggerConfig:
     mode: str = choice(WandbMode.offline)
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    # W&B run group (null = the experiment's `name`): training and its `mmdiff eval` runs join it.
+    group: Optional[str] = None
+    # W&B job type of the training run (null = the system's name, e.g. text_to_image).
+    job_type: Optional[str] = None
+    # Checkpoints uploaded as W&B artifacts: none, last (last.ckpt once training ends, alias
+    # `last`) or all (each periodic checkpoint as it is written, aliased by its step, plus last).
+    log_checkpoints: str = choice(CheckpointUpload.none)
+
+    @staticmethod
+    def check(lg: DictConfig, cfg: DictConfig) -> None:
+        if lg.kind == LoggerKind.wandb.value:
+            return
+        require(lg.log_checkpoints == CheckpointUpload.none.value,
+                f"logger.log_checkpoints: {lg.log_checkpoints} needs logger.kind: wandb (it is {lg.kind}).")
+        for key in ("group", "job_type"):
+            require(lg[key] is None, f"logger.{key} is a W&B setting; it needs logger.kind: wandb (it is {lg.kind}).")
 
 
 @dataclass

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -33,12 +31,12 @@ from mmdiff.callbacks.requeue import RequeueOnSignal
 from mmdiff.callbacks.resources import ResourceProbe
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
-from mmdiff.io.atomic import write_text_atomic
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
 from mmdiff.io.weights import unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
 from mmdiff.errors import CheckpointError, ConfigError, Terminated
 from mmdiff.run.strategies import build_strategy
+from mmdiff.run.wandb_run import RunWandbLogger, run_identity, wandb_run_id
 from mmdiff.systems.base import System
 from mmdiff.systems.speed import enable_tf32
 from mmdiff.systems.registry import get_system
@@ -77,21 +75,11 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return ShardDataModule(cfg.data, seed=cfg.seed)
 
 
-def _wandb_run_id(run_dir: Path) -> str:
-    """A run id that a resumed or requeued job finds again: SLURM job id, else one kept in the run dir."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        return f"slurm-{job}"
-    id_file = run_dir / "wandb_run_id"
-    if id_file.is_file():
-        return id_file.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
-    write_text_atomic(id_file, run_id)
-    return run_id
-
-
 def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
-    """W&B (offline unless ``logger.mode: online``), CSV, or none; the resolved config is logged."""
+    """W&B (offline unless ``logger.mode: online``), CSV, or none; the resolved config is logged.
+
+    The W&B run id is kept in the run dir (:func:`mmdiff.run.wandb_run.wandb_run_id`), so every
+    start of this run dir continues one run, in group ``logger.group`` (default: ``name``)."""
     kind = LoggerKind(cfg.logger.kind)
     if kind == LoggerKind.none:
         return []
@@ -100,11 +88,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> List[Logger]:
         logger: Logger = CSVLogger(save_dir=str(run_dir), name="csv")
     else:
         mode = cfg.logger.mode
-        logger = WandbLogger(
+        logger = RunWandbLogger(
             project=cfg.logger.project,
             name=cfg.name,
             save_dir=str(run_dir),
-            id=_wandb_run_id(run_dir),
+            id=wandb_run_id(run_dir),
+            **run_identity(cfg),
+            log_checkpoints=cfg.logger.log_checkpoints,
             offline=mode == "offline",
             mode=mode,
             entity=cfg.logger.entity,

@@ -114,7 +114,9 @@ class System(L.LightningModule):
         return None
 
     def preview_images(self) -> Dict[str, Any]:
-        """``{name: images B×3×H×W in [-1, 1], or (images, nrow)}`` for the preview callback."""
+        """``{name: images B×3×H×W in [-1, 1], or (images, nrow), or (images, nrow, captions)}``
+        for the preview callback; ``captions`` (one string per image, e.g. its prompt) gives W&B
+        one captioned image per distinct caption and a Table beside the grid."""
         return {}
 
     # ------------------------------------------------------------------------------ optimisation

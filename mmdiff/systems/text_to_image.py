@@ -533,10 +533,11 @@ class TextToImageSystem(System):
         return out
 
     def preview_images(self) -> Dict[str, Any]:
-        """Fixed prompts × 4 fixed seeds, one column per prompt (for the image-logging callback)."""
+        """Fixed prompts × 4 fixed seeds, one column per prompt, each image captioned with its
+        prompt (for the image-logging callback)."""
         prompts = list(self.cfg.sampling.prompts)
         if not prompts:
             return {}
         rows = [self.sample(prompts, seed=self.cfg.sampling.seed + r) for r in range(4)]
-        return {"samples": (torch.cat(rows), len(prompts))}
+        return {"samples": (torch.cat(rows), len(prompts), prompts * len(rows))}
 

@@ -3,8 +3,7 @@
 # The next start.sh begins with an empty queue.
 #
 #   slurm/local/stop.sh          stop; keep /etc/slurm/*.conf, the logs in /var/log/slurm and the
-#                                controller state (so job ids keep counting up: W&B run ids are
-#                                "slurm-<job id>" and must not repeat)
+#                                controller state (so job ids keep counting up and never repeat)
 #   slurm/local/stop.sh --purge  also remove the generated configs, the state and the logs
 #
 # Safe to run when nothing is running. Only stops daemons through the pid files start.sh uses.

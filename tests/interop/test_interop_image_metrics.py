@@ -17,7 +17,7 @@ from mmdiff.eval.fid import frechet_distance, kernel_distance
 from mmdiff.eval.generative import score_images
 from mmdiff.models.clip import ClipEncoder
 
-from interopkit import REPO
+from interopkit import REPO, tiny_config
 
 
 def tiny_clip(seed: int = 0) -> ClipEncoder:
@@ -218,7 +218,12 @@ def test_eval_cli_writes_json_and_wandb_run(tiny_ckpt: Path, demo_shards: Path, 
     fid = json.loads((tmp_path / "eval" / "fid.json").read_text())
     assert 0 <= score["clipscore"] <= 100 and score["n_images"] == 6
     assert fid["extractor"].startswith("clip_custom_") and fid[f"fid_{fid['extractor']}"] > 0
-    assert len(list((tmp_path / "eval" / "wandb").glob("offline-run-*"))) == 2
+    runs = sorted((tmp_path / "eval" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    from wandb_offline import read_run
+
+    meta = read_run(runs[0])["run"]
+    assert (meta["job_type"], meta["group"]) == ("eval", tiny_config().name)  # the training run's group
     missing = tmp_path / "inception.pth"
     assert main(["eval", "fid", str(tiny_ckpt), "--reference", str(demo_shards / "val-*.tar"), "--extractor",
                  "inception", "--inception-weights", str(missing), "--no-wandb", *common]) == 1

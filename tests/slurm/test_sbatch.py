@@ -207,10 +207,11 @@ def test_sbatch_fit_two_ranks(cluster: None, tmp_path: Path, demo_shards: Path) 
     assert not list(tmp_path.rglob("lightning_logs"))
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "no requeue happened, so no hpc checkpoint"
 
-    # W&B: one offline run, from rank 0, whose id is keyed on the SLURM job id.
+    # W&B: one offline run, from rank 0, whose id is the one kept in the run dir.
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert len(runs) == 1, runs
-    assert runs[0].endswith(f"slurm-{job_id}")
+    assert runs[0].endswith(f"-{run_id}")
 
 
 def _logged_losses(run_dir: Path) -> List[Dict[int, float]]:
@@ -264,9 +265,11 @@ def test_sbatch_fit_requeue_resumes_from_hpc_checkpoint(
     assert re.search(r"resuming from \S*/hpc_ckpt_1\.ckpt", out), "did not resume from hpc_ckpt_1.ckpt"
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "a finished run keeps no stale requeue checkpoint"
-    # The requeued job keeps its id, so W&B resumes the same run id (one offline dir per start).
+    # The requeued job reads the run id kept in the run dir, so W&B resumes the same run (one
+    # offline dir per start).
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith(f"slurm-{job_id}") for r in runs), runs
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
 
     first, second = _logged_losses(run_dir)
     resumed_at = min(second)

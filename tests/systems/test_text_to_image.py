@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import json
 from pathlib import Path
 
 import lightning as L
@@ -177,3 +178,23 @@ def test_missing_vae_checkpoint_is_one_line_error(tmp_path: Path, demo_shards: P
     assert main(["fit", str(config), f"model.vae.pretrained={tmp_path}/no_vae.ckpt"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_vae.ckpt" in err[0]
+
+
+def test_wandb_previews_are_captioned_per_prompt_with_a_table(trained: Path) -> None:
+    """Each preview step: one image per prompt captioned with it, and a Table of step/prompt/image."""
+    (run,) = (trained / "wandb").glob("offline-run-*")
+    logged = read_run(run)
+    history = logged["history"]
+    prompts = ["a handwritten digit one", "a handwritten digit two"]
+    captioned = [h for h in history if "previews/samples.captions" in h]
+    assert len(captioned) >= 2 and all(h["previews/samples.captions"] == prompts for h in captioned)
+    assert all(h["previews/samples.count"] == 2 for h in captioned)  # one image per prompt
+    tables = [h for h in history if h.get("previews/samples_table._type") == "table-file"]
+    assert [h["trainer/global_step"] for h in tables] == [h["trainer/global_step"] for h in captioned]
+    table = json.loads((run / "files" / tables[-1]["previews/samples_table.path"]).read_text())
+    assert table["columns"] == ["step", "caption", "image"]
+    assert [row[:2] for row in table["data"]] == [[tables[-1]["trainer/global_step"], p] for p in prompts]
+    # W&B keeps a Table's images in a run_table artifact beside it: one PNG per prompt and step.
+    stored = [a for a in logged["artifacts"] if a["type"] == "run_table"]
+    assert len(stored) == len(tables)
+    assert all(sum(f.endswith(".png") for f in a["files"]) == 2 for a in stored)
