@@ -2,6 +2,7 @@
 checkpoints as artifacts (all offline, read back from the run files)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -9,7 +10,8 @@ import pytest
 import yaml
 
 from mmdiff.cli import main
-from mmdiff.run.wandb_run import wandb_run_id
+from mmdiff.run import wandb_run
+from mmdiff.run.wandb_run import RUN_ID_FILE, wandb_run_id
 
 from tiny_configs import ToySystem  # noqa: F401  (registers the toy system)
 from wandb_offline import read_run
@@ -142,3 +144,25 @@ def test_a_run_dir_from_before_the_id_file_keeps_its_wandb_run(tmp_path: Path) -
         (tmp_path / "wandb" / name).mkdir(parents=True)
     assert wandb_run_id(tmp_path) == "slurm-42"
     assert (tmp_path / "wandb_run_id").read_text().strip() == "slurm-42"
+
+
+
+def test_ranks_racing_for_the_run_id_all_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank of a job may ask for the id at once: the first writer's id is every rank's."""
+    ranks = 4
+    everyone_looked = threading.Barrier(ranks)
+
+    def no_earlier_run(wandb_dir: Path) -> None:
+        everyone_looked.wait(timeout=30)  # all ranks have seen no id file before any writes one
+        return None
+
+    monkeypatch.setattr(wandb_run, "_existing_run_id", no_earlier_run)
+    ids: List[str] = []
+    threads = [threading.Thread(target=lambda: ids.append(wandb_run_id(tmp_path))) for _ in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(ids) == ranks and len(set(ids)) == 1, ids
+    assert ids[0] == (tmp_path / RUN_ID_FILE).read_text().strip()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_ID_FILE]  # no staged file left behind

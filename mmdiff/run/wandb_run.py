@@ -8,6 +8,7 @@ run, whatever the job id.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from pathlib import Path
@@ -19,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from mmdiff.config import CheckpointUpload
-from mmdiff.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,19 @@ def wandb_run_id(run_dir: Path) -> str:
     id_file = Path(run_dir) / RUN_ID_FILE
     if id_file.is_file():
         return id_file.read_text().strip()
-    run_id = _existing_run_id(Path(run_dir) / "wandb") or uuid.uuid4().hex[:12]
-    write_text_atomic(id_file, run_id + "\n")
-    return run_id
+    candidate = _existing_run_id(Path(run_dir) / "wandb") or uuid.uuid4().hex[:12]
+    # Every rank of a job may get here at once: a hard link creates the file only if it does not
+    # exist yet (atomic, also on NFS), so the first writer's id wins and every rank reads that one.
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    staged = id_file.with_name(f".{RUN_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    staged.write_text(candidate + "\n")
+    try:
+        os.link(staged, id_file)
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink()
+    return id_file.read_text().strip()
 
 
 def _existing_run_id(wandb_dir: Path) -> str | None:
