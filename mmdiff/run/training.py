@@ -77,14 +77,31 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return ShardDataModule(cfg.data, seed=cfg.seed)
 
 
-def _wandb_run_id(run_dir: Path) -> str:
-    """A run id that a resumed or requeued job finds again: SLURM job id, else one kept in the run dir."""
+def launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0 by the launcher's environment (torchrun's ``RANK``,
+    srun's ``SLURM_PROCID``, Lightning's own launcher's ``NODE_RANK``/``LOCAL_RANK``), before any
+    process group exists; a process started alone is rank 0."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return all(os.environ.get(k, "0") == "0" for k in ("SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
+
+
+def _wandb_run_id(run_dir: Path) -> Optional[str]:
+    """A run id that a resumed or requeued job finds again: SLURM job id, else one kept in the run dir.
+
+    Only rank 0 creates the id file: W&B runs on rank 0 alone (Lightning gives the other ranks a
+    stand-in experiment), so the other ranks need no id, and under torchrun, where all ranks
+    start together, several of them would otherwise race to create the file with different ids.
+    They read it when it is there and get None otherwise.
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"slurm-{job}"
     id_file = run_dir / "wandb_run_id"
     if id_file.is_file():
         return id_file.read_text().strip()
+    if not launched_as_rank_zero():
+        return None
     run_id = uuid.uuid4().hex[:12]
     write_text_atomic(id_file, run_id)
     return run_id
