@@ -10,6 +10,12 @@ different collective on another rank. Here the handler only sets a flag; at the 
 training batch the ranks agree on it (one all-reduce of one integer), and then all of them save
 at the same batch boundary, which resumes exactly (see :mod:`mmdiff.callbacks.data_position`).
 
+No pipeline stall: the all-reduce is started without waiting (``async_op``) at the end of one
+batch and its result read at the end of the next, by when the device has long finished it, so
+the host never waits for the batch it has just queued. The checkpoint therefore comes one batch
+after the signal (SLURM's ``--signal=SIGUSR1@90`` leaves minutes for that). A single process reads
+the flag directly: no tensor, no sync.
+
 ``build_trainer`` turns Lightning's handler off (``SLURMEnvironment(auto_requeue=False)``) and adds
 this callback when the run is SLURM-managed. It is a Lightning ``Checkpoint`` so the trainer runs it
 after ``ModelCheckpoint`` (checkpoint callbacks go last, in list order): when the signal lands on a
@@ -31,6 +37,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from mmdiff.callbacks.sync_cadence import world_size
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +51,8 @@ class RequeueOnSignal(Checkpoint):
         self.received = False
         self.saved: Optional[str] = None
         self._previous: Any = None
+        self._flag: Optional[torch.Tensor] = None  # on the device, reused: filling it needs no copy
+        self._work: Any = None  # the all-reduce started at the previous batch end, not yet read
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -64,10 +74,23 @@ class RequeueOnSignal(Checkpoint):
         self.received = True  # nothing else in a signal handler: the work happens at the batch end
 
     def _anyone_received(self, trainer: L.Trainer) -> bool:
-        flag = torch.tensor([1 if self.received else 0], device=trainer.strategy.root_device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether any rank had the signal by the end of the previous batch (this one's, alone)."""
+        if world_size() <= 1:
+            return self.received
+        anyone = False
+        if self._work is not None:  # started one batch ago: reading it does not stall the device
+            self._work.wait()
+            anyone = bool(self._flag.item())
+        if self._flag is None:
+            self._flag = torch.zeros(1, dtype=torch.int32, device=trainer.strategy.root_device)
+        self._flag.fill_(1 if self.received else 0)
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        return anyone
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._work is not None:  # every rank started it at the same batch: all finish it
+            self._work.wait()
+            self._work = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -52,4 +52,4 @@ def test_skip_counts_are_logged_during_fit(tmp_path: Path) -> None:
     assert trainer.callback_metrics["data/skipped_val"].item() == 2
     assert trainer.callback_metrics["data/skipped_train"].item() == stats.skipped_train >= 2
     assert sorted(model.val_keys) == sorted([k for k, _ in samples if not k.startswith("bad")] * 2)
-    assert stats.state_dict() == {"skipped_train": stats.skipped_train}
+    assert stats.state_dict() == {"skipped_train": stats.skipped_train, "ranks": [stats.skipped_train]}
