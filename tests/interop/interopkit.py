@@ -19,7 +19,8 @@ def tiny_config(overrides: Sequence[str] = (), **sampling):
     cfg = load_config(REPO / "configs/demo/text_to_image.yaml", [
         "model.vae.pretrained=null", "model.vae.block_out_channels=[32,32]",
         "model.clip.pretrained=null", "model.unet.block_out_channels=[32,32]",
-        "model.unet.attention_head_dim=8", "data.image_size=16", "sampling.guidance_scale=3.0",
+        "model.unet.attention_head_dim=8", "model.unet.use_pooled_text=true", "data.image_size=16",
+        "sampling.guidance_scale=3.0",
         *[f"sampling.{k}={v}" for k, v in sampling.items()], *overrides,
     ])
     return cfg

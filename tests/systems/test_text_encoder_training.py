@@ -26,7 +26,9 @@ TINY_CLIP = {"name": "custom", "text_layer": "last",
 SYSTEMS = {
     "text_to_image": {"base": "text_to_image.yaml", "model": {
         "vae": TINY_VAE,
-        "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8, "norm_num_groups": 8}}},
+        # pooled text on: the text projection trains too (the case without it is tested below)
+        "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8, "norm_num_groups": 8,
+                 "use_pooled_text": True}}},
     "prior": {"base": "prior.yaml", "model": {"prior": {"width": 32, "layers": 1, "heads": 2}}},
 }
 LR, TEXT_LR = 1e-3, 3e-4
