@@ -66,9 +66,30 @@ def test_load_above_cpus_is_too_noisy_even_when_tight() -> None:
     ratios = [1.0, 1.001, 0.999, 1.0, 1.0005, 0.9995]
     v = judge(ratios, per_round=3, rounds=2, load=5.3, cpus=2)
     assert v["noisy"] and "load 5.30 > 2 CPUs" in v["text"] and v["more_rounds"] == 0
+    assert "the ratio alone: ±0.1 %" in v["text"]
     assert not judge(ratios, per_round=3, rounds=2, load=1.9, cpus=2)["noisy"]
 
 
 def test_one_pair_cannot_be_judged() -> None:
     v = judge([1.02], per_round=1, rounds=1)
     assert v["noisy"] and v["pairs_needed"] is None and "fewer than two pairs" in v["text"]
+
+
+def test_a_real_fit_runs_the_plain_loop_in_the_interleaving_order(tiny_cfg_path) -> None:
+    """(b)'s steps really run between (a)'s inside one fit, in interleave_order, warm-up untimed."""
+    import torch
+
+    from mmdiff.config import load_config
+    from mmdiff.jobs.bench import interleaved_steps, make_batch
+    from mmdiff.systems.text_to_image import TextToImageSystem
+
+    cfg = load_config(tiny_cfg_path)
+    system = TextToImageSystem(cfg)
+    system.latent_scale.fill_(1.0)
+    system.speed = {}
+    system.precomputed = False
+    got = interleaved_steps(system, cfg, make_batch(cfg, int(cfg.data.batch_size)), pairs=3, block=1,
+                            warmup=1, device=torch.device("cpu"), precomputed=False)
+    assert got["order"] == interleave_order(3, 1)
+    assert got["a"]["pair"] == [0, 1, 2] and got["b"]["pair"] == [0, 1, 2]
+    assert all(x > 0 for side in "ab" for x in got[side]["wall"])

@@ -82,6 +82,8 @@ def judge(ratios: Sequence[float], *, per_round: int, rounds: int, load: Optiona
     noisy = bool(reasons)
     text = ("too noisy to judge (" + "; ".join(reasons) + ")" if noisy
             else f"judged: ±{100 * hw:.1f} % (95 %)")
+    if noisy and math.isfinite(hw) and hw <= precision:
+        text += f"; the ratio alone: ±{100 * hw:.1f} % (95 %)"
     if noisy and more:
         text += f"; about {more} more round(s) for ±{100 * precision:.0f} %"
     return {"half_width_rel": hw, "pairs_needed": need, "more_rounds": more, "noisy": noisy,

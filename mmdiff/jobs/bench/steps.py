@@ -177,6 +177,7 @@ class _Interleaver(L.Callback):
         self.start: tuple[float, float] = stamp()
         self.times: Dict[str, Dict[str, List[float]]] = {
             s: {"wall": [], "cpu": [], "pair": []} for s in ("a", "b")}
+        self.ran: List[tuple[str, int]] = []  # the timed steps in the order they ran
 
     def on_train_start(self, trainer, pl_module) -> None:
         for _ in range(self.warmup):
@@ -187,6 +188,7 @@ class _Interleaver(L.Callback):
         t["wall"].append(b[0] - a[0])
         t["cpu"].append(b[1] - a[1])
         t["pair"].append(pair)
+        self.ran.append((side, pair))
 
     def _plain_block(self) -> None:
         while self.ptr < len(self.order) and self.order[self.ptr][0] == "b":
@@ -208,14 +210,15 @@ class _Interleaver(L.Callback):
 
 
 def interleaved_steps(system: Any, cfg: DictConfig, batch: Dict[str, Any], *, pairs: int, block: int,
-                      warmup: int, device: torch.device, precomputed: bool) -> Dict[str, Dict[str, List[float]]]:
+                      warmup: int, device: torch.device, precomputed: bool) -> Dict[str, Any]:
     """One ``Trainer.fit`` (a) with the plain loop (b) run between its steps: per side the wall
-    and CPU seconds of each timed step and the pair it belongs to."""
+    and CPU seconds of each timed step and the pair it belongs to; under ``order`` the (side, pair)
+    of each timed step as it ran."""
     order = interleave_order(pairs, block)
     inter = _Interleaver(PlainLoop(system, cfg, batch, device, precomputed), order, warmup, device)
     n_a = sum(1 for side, _ in order if side == "a")
     _fit(system, cfg, batch, max(1, warmup) + n_a, device, [inter])
-    return inter.times
+    return {**inter.times, "order": inter.ran}
 
 
 def bench_train(system: Any, cfg: DictConfig, device: torch.device, *, steps: int, warmup: int,
