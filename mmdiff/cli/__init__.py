@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_overrides(p, "trainer.precision=bf16-mixed")
     p.add_argument("--steps", type=positive_int, default=20, help="timed training steps per run (default 20)")
     p.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps first (default 5)")
-    p.add_argument("--rounds", type=positive_int, default=2, help="interleaved repetitions (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=2, help="rounds: one fit per row, (a) and (b) interleaved (default 2)")
+    p.add_argument("--block", type=positive_int, default=2,
+                   help="steps of (a), then of (b), per interleaved pair (default 2)")
     p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling")
     p.add_argument("--precomputed", default=None, metavar="DIR",
                    help="an `mmdiff precompute` folder of this config: also time fit from its shards")

@@ -260,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mmdiff.jobs.bench import format_table, run_bench, write_json
 
     sections = args.only.split(",") if args.only else ("train", "fit", "loader", "flops", "sampling")
-    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, sections=sections,
+    result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, block=args.block, sections=sections,
                        device=args.device, peak_tflops=args.peak_tflops, threads=args.threads,
                        precomputed_dir=args.precomputed)
     sys.stdout.write(format_table(result) + "\n")

@@ -30,6 +30,12 @@ def test_bench_runs_every_section_and_writes_json(tiny_cfg_path: Path, precomput
         assert row["framework"]["steps"] == 2 and row["plain"]["steps"] == 2
         assert row["framework"]["step_s"] > 0 and row["overhead"] > 0
     assert data["train"]["precomputed_speedup"] > 0
+    for mode in ("online", "precomputed"):  # interleaved: one pair of 2 + 2 steps, a verdict on it
+        row = data["train"][mode]
+        assert row["ratio"]["n"] == 1 and row["overhead"] == pytest.approx(row["ratio"]["median"])
+        assert row["verdict"]["noisy"] and "too noisy to judge" in row["verdict"]["text"]
+        assert row["framework"]["spread"]["n"] == 2
+    assert len(data["train"]["precomputed_speedup_by_round"]) == 1
     assert data["fit"]["online"]["steps"] == 2 and data["fit"]["precomputed"]["steps"] == 2
     assert data["fit"]["precomputed_speedup"] > 0
     assert set(data["loader"]["by_workers"]) == {"0"}
@@ -47,7 +53,7 @@ def test_bench_runs_every_section_and_writes_json(tiny_cfg_path: Path, precomput
             "precomputed_speedup_cpu_time>=1.3"} <= set(data["targets"])
     assert data["train"]["online"]["framework"]["step_cpu_s"] > 0
     table = format_table(result)
-    assert "(a) framework" in table and "s/image" in table and "load average" in table
+    assert "(a) framework" in table and "too noisy to judge" in table and "s/image" in table and "load average" in table
 
 
 def test_bench_cli_one_section(tiny_cfg_path: Path, tmp_path: Path, capsys) -> None:

@@ -3,22 +3,27 @@
 :func:`run_bench` measures, on this machine, for the config's model, batch and precision
 (docs/performance.md explains how to read the table):
 
-* **train** — median step time and images/s after warm-up, two ways side by side in one process
-  on the same U-Net, optimiser, batch and precision, interleaved over ``rounds``:
+* **train** — median step time (with its IQR) and images/s after warm-up, two ways side by side in
+  one process on the same U-Net, batch and precision, interleaved step by step: per round and
+  mode one ``Trainer.fit`` of (a) with (b) run in blocks between its steps
+  (:func:`interleave_order`: ``a a b b · b b a a · …``), so both see the same machine state:
 
   - ``framework`` (a): ``lightning.Trainer.fit`` of the real :class:`TextToImageSystem`: Lightning's
     loop and precision plugin, automatic optimisation (zero_grad, backward, gradient clipping, AdamW,
     LR scheduler), the system's ``training_step`` (caption dropout, frozen encoders or stored
     arrays, the diffusion loss, ``self.log``) and the EMA callback (when ``model.use_ema``).
     Batches come from an in-memory loader of one fixed batch (the real loader is measured on its
-    own below); no logger, checkpoints, previews or validation. A step is the interval between
-    consecutive ``on_train_batch_end`` calls, so everything between two steps counts.
+    own below); no logger, checkpoints, previews or validation. A step runs from the end of what ran before it
+    (the previous step or a block of (b)) to its ``on_train_batch_end``, so everything Lightning
+    does between two steps counts.
   - ``plain`` (b): a minimal hand-written PyTorch loop doing the same work: batch to device,
     VAE + text encoder under ``no_grad`` (or the stored arrays), noise, U-Net, ε-MSE, backward,
-    clipping, AdamW, LR schedule, EMA lerp.
+    clipping, AdamW, LR schedule, EMA lerp (:class:`PlainLoop`, run from a callback of (a)'s fit).
 
-  ``overhead`` = (a)/(b). Each runs with **online** encoding (VAE + text encoder every step) and
-  from **precomputed** latents and text states (``model.precomputed``); ``precomputed_speedup``
+  ``overhead`` = (a)/(b), the median over pairs of the pair's (a)/(b), with its spread, the
+  ratio per round and a verdict (:func:`judge`): "too noisy to judge" when the ratio is not
+  settled to ±5 % or the load exceeds the CPUs, with the rounds it would take. Each runs with
+  **online** encoding (VAE + text encoder every step) and from **precomputed** latents and text states (``model.precomputed``); ``precomputed_speedup``
   is online/precomputed step time of (a).
 * **loader** — the config's ``ShardDataModule`` alone: images/s decoded and augmented with no
   workers (one process: the per-worker rate) and with ``data.num_workers``, against the images/s
@@ -33,7 +38,8 @@
 Timings on a shared machine are noisy: the load average before and after is in the result.
 
 The package, one job per module: ``timing`` (clocks, statistics), ``batches`` (the fixed inputs),
-``steps`` (the two step runners and the ``train`` section), ``loader`` (the real data pipeline:
+``spread`` (quartiles, paired ratios, the verdict), ``steps`` (the two step runners, the interleaving
+and the ``train`` section), ``loader`` (the real data pipeline:
 ``loader`` and ``fit``), ``flops`` (FLOP counting, MFU), ``sampling_speed``, ``driver``
 (:func:`run_bench`, the targets) and ``report`` (table, JSON).
 """
@@ -43,10 +49,11 @@ from mmdiff.jobs.bench.flops import PEAK_BF16_TFLOPS, add_achieved, bench_flops,
 from mmdiff.jobs.bench.loader import bench_fit, bench_loader, precomputed_data
 from mmdiff.jobs.bench.report import format_table, write_json
 from mmdiff.jobs.bench.sampling_speed import bench_sampling
-from mmdiff.jobs.bench.steps import bench_train, framework_steps, plain_steps
+from mmdiff.jobs.bench.spread import judge, summary
+from mmdiff.jobs.bench.steps import PlainLoop, bench_train, framework_steps, interleave_order, interleaved_steps, plain_steps
 
 __all__ = [
-    "PEAK_BF16_TFLOPS", "PRESETS", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
+    "PEAK_BF16_TFLOPS", "PRESETS", "PlainLoop", "interleave_order", "interleaved_steps", "judge", "summary", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
     "bench_sampling", "bench_train", "count_flops", "environment", "format_table", "framework_steps",
     "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch", "use_stored_arrays",
     "precomputed_data", "run_bench", "targets", "write_json",

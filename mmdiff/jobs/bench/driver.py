@@ -66,6 +66,7 @@ def run_bench(
     steps: int = 20,
     warmup: int = 5,
     rounds: int = 2,
+    block: int = 2,
     sections: Sequence[str] = ("train", "fit", "loader", "flops", "sampling"),
     loader_batches: int = 20,
     sample_batch_sizes: Sequence[int] = (1, 16),
@@ -84,7 +85,7 @@ def run_bench(
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(cfg, steps=steps, warmup=warmup, rounds=rounds, sections=sections,
+        return _run(cfg, steps=steps, warmup=warmup, rounds=rounds, block=block, sections=sections,
                     loader_batches=loader_batches, sample_batch_sizes=sample_batch_sizes,
                     sample_steps=sample_steps, device=device, peak_tflops=peak_tflops,
                     precomputed_dir=precomputed_dir)
@@ -92,7 +93,7 @@ def run_bench(
         torch.set_num_threads(before)
 
 
-def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, sections: Sequence[str],
+def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, block: int, sections: Sequence[str],
          loader_batches: int, sample_batch_sizes: Sequence[int], sample_steps: int, device: str,
          peak_tflops: Optional[float], precomputed_dir: Optional[str]) -> Dict[str, Any]:
     if cfg.system != "text_to_image":
@@ -129,7 +130,8 @@ def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, sections: Seq
         log.info("bench: counting FLOPs")
         result["flops"] = bench_flops(system, cfg, dev)
     if "train" in sections:
-        result["train"] = bench_train(system, cfg, dev, steps=steps, warmup=warmup, rounds=rounds)
+        result["train"] = bench_train(system, cfg, dev, steps=steps, warmup=warmup, rounds=rounds,
+                                      block=block)
     if "fit" in sections:
         try:
             result["fit"] = bench_fit(system, cfg, dev, steps=steps, warmup=warmup,

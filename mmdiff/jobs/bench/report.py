@@ -31,17 +31,26 @@ def format_table(result: Dict[str, Any]) -> str:
     ]
     tr = result.get("train")
     if tr:
-        lines += ["", f"{'training step':<28}{'step ms':>10}{'img/s':>10}{'(a)/(b)':>10}"
-                      f"{'CPU ms':>10}{'(a)/(b)':>10}"]
+        lines += ["", f"training step ({tr.get('rounds')} round(s) × {tr.get('pairs_per_round')} pairs of "
+                      f"{tr.get('block')} steps, (a) and (b) interleaved)",
+                  f"{'':<28}{'step ms':>10}{'IQR ms':>16}{'img/s':>10}{'CPU ms':>10}"]
         for mode in ("online", "precomputed"):
             row = tr[mode]
             for kind, label in (("framework", "(a) framework"), ("plain", "(b) plain loop")):
                 r = row[kind]
-                ratio = f"{row['overhead']:.3f}" if kind == "framework" else ""
-                ratio_cpu = f"{row['overhead_cpu']:.3f}" if kind == "framework" else ""
-                lines.append(f"{mode + ' ' + label:<28}{1000 * r['step_s']:>10.1f}{r['images_per_s']:>10.1f}"
-                             f"{ratio:>10}{1000 * r['step_cpu_s']:>10.1f}{ratio_cpu:>10}")
-        lines.append(f"precomputed speed-up (a): {tr['precomputed_speedup']:.2f}× wall clock, "
+                sp = r.get("spread", {})
+                iqr = f"{1000 * sp['q1']:.1f}–{1000 * sp['q3']:.1f}" if sp else "-"
+                lines.append(f"{mode + ' ' + label:<28}{1000 * r['step_s']:>10.1f}{iqr:>16}"
+                             f"{r['images_per_s']:>10.1f}{1000 * r['step_cpu_s']:>10.1f}")
+            q = row.get("ratio", {})
+            rounds = ", ".join(f"{x:.3f}" for x in q.get("by_round", []))
+            lines.append(f"  {mode} (a)/(b) {row['overhead']:.3f} (IQR {q.get('q1', float('nan')):.3f}–"
+                         f"{q.get('q3', float('nan')):.3f} over {q.get('n', 0)} pairs; rounds {rounds}; "
+                         f"CPU time {row['overhead_cpu']:.3f})")
+            if "verdict" in row:
+                lines.append(f"  → {row['verdict']['text']}")
+        by_round = ", ".join(f"{x:.2f}" for x in tr.get("precomputed_speedup_by_round", []))
+        lines.append(f"precomputed speed-up (a): {tr['precomputed_speedup']:.2f}× wall clock (rounds {by_round}), "
                      f"{tr['precomputed_speedup_cpu']:.2f}× CPU time")
     ft = result.get("fit")
     if ft and "error" in ft:
