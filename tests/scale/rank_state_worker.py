@@ -65,6 +65,9 @@ def main() -> None:
     out["requeue_seen"] = seen
     with open(out_path, "w") as f:
         json.dump(out, f)
+    # No rank tears its connections down while the other may still be finishing the last collective
+    # (gloo then aborts the slower process: "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
