@@ -97,6 +97,7 @@ def main() -> None:
     results["fit"] = fit_with_ddp(rank, json.loads(open(spec_path).read())["single"])
     with open(out_path, "w") as f:
         json.dump(results, f)
+    dist.barrier()  # no rank closes its connections while another is still in the last collective
     dist.destroy_process_group()
 
 

@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     )
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
+    dist.barrier()  # no rank closes its connections while another is still in the last collective
     dist.destroy_process_group()
     print(
         f"PROBE rank={rank} world={world} local={os.environ.get('SLURM_LOCALID')} "
