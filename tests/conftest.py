@@ -29,3 +29,12 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_demo_shards(out, image_size=32, seed=0)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (tiny models run faster so on a busy machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -168,7 +168,20 @@ def train_only(module: nn.Module, params: Iterable[nn.Parameter]) -> bool:
     return bool(keep)
 
 
-class ClipEncoder(nn.Module):
+class FrozenStaysEval:
+    """Mixin for an ``nn.Module`` with a ``frozen`` flag: a frozen encoder, and the frozen parts of
+    a partly trained one, stay in eval mode whatever ``train(mode)`` the parent asks for."""
+
+    frozen: bool
+
+    def train(self, mode: bool = True):  # noqa: D102 - nn.Module.train, see the class docstring
+        super().train(mode and not self.frozen)
+        if mode and not self.frozen:
+            eval_frozen_children(self)
+        return self
+
+
+class ClipEncoder(FrozenStaysEval, nn.Module):
     """A (by default frozen) open_clip model with text/image encoding for conditioning."""
 
     def __init__(
@@ -223,14 +236,6 @@ class ClipEncoder(nn.Module):
         else:
             model, tokenizer = _build_named(cfg, precision)
         return cls(model, tokenizer, cfg.text_layer, freeze=cfg.freeze, precision=precision)
-
-    def train(self, mode: bool = True) -> "ClipEncoder":
-        """Frozen encoders, and frozen parts of a partly trained one, stay in eval mode whatever
-        the parent asks."""
-        super().train(mode and not self.frozen)
-        if mode and not self.frozen:
-            eval_frozen_children(self)
-        return self
 
     # ----------------------------------------------------------------------- what trains
     def named_text_parameters(self, pooled: bool = True) -> List[Tuple[str, nn.Parameter]]:
@@ -381,4 +386,4 @@ class ClipEncoder(nn.Module):
         return f"text_layer={self.text_layer}, frozen={self.frozen}, dtype={self.compute_dtype}"
 
 
-__all__ = ["ClipEncoder", "eval_frozen_children", "train_only"]
+__all__ = ["ClipEncoder", "FrozenStaysEval", "eval_frozen_children", "train_only"]

@@ -194,26 +194,30 @@ def text_transformer_from_hf(model: nn.Module) -> TextTransformer:
         attn = layer.self_attn
         block.attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
         block.attn.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
-        block.attn.out_proj.weight.copy_(attn.out_proj.weight)
-        block.attn.out_proj.bias.copy_(attn.out_proj.bias)
-        _copy_norm(block.ln_1, layer.layer_norm1)
-        _copy_norm(block.ln_2, layer.layer_norm2)
-        _copy_linear(block.mlp.c_fc, layer.mlp.fc1)
-        _copy_linear(block.mlp.c_proj, layer.mlp.fc2)
-    _copy_norm(tower.ln_final, core.final_layer_norm)
+        _copy_block(block, layer, into_open_clip=True)
+    _copy_affine(tower.ln_final, core.final_layer_norm)
     if with_projection:
         tower.text_projection.copy_(model.text_projection.weight.t())
     return tower
 
 
-def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
+#: The parts of an open_clip ``ResidualAttentionBlock`` and of a transformers ``CLIPEncoderLayer``
+#: that hold the same weight and bias (q/k/v, fused in open_clip, are split apart by the callers).
+_BLOCK_TWINS = (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+
+
+def _copy_affine(dst: nn.Module, src: nn.Module) -> None:
+    """Weight and bias of a LayerNorm or Linear."""
     dst.weight.copy_(src.weight)
     dst.bias.copy_(src.bias)
 
 
-def _copy_linear(dst: nn.Linear, src: nn.Linear) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)
+def _copy_block(block: nn.Module, layer: nn.Module, *, into_open_clip: bool) -> None:
+    """Every :data:`_BLOCK_TWINS` pair, from ``layer`` into ``block`` or the other way round."""
+    for ours, theirs in _BLOCK_TWINS:
+        a, b = block.get_submodule(ours), layer.get_submodule(theirs)
+        _copy_affine(*((a, b) if into_open_clip else (b, a)))
 
 
 # ------------------------------------------------------------------------------- open_clip -> hf
@@ -326,12 +330,8 @@ def hf_from_text_transformer(
                                      (layer.self_attn.v_proj, v, vb)):
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
-        _copy_linear(layer.self_attn.out_proj, block.attn.out_proj)
-        _copy_norm(layer.layer_norm1, block.ln_1)
-        _copy_norm(layer.layer_norm2, block.ln_2)
-        _copy_linear(layer.mlp.fc1, block.mlp.c_fc)
-        _copy_linear(layer.mlp.fc2, block.mlp.c_proj)
-    _copy_norm(core.final_layer_norm, parts.ln_final)
+        _copy_block(block, layer, into_open_clip=False)
+    _copy_affine(core.final_layer_norm, parts.ln_final)
     if with_projection:
         proj = parts.text_projection
         model.text_projection.weight.copy_(proj.weight if isinstance(proj, nn.Linear) else proj.t())

@@ -29,7 +29,7 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 
 from mmdiff.errors import CheckpointError
-from mmdiff.models.clip import eval_frozen_children, train_only
+from mmdiff.models.clip import FrozenStaysEval, train_only
 from mmdiff.models.clip_tokenizer import clip_tokenizer
 from mmdiff.models.dtypes import precision_dtype
 from mmdiff.models.hf_text import (
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SpecLike = TextEncoderSpec | Mapping[str, Any]
 
 
-class PipelineTextEncoder(nn.Module):
+class PipelineTextEncoder(FrozenStaysEval, nn.Module):
     """One or two open_clip text towers read the way a diffusers pipeline reads its encoders."""
 
     def __init__(
@@ -105,14 +105,6 @@ class PipelineTextEncoder(nn.Module):
         specs = [TextEncoderSpec.from_dict(s) for s in specs]
         towers = [text_transformer_from_config(s.hf_config, with_projection=s.with_projection) for s in specs]
         return cls(towers, specs, freeze=freeze, precision=precision)
-
-    def train(self, mode: bool = True) -> "PipelineTextEncoder":
-        """Frozen encoders, and frozen parts of a partly trained one, stay in eval mode whatever
-        the parent asks."""
-        super().train(mode and not self.frozen)
-        if mode and not self.frozen:
-            eval_frozen_children(self)
-        return self
 
     # ----------------------------------------------------------------------- what trains
     def named_text_parameters(self, pooled: bool = True) -> List[Tuple[str, nn.Parameter]]:

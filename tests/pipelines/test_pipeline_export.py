@@ -24,43 +24,11 @@ from mmdiff.errors import UsageError
 from mmdiff.inference.export import export_folder, export_single_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_pipelines import IMAGE_SIZE, fine_tune  # noqa: E402
+from tiny_pipelines import PARITY_PROMPTS, diffusers_ddim, fine_tune, mmdiff_ddim  # noqa: E402
 
-PROMPTS = ["a red cat on a mat, oil painting!", ""]
-STEPS, GUIDANCE, SEED = 4, 3.0, 3
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ENCODERS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(before)
-
-
-def _mmdiff_ddim(system) -> tuple:
-    """(final latents, images in [0, 1]) of ``system.sample`` with DDIM."""
-    seen = {}
-    decode = system.decode_latents
-
-    def keep(latents):
-        seen["latents"] = latents
-        return decode(latents)
-
-    system.decode_latents = keep
-    images = system.sample(PROMPTS, seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, sampler="ddim")
-    return seen["latents"], (images + 1) / 2
-
-
-def _pipeline_ddim(pipe) -> tuple:
-    """(final latents, images in [0, 1]) of the diffusers pipeline from mmdiff's x_T."""
-    pipe.set_progress_bar_config(disable=True)
-    x_T = torch.randn(len(PROMPTS), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=torch.Generator().manual_seed(SEED))
-    run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE)
-    latents = pipe(PROMPTS, latents=x_T.clone(), output_type="latent", **run).images
-    images = pipe(PROMPTS, latents=x_T.clone(), output_type="pt", **run).images
-    return latents, images
 
 
 def _text_weights(folder: Path, encoder: str) -> Dict[str, torch.Tensor]:
@@ -104,9 +72,9 @@ def test_fine_tuned_pipeline_exports_as_its_family(family: str, train_text: bool
 
     # the exported tokenizers give the ids mmdiff trained with (padding as the source's)
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    ids = system.clip.tokenize(PROMPTS)
+    ids = system.clip.tokenize(PARITY_PROMPTS)
     for index_, tok in enumerate(tokenizers):
-        theirs = tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        theirs = tok(PARITY_PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
         assert torch.equal(theirs, ids[:, index_])
 
@@ -117,8 +85,8 @@ def test_fine_tuned_pipeline_exports_as_its_family(family: str, train_text: bool
         same = all(torch.equal(ours[k], theirs[k]) for k in ours)
         assert same != train_text, f"{encoder}: trained={train_text} but same weights={same}"
 
-    latents, images = _mmdiff_ddim(system)
-    want_latents, want_images = _pipeline_ddim(pipe)
+    latents, images = mmdiff_ddim(system)
+    want_latents, want_images = diffusers_ddim(pipe)
     assert latents.shape == want_latents.shape and float(want_latents.std()) > 0.1
     assert (latents - want_latents).abs().max() < 1e-4
     assert (images - want_images).abs().max() < 1e-4

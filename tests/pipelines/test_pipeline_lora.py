@@ -23,11 +23,11 @@ from mmdiff.models.lora import is_lora_key
 from mmdiff.systems.text_to_image import TextToImageSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_pipelines import IMAGE_SIZE, pipeline_config  # noqa: E402
+from tiny_pipelines import diffusers_ddim, mmdiff_ddim, pipeline_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-PROMPTS = ["a red cat on a mat, oil painting!", ""]
-STEPS, GUIDANCE, SEED = 4, 3.0, 3
 RANK, ALPHA = 4, 8.0  # alpha != rank: the file's metadata must carry the scale
 LORA = {"rank": RANK, "alpha": ALPHA, "text_encoder": True}
 COMPONENTS = {"sd1": ("unet", "text_encoder"), "sd2": ("unet", "text_encoder"),
@@ -38,14 +38,6 @@ class Run(NamedTuple):
     config: Path
     ckpt: Path
     folder: Path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +63,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, pipeline_folders: Dict[str, P
     return get
 
 
-def _ours(system: TextToImageSystem) -> tuple:
-    """(final latents, images in [0, 1]) of ``system.sample`` with DDIM."""
-    seen = {}
-    decode = system.decode_latents
-
-    def keep(latents):
-        seen["latents"] = latents
-        return decode(latents)
-
-    system.decode_latents = keep
-    try:
-        images = system.sample(PROMPTS, seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, sampler="ddim")
-    finally:
-        del system.decode_latents
-    return seen["latents"], (images + 1) / 2
-
-
 def _pipeline(folder: Path, lora: Path | None = None):
     from diffusers import DiffusionPipeline
 
@@ -96,16 +71,6 @@ def _pipeline(folder: Path, lora: Path | None = None):
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe
-
-
-def _theirs(pipe) -> tuple:
-    """(final latents, images in [0, 1]) of the diffusers pipeline from mmdiff's x_T."""
-    x_T = torch.randn(len(PROMPTS), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=torch.Generator().manual_seed(SEED))
-    run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE)
-    with torch.no_grad():
-        latents = pipe(PROMPTS, latents=x_T.clone(), output_type="latent", **run).images
-        images = pipe(PROMPTS, latents=x_T.clone(), output_type="pt", **run).images
-    return latents, images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,11 +92,11 @@ def test_lora_checkpoint_holds_adapters_and_loads_from_the_folder(family: str, r
     rebuilt = TextToImageSystem(load_config(run.config))
     rebuilt.load_state_dict(state, strict=False)
     rebuilt.eval()
-    a, _ = _ours(loaded)
-    b, _ = _ours(rebuilt)
+    a, _ = mmdiff_ddim(loaded)
+    b, _ = mmdiff_ddim(rebuilt)
     assert float((a - b).abs().max()) < 1e-5
     plain = TextToImageSystem(load_config(run.config, ["model.lora.rank=0"])).eval()
-    c, _ = _ours(plain)
+    c, _ = mmdiff_ddim(plain)
     assert float((a - c).abs().max()) > 1e-3, "the adapters do not change the samples"
 
 
@@ -153,17 +118,17 @@ def test_lora_export_samples_as_mmdiff_in_the_diffusers_pipeline(family: str, ru
         assert meta[f"{component}.r"] == RANK and meta[f"{component}.lora_alpha"] == ALPHA
 
     system = mmdiff.load(run.ckpt, device="cpu")  # EMA weights, as the export
-    latents, images = _ours(system)
+    latents, images = mmdiff_ddim(system)
     pipe = _pipeline(run.folder, out)
-    want_latents, want_images = _theirs(pipe)
+    want_latents, want_images = diffusers_ddim(pipe)
     assert float(want_latents.std()) > 0.1
     assert float((latents - want_latents).abs().max()) < 1e-4
     assert float((images - want_images).abs().max()) < 1e-4
-    base_latents, _ = _theirs(_pipeline(run.folder))
+    base_latents, _ = diffusers_ddim(_pipeline(run.folder))
     assert float((base_latents - want_latents).abs().max()) > 1e-3, "the LoRA file changes nothing"
 
     merged = merged_copy(system)  # what `mmdiff export --out` writes: adapters folded in
-    merged_latents, _ = _ours(merged)
+    merged_latents, _ = mmdiff_ddim(merged)
     assert merged.lora is None and not [k for k in merged.state_dict() if is_lora_key(k) or ".base_layer." in k]
     assert float((merged_latents - latents).abs().max()) < 1e-4
 
@@ -211,7 +176,7 @@ def test_merged_export_folder_samples_as_mmdiff(family: str, runs, tmp_path: Pat
     out = tmp_path / "merged"
     assert main(["export", str(run.ckpt), "--out", str(out)]) == 0
     assert json.loads((out / "mmdiff.json").read_text())["lora_merged"] is True
-    latents, images = _ours(mmdiff.load(run.ckpt, device="cpu"))
-    want_latents, want_images = _theirs(_pipeline(out))
+    latents, images = mmdiff_ddim(mmdiff.load(run.ckpt, device="cpu"))
+    want_latents, want_images = diffusers_ddim(_pipeline(out))
     assert float((latents - want_latents).abs().max()) < 1e-4
     assert float((images - want_images).abs().max()) < 1e-4

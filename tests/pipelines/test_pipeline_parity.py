@@ -11,51 +11,27 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
-import torch
 
 from mmdiff.config import load_config
 from mmdiff.systems.text_to_image import TextToImageSystem
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_pipelines import IMAGE_SIZE, pipeline_config  # noqa: E402
-
-PROMPTS = ["a red cat on a mat, oil painting!", ""]
-STEPS, GUIDANCE, SEED = 4, 3.0, 3
+from tiny_pipelines import diffusers_ddim, mmdiff_ddim, pipeline_config  # noqa: E402
 
 
 def _system(tmp_path: Path, folder: Path, *overrides: str) -> TextToImageSystem:
     return TextToImageSystem(load_config(pipeline_config(tmp_path, folder), list(overrides))).eval()
 
 
-def _ours(system: TextToImageSystem, **kwargs) -> tuple:
-    """(final latents, images in [0, 1]) of system.sample."""
-    seen = {}
-    decode = system.decode_latents
-
-    def keep(latents):
-        seen["latents"] = latents
-        return decode(latents)
-
-    system.decode_latents = keep
-    images = system.sample(PROMPTS, seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, sampler="ddim", **kwargs)
-    return seen["latents"], (images + 1) / 2
-
-
 def _theirs(folder: Path, **kwargs) -> tuple:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    x_T = torch.randn(len(PROMPTS), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=torch.Generator().manual_seed(SEED))
-    run = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, **kwargs)
-    latents = pipe(PROMPTS, latents=x_T.clone(), output_type="latent", **run).images
-    images = pipe(PROMPTS, latents=x_T.clone(), output_type="pt", **run).images
-    return latents, images
+    return diffusers_ddim(DiffusionPipeline.from_pretrained(str(folder)), **kwargs)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_samples_equal_the_diffusers_pipeline(family: str, tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
-    latents, images = _ours(_system(tmp_path, pipeline_folders[family]))
+    latents, images = mmdiff_ddim(_system(tmp_path, pipeline_folders[family]))
     want_latents, want_images = _theirs(pipeline_folders[family])
     assert latents.shape == want_latents.shape and float(want_latents.std()) > 0.1
     assert (latents - want_latents).abs().max() < 1e-4
@@ -65,11 +41,11 @@ def test_samples_equal_the_diffusers_pipeline(family: str, tmp_path: Path, pipel
 def test_sdxl_size_and_crop_conditioning_equals_the_pipeline(tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
     system = _system(tmp_path, pipeline_folders["sdxl"])
     sizes = dict(original_size=(64, 48), crop_top_left=(4, 2), target_size=(32, 32))
-    latents, _ = _ours(system, **sizes)
+    latents, _ = mmdiff_ddim(system, **sizes)
     want, _ = _theirs(pipeline_folders["sdxl"], crops_coords_top_left=sizes["crop_top_left"],
                       **{k: v for k, v in sizes.items() if k != "crop_top_left"})
     assert (latents - want).abs().max() < 1e-4
-    default, _ = _ours(system)
+    default, _ = mmdiff_ddim(system)
     assert (default - latents).abs().max() > 1e-3  # the ids reach the U-Net
     with pytest.raises(ValueError, match="SDXL micro-conditioning"):
         _system(tmp_path, pipeline_folders["sd1"]).sample(["x"], original_size=(8, 8))
@@ -81,12 +57,10 @@ def test_ddim_end_point_follows_set_alpha_to_one(tmp_path: Path, pipeline_folder
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     folder = pipeline_folders["sd1"]
-    latents, _ = _ours(_system(tmp_path, folder, "sampling.set_alpha_to_one=true"))
+    latents, _ = mmdiff_ddim(_system(tmp_path, folder, "sampling.set_alpha_to_one=true"))
     pipe = DiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
-    x_T = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(SEED))
-    want = pipe(PROMPTS, latents=x_T, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent").images
+    want, _ = diffusers_ddim(pipe)
     assert (latents - want).abs().max() < 1e-4
-    other, _ = _ours(_system(tmp_path, folder))
+    other, _ = mmdiff_ddim(_system(tmp_path, folder))
     assert (other - latents).abs().max() > 1e-3

@@ -18,13 +18,7 @@ from mmdiff.systems.text_to_image import TextToImageSystem
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_pipelines import pipeline_config  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

@@ -137,3 +137,40 @@ def fine_tune(tmp_path: Path, folder: Path, shards: Path, run: str = "run", **se
     if main(["fit", str(config)]) != 0:
         raise RuntimeError(f"mmdiff fit {config} failed")
     return tmp_path / run / "checkpoints" / "last.ckpt"
+
+
+#: What the sampling-parity tests run on both sides: prompts (one empty), DDIM steps, guidance, seed.
+PARITY_PROMPTS = ["a red cat on a mat, oil painting!", ""]
+PARITY_STEPS, PARITY_GUIDANCE, PARITY_SEED = 4, 3.0, 3
+
+
+def mmdiff_ddim(system, **kwargs: Any) -> tuple:
+    """(final latents, images in [0, 1]) of ``system.sample`` with DDIM on the parity prompts;
+    the latents are caught on their way into the VAE decoder."""
+    seen = {}
+    decode = system.decode_latents
+
+    def keep(latents):
+        seen["latents"] = latents
+        return decode(latents)
+
+    system.decode_latents = keep
+    try:
+        images = system.sample(PARITY_PROMPTS, seed=PARITY_SEED, steps=PARITY_STEPS,
+                               guidance_scale=PARITY_GUIDANCE, sampler="ddim", **kwargs)
+    finally:
+        del system.decode_latents
+    return seen["latents"], (images + 1) / 2
+
+
+def diffusers_ddim(pipe, **kwargs: Any) -> tuple:
+    """(final latents, images in [0, 1]) of the diffusers pipeline ``pipe`` from the x_T
+    :func:`mmdiff_ddim` starts at (mmdiff draws x_T first from a generator seeded with the seed)."""
+    pipe.set_progress_bar_config(disable=True)
+    x_T = torch.randn(len(PARITY_PROMPTS), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2,
+                      generator=torch.Generator().manual_seed(PARITY_SEED))
+    run = dict(num_inference_steps=PARITY_STEPS, guidance_scale=PARITY_GUIDANCE, **kwargs)
+    with torch.no_grad():
+        latents = pipe(PARITY_PROMPTS, latents=x_T.clone(), output_type="latent", **run).images
+        images = pipe(PARITY_PROMPTS, latents=x_T.clone(), output_type="pt", **run).images
+    return latents, images

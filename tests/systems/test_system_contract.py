@@ -20,6 +20,8 @@ from mmdiff.config import load_config
 from mmdiff.systems.base import System
 from mmdiff.systems.registry import builtin_system_names, get_system
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a handwritten digit one"
 TINY_VAE = {"block_out_channels": [16, 32], "norm_num_groups": 16, "layers_per_block": 1,
@@ -95,14 +97,6 @@ def _finite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return bool(torch.isfinite(value).all())
     return all(_finite(v) for v in value)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_builtin_system_has_a_contract_case() -> None:

@@ -16,6 +16,8 @@ from mmdiff.errors import ConfigError
 from mmdiff.models.clip import ClipEncoder
 from mmdiff.systems.registry import get_system
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_VAE = {"block_out_channels": [16, 32], "norm_num_groups": 16, "layers_per_block": 1,
             "latent_channels": 4, "scale_estimate_batches": 1, "scaling_factor": 1.0}
@@ -32,14 +34,6 @@ SYSTEMS = {
     "prior": {"base": "prior.yaml", "model": {"prior": {"width": 32, "layers": 1, "heads": 2}}},
 }
 LR, TEXT_LR = 1e-3, 3e-4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(system: str, tmp: Path, shards: Path, clip: Dict[str, Any], steps: int = 3,
