@@ -130,14 +130,16 @@ def _earlier_run(run_dir: Path) -> dict:
 
 def test_fresh_moves_the_earlier_run_aside_on_rank_zero(tmp_path: Path, caplog) -> None:
     before = _earlier_run(tmp_path)
-    (tmp_path / "wandb").mkdir()  # W&B's run folders are named by run id: they stay
+    (tmp_path / "wandb" / "offline-run-20261202_140000-oldid").mkdir(parents=True)  # W&B reads the id back from it
+    (tmp_path / "notes.txt").write_text("not the run's")
     with caplog.at_level(logging.INFO, logger="mmdiff.run.resume"):
         assert plan_start(tmp_path, fresh=True, env=FIRST_START) == Start()
     [moved] = (tmp_path / "superseded").iterdir()
     assert datetime.strptime(moved.name, "%Y%m%dT%H%M%SZ")
     assert {name: (moved / name).read_bytes() for name in before} == before  # byte for byte
     assert (moved / "wandb_run_id").read_text() == "oldid\n" and (moved / "config.yaml").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["superseded", "wandb"]
+    assert (moved / "wandb" / "offline-run-20261202_140000-oldid").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "superseded"]
     assert f"to {moved}" in caplog.text
     assert newest_complete_checkpoint(tmp_path) is None
 

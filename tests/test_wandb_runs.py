@@ -73,7 +73,7 @@ def test_fresh_start_gets_a_new_run_id_and_keeps_the_old_one(toy_wandb: Path, tm
     assert (moved / RUN_ID_FILE).read_text() == old_id
     new_id = (run_dir / RUN_ID_FILE).read_text()
     assert new_id != old_id
-    assert [start["run"]["id"] for start in _runs(run_dir)] == [old_id.strip(), new_id.strip()]
+    assert [start["run"]["id"] for start in _runs(moved) + _runs(run_dir)] == [old_id.strip(), new_id.strip()]
 
 
 def test_group_and_job_type_keys(toy_wandb: Path, tmp_path: Path) -> None:

@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 RESUME_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "global_step", "epoch")
 
 #: The earlier run's files ``--fresh`` moves aside (besides ``hpc_ckpt_*.ckpt``): what a new run in
-#: the same folder would overwrite, continue or reuse.
-SUPERSEDED_FILES = ("checkpoints", "config.yaml", RUN_ID_FILE, "samples", "resources.csv")
+#: the same folder would overwrite, continue or reuse (the W&B id is also read back from ``wandb/``).
+SUPERSEDED_FILES = ("checkpoints", "config.yaml", RUN_ID_FILE, "wandb", "csv", "samples", "resources.csv")
 
 SUPERSEDED_DIR = "superseded"
 
