@@ -222,3 +222,109 @@ def test_fit_hides_expected_library_warnings_and_keeps_others(toy_config: Path, 
     messages = [str(w.message) for w in caught]
     assert "a warning of the user's own" in messages and "another Lightning warning" in messages
     assert not [m for m in messages if "in eval mode" in m or "LeafSpec" in m]
+
+
+# ------------------------------------------------------------------ rerun, --fresh, requeue
+def _files(run_dir: Path) -> dict:
+    """Bytes of every checkpoint and the config of a run dir."""
+    paths = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt"), run_dir / "config.yaml"]
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in paths if p.is_file()}
+
+
+def _step(path: Path) -> int:
+    return int(torch.load(path, weights_only=True)["global_step"])
+
+
+def test_rerun_resumes_from_the_newest_checkpoint_and_overwrites_none(toy_config: Path, tmp_path: Path,
+                                                                      caplog) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", str(toy_config), "trainer.max_steps=3", "trainer.keep_last_n=-1"]) == 0
+    before = _files(run)
+    with caplog.at_level("INFO", logger="mmdiff.run.resume"):
+        assert main(["fit", str(toy_config), "trainer.max_steps=6", "trainer.keep_last_n=-1"]) == 0
+    assert f"resuming {run} from " in caplog.text and "(step 3)" in caplog.text
+    assert _step(run / "checkpoints" / "last.ckpt") == 6
+    after = _files(run)
+    assert after["checkpoints/step0000003.ckpt"] == before["checkpoints/step0000003.ckpt"]
+    assert "checkpoints/step0000006.ckpt" in after
+    second = (run / "csv" / "version_1" / "metrics.csv").read_text()
+    assert "train/loss" in second  # the second start trained steps 4-6
+
+
+def test_rerun_of_a_finished_run_ends_at_once(toy_config: Path, tmp_path: Path, caplog) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", str(toy_config)]) == 0
+    before = _files(run)
+    with caplog.at_level("INFO"):
+        assert main(["fit", str(toy_config)]) == 0
+    assert f"{run} is finished: step 6 of trainer.max_steps=6, nothing to train" in caplog.text
+    assert _files(run) == before  # byte for byte, config.yaml included
+    assert not (run / "csv" / "version_1").exists()  # no logger, no trainer
+
+
+def test_fresh_starts_over_and_keeps_the_earlier_run(toy_config: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["fit", str(toy_config), "trainer.max_steps=3", "optim.lr=0.01"]) == 0
+    before = _files(run)
+    assert main(["fit", str(toy_config), "trainer.max_steps=3", "--fresh"]) == 0
+    [moved] = (run / "superseded").iterdir()
+    assert _files(moved) == before  # the earlier run, byte for byte
+    assert _files(run).keys() == before.keys() and _files(run) != before
+    assert _step(run / "checkpoints" / "last.ckpt") == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] != 0.01
+
+
+def test_fresh_with_resume_is_one_line_usage_error(toy_config: Path, capsys) -> None:
+    assert main(["fit", str(toy_config), "--fresh", "--resume", "last"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --fresh starts a new run and --resume continues one; pass only one of them."]
+
+
+def test_auto_resume_of_another_model_suggests_fresh(toy_config: Path, tmp_path: Path, capsys) -> None:
+    assert main(["fit", str(toy_config), "trainer.max_steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["fit", str(toy_config), "system=autoencoder"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("; or start a new run over it with --fresh."), err
+
+
+# One task of a SLURM job (Lightning takes the rank from these), first start or requeued.
+_SLURM_TASK = {"SLURM_JOB_ID": "4711", "SLURM_JOB_NAME": "train.sbatch", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+               "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+               "SLURM_NODELIST": "localhost"}
+
+
+def _in_slurm_task(monkeypatch, restart: int) -> None:
+    import os
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**_SLURM_TASK, "SLURM_RESTART_COUNT": str(restart)}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_requeued_job_resumes_though_its_command_line_says_fresh(toy_config: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    run = tmp_path / "run"
+    _in_slurm_task(monkeypatch, restart=0)
+    assert main(["fit", str(toy_config), "trainer.max_steps=3", "--fresh"]) == 0
+    before = _files(run)
+    _in_slurm_task(monkeypatch, restart=1)
+    assert main(["fit", str(toy_config), "--fresh"]) == 0
+    assert not (run / "superseded").exists()
+    assert _step(run / "checkpoints" / "last.ckpt") == 6
+    assert _files(run)["checkpoints/step0000003.ckpt"] == before["checkpoints/step0000003.ckpt"]
+
+
+def test_incomplete_requeue_checkpoint_is_not_resumed_by_lightning(toy_config: Path, tmp_path: Path,
+                                                                   monkeypatch, caplog) -> None:
+    """Under SLURM Lightning itself resumes from hpc_ckpt_N.ckpt when fit gets no checkpoint: a
+    start that skipped a truncated one must start at step 0, not crash on it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    _in_slurm_task(monkeypatch, restart=1)
+    with caplog.at_level("WARNING", logger="mmdiff.run.resume"):
+        assert main(["fit", str(toy_config), "trainer.max_steps=3"]) == 0
+    assert f"skipping checkpoint {run / 'hpc_ckpt_1.ckpt'}: " in caplog.text
+    assert _step(run / "checkpoints" / "last.ckpt") == 3

@@ -64,6 +64,18 @@ def test_resume_continues_one_run_in_the_experiment_group(toy_wandb: Path, tmp_p
     assert min(steps) == 3  # the second start logs where the first stopped
 
 
+def test_fresh_start_gets_a_new_run_id_and_keeps_the_old_one(toy_wandb: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["fit", str(toy_wandb)]) == 0
+    old_id = (run_dir / RUN_ID_FILE).read_text()
+    assert main(["fit", str(toy_wandb), "--fresh"]) == 0
+    [moved] = (run_dir / "superseded").iterdir()
+    assert (moved / RUN_ID_FILE).read_text() == old_id
+    new_id = (run_dir / RUN_ID_FILE).read_text()
+    assert new_id != old_id
+    assert [start["run"]["id"] for start in _runs(moved) + _runs(run_dir)] == [old_id.strip(), new_id.strip()]
+
+
 def test_group_and_job_type_keys(toy_wandb: Path, tmp_path: Path) -> None:
     assert main(["fit", str(toy_wandb), "logger.group=sweep-7", "logger.job_type=finetune"]) == 0
     (run,) = _runs(tmp_path / "run")

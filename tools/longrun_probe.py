@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.train_shards={shards}/train-*.tar", f"data.val_shards={shards}/val-*.tar",
         f"run_dir={out / 'run'}", f"trainer.max_steps={args.steps}", *args.overrides,
     ])
-    run_dir = fit(cfg)
+    run_dir = fit(cfg, fresh=True)  # a measurement of its own: an earlier run in --out moves aside
     warmup = args.warmup if args.warmup is not None else args.steps // 4
     summary = summarize(read_rows(run_dir / "resources.csv"), warmup)
     ok = (summary["rss_total_growth_pct"] <= args.max_rss_growth

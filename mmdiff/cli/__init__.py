@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train the system a config describes")
     p.add_argument("config", help="experiment YAML file")
     add_overrides(p, "data.batch_size=16")
-    p.add_argument("--resume", metavar="CKPT", help="'last' (this run's last checkpoint) or a .ckpt path")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="'last' or a .ckpt path (default: the run dir's newest complete checkpoint, if any)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start at step 0 over an existing run, moving its files to RUN_DIR/superseded/")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("sample", help="generate images from prompts with a text-to-image checkpoint")

@@ -29,7 +29,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.run.training import fit
 
-    run_dir = fit(cfg, resume=args.resume)
+    run_dir = fit(cfg, resume=args.resume, fresh=args.fresh)
     log.info("done: checkpoints in %s", Path(run_dir) / "checkpoints")
     return 0
 

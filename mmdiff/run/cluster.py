@@ -1,4 +1,4 @@
-"""SLURM helpers: read the job's allocation, make the trainer agree with it, find requeue checkpoints.
+"""SLURM helpers: read the job's allocation, make the trainer agree with it, find and prune requeue checkpoints.
 
 Pure functions over environment variables and paths; nothing here imports Lightning, so the module
 is cheap to import from the CLI and easy to test with a fake environment.
@@ -13,9 +13,9 @@ How a SLURM run fits together (see ``slurm/README.md``):
   own handler is turned off) has all ranks save ``hpc_ckpt_<N+1>.ckpt`` at the next batch boundary
   in the trainer's ``default_root_dir`` (mmdiff's run directory, *not* ``checkpoints/``), then rank 0
   runs ``scontrol requeue``. The requeued job keeps its ``SLURM_JOB_ID`` and reruns the same command.
-- On the rerun Lightning resumes from the newest ``hpc_ckpt_N.ckpt`` only when ``fit`` gets
-  ``ckpt_path=None``; ``ckpt_path="last"`` and explicit paths never look at it.
-  :func:`resume_checkpoint` turns the user's request into an explicit path that accounts for it.
+- The rerun (``SLURM_RESTART_COUNT > 0``) resumes like any rerun in a run directory that holds
+  checkpoints: from the newest complete one, ``hpc_ckpt_N.ckpt`` or ``checkpoints/*.ckpt``
+  (:mod:`mmdiff.run.resume`; Lightning's own pick-up of ``hpc_ckpt_N.ckpt`` is turned off).
 """
 from __future__ import annotations
 
@@ -212,35 +212,6 @@ def prune_hpc_checkpoints(run_dir: PathLike, keep: int = 1) -> List[Path]:
     return doomed
 
 
-def resume_checkpoint(
-    run_dir: PathLike, requested: Optional[str], env: Optional[Mapping[str, str]] = None
-) -> Optional[str]:
-    """What ``fit`` should resume from, given the user's request and any requeue checkpoint.
-
-    ``requested`` is ``None`` (fresh start), ``"last"`` or a checkpoint path, as on the command
-    line. A requeued job reruns the *same* command line, so the request alone would restart it
-    from scratch or from an old file; and Lightning's ``ckpt_path="last"`` ignores
-    ``hpc_ckpt_N.ckpt``. Rule: when ``run_dir`` holds an ``hpc_ckpt_N.ckpt`` and we run under
-    SLURM (or the user asked for ``"last"``), return the newest (by modification time) of that
-    file, ``run_dir/checkpoints/last.ckpt`` and the requested path. Otherwise return ``requested``
-    unchanged. The answer is an explicit path, so Lightning's implicit ``ckpt_path=None`` pick-up
-    never overrides a newer ``last.ckpt``.
-    """
-    hpc = hpc_checkpoint(run_dir)
-    if hpc is None or not (requested == "last" or slurm_allocation(env) is not None):
-        return requested
-    candidates = [hpc]
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        candidates.append(last)
-    if requested not in (None, "last") and Path(str(requested)).is_file():
-        candidates.append(Path(str(requested)))
-    chosen = max(candidates, key=lambda p: p.stat().st_mtime)
-    if str(chosen) != str(requested):
-        log.info("resuming from %s (newest of: %s)", chosen, ", ".join(map(str, candidates)))
-    return str(chosen)
-
-
 __all__ = [
     "HPC_CHECKPOINT_PATTERN",
     "parse_tasks_per_node",
@@ -249,5 +220,4 @@ __all__ = [
     "slurm_run_dir",
     "hpc_checkpoint",
     "prune_hpc_checkpoints",
-    "resume_checkpoint",
 ]

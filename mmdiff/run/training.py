@@ -31,10 +31,11 @@ from mmdiff.callbacks.requeue import RequeueOnSignal
 from mmdiff.callbacks.resources import ResourceProbe
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
-from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints, resume_checkpoint
+from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints
+from mmdiff.run.resume import is_global_rank_zero, plan_start
 from mmdiff.io.weights import unpickling_refusal
 from mmdiff.config import LoggerKind, save_config, to_container
-from mmdiff.errors import CheckpointError, ConfigError, Terminated
+from mmdiff.errors import CheckpointError, ConfigError, Terminated, UsageError
 from mmdiff.run.strategies import build_strategy
 from mmdiff.run.wandb_run import RunWandbLogger, run_identity, wandb_run_id
 from mmdiff.systems.base import System
@@ -191,21 +192,6 @@ def build_trainer(
     )
 
 
-def resolve_resume(cfg: DictConfig, resume: Optional[str]) -> Optional[str]:
-    """``None``, ``"last"`` (the run's last.ckpt if any) or a checkpoint path that must exist."""
-    if resume is None:
-        return None
-    if resume == "last":
-        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        log.warning("no checkpoint at %s; starting from scratch", last)
-        return None
-    if not Path(resume).is_file():
-        raise CheckpointError(f"checkpoint '{resume}' does not exist; pass a .ckpt path or 'last'.")
-    return resume
-
-
 def read_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> Dict[str, Any]:
     """The resume checkpoint, its tensors memory-mapped (so a large file is not read twice);
     one sentence refuses a checkpoint of another system."""
@@ -225,28 +211,57 @@ def check_resume_fits(system: System, checkpoint: Dict[str, Any], ckpt_path: str
                               f"({problem}); resume with the config it was trained with.")
 
 
-def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
-    """Train ``cfg`` (optionally resuming) and return the run directory.
+@contextlib.contextmanager
+def _fresh_hint(auto: bool) -> Iterator[None]:
+    """A checkpoint error of a resume the user did not ask for (``auto``) also says how to start over."""
+    try:
+        yield
+    except CheckpointError as err:
+        if not auto:
+            raise
+        raise CheckpointError(f"{str(err).rstrip('.')}; or start a new run over it with --fresh.") from None
 
-    Under SLURM, ``trainer.num_nodes``/``devices`` come from the allocation, and a requeued job
-    resumes from the newest of its ``hpc_ckpt_N.ckpt`` and ``last.ckpt`` without being asked.
+
+def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> Path:
+    """Train ``cfg`` and return the run directory.
+
+    A run dir that holds checkpoints continues from the newest complete one (also a requeued
+    SLURM job); ``resume`` is ``"last"`` (the same) or a checkpoint path; ``fresh`` starts at
+    step 0 and first moves the earlier run to ``RUN_DIR/superseded/`` (rules:
+    :mod:`mmdiff.run.resume`). A run already at ``trainer.max_steps`` ends at once. Under SLURM,
+    ``trainer.num_nodes``/``devices`` come from the allocation.
     """
+    if fresh and resume is not None:
+        raise UsageError("--fresh starts a new run and --resume continues one; pass only one of them.")
     cfg = apply_slurm_allocation(cfg)
     run_dir = Path(cfg.run_dir)
     check_precision(cfg)
     enable_tf32(bool(cfg.trainer.tf32))  # process-wide torch settings, whatever the system
-    ckpt_path = resolve_resume(cfg, resume_checkpoint(run_dir, resume))
-    resumed = read_resume_checkpoint(cfg, ckpt_path) if ckpt_path is not None else None
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    system = build_system(cfg, resumed["hyper_parameters"] if resumed is not None else None)
-    if resumed is not None:
-        check_resume_fits(system, resumed, ckpt_path)
-        del resumed  # Lightning reads the file again inside fit
+    start = plan_start(run_dir, resume, fresh)
+    ckpt_path = str(start.checkpoint) if start.checkpoint is not None else None
+    if ckpt_path is not None and start.step >= cfg.trainer.max_steps:
+        log.info("%s is finished: step %d of trainer.max_steps=%d, nothing to train (raise trainer.max_steps "
+                 "to go on, or start over with --fresh)", run_dir, start.step, cfg.trainer.max_steps)
+        return run_dir
+    with _fresh_hint(auto=resume is None and ckpt_path is not None):
+        resumed = read_resume_checkpoint(cfg, ckpt_path) if ckpt_path is not None else None
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        system = build_system(cfg, resumed["hyper_parameters"] if resumed is not None else None)
+        if resumed is not None:
+            check_resume_fits(system, resumed, ckpt_path)
+            del resumed  # Lightning reads the file again inside fit
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # a missing shard fails here, before a run folder or W&B run is made
-    save_config(cfg, run_dir)
+    if is_global_rank_zero() or not fresh:
+        # Under --fresh another rank's copy could land before rank 0 has moved the old one aside.
+        save_config(cfg, run_dir)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, build_callbacks(cfg, run_dir, system), loggers)
+    if ckpt_path is None:
+        # Lightning would resume from an hpc_ckpt_N.ckpt on its own under SLURM (one this start
+        # skipped as incomplete, or one --fresh is moving aside): the decision above is final.
+        trainer._checkpoint_connector._ckpt_path = None
+        trainer._checkpoint_connector._user_managed = True
     log.info("run directory: %s", run_dir)
     try:
         # Explicit weights_only: a resumed checkpoint is a user path, and torch's default can be
@@ -261,8 +276,8 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
         # turn its teardown into a RuntimeError: either way the run was terminated.
         if trainer.received_sigterm and not isinstance(err, KeyboardInterrupt):
             _finish_wandb(loggers, exit_code=143)
-            raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; continue with "
-                             "`mmdiff fit CONFIG --resume last`.") from None
+            raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; rerun `mmdiff fit CONFIG` "
+                             "to continue from the newest checkpoint.") from None
         _finish_wandb(loggers, exit_code=1)  # a failed run, marked so in W&B, its files complete
         raise
     _finish_wandb(loggers)

@@ -14,7 +14,6 @@ from mmdiff.run.cluster import (
     hpc_checkpoint,
     parse_tasks_per_node,
     prune_hpc_checkpoints,
-    resume_checkpoint,
     slurm_allocation,
     slurm_run_dir,
 )
@@ -236,37 +235,3 @@ def test_prune_keep_zero_and_missing_dir(tmp_path: Path) -> None:
     assert prune_hpc_checkpoints(tmp_path / "nope") == []
     with pytest.raises(ValueError):
         prune_hpc_checkpoints(tmp_path, keep=-1)
-
-
-# ------------------------------------------------------------------------------ resume
-def test_resume_without_hpc_checkpoint_passes_request_through(tmp_path: Path, slurm_env) -> None:
-    slurm_env(SRUN_3x2)
-    _touch(tmp_path / "checkpoints" / "last.ckpt")
-    for requested in (None, "last", "some/path.ckpt"):
-        assert resume_checkpoint(tmp_path, requested) == requested
-
-
-def test_requeued_job_resumes_from_hpc_checkpoint(tmp_path: Path, slurm_env) -> None:
-    slurm_env(SRUN_3x2)
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=100)
-    hpc = _touch(tmp_path / "hpc_ckpt_1.ckpt")
-    # The requeued job reruns its original command line: fresh start, "last", or an older file.
-    old = _touch(tmp_path / "pretrained.ckpt", age_s=1000)
-    for requested in (None, "last", str(old)):
-        assert resume_checkpoint(tmp_path, requested) == str(hpc)
-
-
-def test_newer_last_checkpoint_beats_stale_hpc_checkpoint(tmp_path: Path, slurm_env) -> None:
-    slurm_env(SRUN_3x2)
-    _touch(tmp_path / "hpc_ckpt_1.ckpt", age_s=500)
-    last = _touch(tmp_path / "checkpoints" / "last.ckpt")
-    assert resume_checkpoint(tmp_path, None) == str(last)
-    assert resume_checkpoint(tmp_path, "last") == str(last)
-
-
-def test_outside_slurm_hpc_checkpoint_only_counts_for_last(tmp_path: Path, slurm_env) -> None:
-    slurm_env({})
-    _touch(tmp_path / "checkpoints" / "last.ckpt", age_s=100)
-    hpc = _touch(tmp_path / "hpc_ckpt_2.ckpt")
-    assert resume_checkpoint(tmp_path, None) is None
-    assert resume_checkpoint(tmp_path, "last") == str(hpc)

@@ -262,7 +262,7 @@ def test_sbatch_fit_requeue_resumes_from_hpc_checkpoint(
     out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=900), job_id, tmp_path)
     assert f"job {job_id} restart 1" in out, "the job was not requeued"
     assert "requeue signal: saving" in out and "requeued SLURM job" in out, out[-4000:]
-    assert re.search(r"resuming from \S*/hpc_ckpt_1\.ckpt", out), "did not resume from hpc_ckpt_1.ckpt"
+    assert re.search(r"resuming \S+ from \S*/hpc_ckpt_1\.ckpt \(step \d+\)", out), "did not resume from hpc_ckpt_1.ckpt"
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "a finished run keeps no stale requeue checkpoint"
     # The requeued job reads the run id kept in the run dir, so W&B resumes the same run (one
