@@ -106,6 +106,11 @@ def test_sigusr1_saves_at_the_step_boundary_requeues_and_skips_the_end_of_fit(
     assert spy.after == [("train_batch_end", 2)]
     assert not (run / "checkpoints" / "last.ckpt").exists()
     assert calls.read_text().split() == ["requeue", "4242"]
+    # The saved step's metrics reached the logger (Lightning logs step 2 as row 1) before the stop.
+    rows = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    logged = sorted({int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:]
+                     if r.split(",")[rows[0].split(",").index("train/loss")]})
+    assert logged == [0, 1], rows
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("requeue: saved step 2")]
     assert len(lines) == 1 and "requeued job 4242" in lines[0] and "s after SIGUSR1" in lines[0], lines
 

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer import call
 
 from mmdiff.callbacks.sync_cadence import world_size
 
@@ -147,6 +148,12 @@ class RequeueOnSignal(Checkpoint):
         if agreed == _NONE or trainer.fit_loop.epoch_loop._should_accumulate():
             return  # mid accumulation window: its partial gradients are in no checkpoint
         self._drain()
+        # The stop below cuts the batch short: finish it first as Lightning would, with the
+        # module's own batch-end hook (it may change weights, e.g. clamp a parameter) and handing
+        # this step's metrics to the loggers, so the checkpoint and the logs hold the whole step.
+        call._call_lightning_module_hook(trainer, "on_train_batch_end", outputs, batch, batch_idx)
+        trainer._logger_connector.on_batch_end()
+        trainer._logger_connector.update_train_step_metrics()
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # all ranks, at the same step boundary (ends in a barrier)
         self.saved = path
