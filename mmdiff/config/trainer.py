@@ -95,6 +95,10 @@ class TrainerConfig:
     # Every N steps append RSS (main + worker processes) and open file descriptors to
     # RUN_DIR/resources.csv (a leak probe for long runs; 0 = off).
     probe_resources_every_n_steps: int = 0
+    # On SIGTERM (preemption, `scontrol requeue`, scancel) save RUN_DIR/hpc_ckpt_N.ckpt at the next
+    # optimiser-step boundary, then exit 143; false = stop after the current batch without saving.
+    # The save must fit in the time the sender grants before SIGKILL (SLURM: KillWait, default 30 s).
+    sigterm_save: bool = True
 
     @staticmethod
     def check(t: DictConfig, cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -27,7 +28,7 @@ from mmdiff.callbacks.nan_guard import NaNGuard
 from mmdiff.callbacks.periodic_eval import ImageEvalCallback
 from mmdiff.callbacks.previews import ImageLoggingCallback
 from mmdiff.callbacks.progress import ProgressLogCallback
-from mmdiff.callbacks.requeue import RequeueOnSignal
+from mmdiff.callbacks.requeue import RequeueOnSignal, StopForSignal
 from mmdiff.callbacks.resources import ResourceProbe
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
@@ -153,8 +154,9 @@ def build_trainer(
     training batch and every rank's data position is checkpointed, so an interrupted-and-resumed
     run trains on exactly what an uninterrupted one would (docs/scale_out.md). Under SLURM the
     requeue signal (SIGUSR1) is handled by :class:`mmdiff.callbacks.requeue.RequeueOnSignal`
-    (checkpoint at the next batch boundary on all ranks, then requeue) instead of Lightning's
-    handler, which saves wherever the training step happens to be.
+    (checkpoint at the next optimiser-step boundary on all ranks, then requeue) instead of
+    Lightning's handler, which saves wherever the training step happens to be; with
+    ``trainer.sigterm_save`` the same callback saves on SIGTERM before the run stops.
     """
     t = cfg.trainer
     callbacks = list(callbacks)
@@ -162,9 +164,13 @@ def build_trainer(
     plugins: List[Any] = [AtomicCheckpointIO()]
     if t.exact_resume:
         callbacks += [DataPositionCallback(), StepSeedCallback(cfg.seed)]
-    if SLURMEnvironment.detect():
+    slurm = SLURMEnvironment.detect()
+    if slurm:
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(RequeueOnSignal())
+    if slurm or t.sigterm_save:
+        callbacks.append(RequeueOnSignal(requeue_signal=signal.SIGUSR1 if slurm else None,
+                                         sigterm_save=bool(t.sigterm_save),
+                                         after_save=lambda _path: prune_hpc_checkpoints(run_dir, keep=1)))
     return L.Trainer(
         plugins=plugins,
         default_root_dir=str(run_dir),
@@ -270,6 +276,13 @@ def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> P
             trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except pickle.UnpicklingError as err:  # only the resume checkpoint is unpickled in fit
         raise unpickling_refusal(ckpt_path or "?", err) from None
+    except StopForSignal as stop:
+        # Saved at a step boundary; on SIGUSR1 the job is already requeued and its W&B run closed.
+        if stop.signum == signal.SIGTERM:
+            _finish_wandb(loggers, exit_code=143)
+            raise Terminated(f"stopped by SIGTERM after step {stop.step}, saved in {stop.path}; rerun "
+                             "`mmdiff fit CONFIG` to continue from it.") from None
+        return run_dir
     except BaseException as err:
         # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
         # loader workers that got the same signal (SLURM and killpg signal the whole group) can

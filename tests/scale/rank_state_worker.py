@@ -55,12 +55,12 @@ def main() -> None:
     out["guard_good"] = NaNGuard._any_rank_bad([torch.tensor(False)], torch.device("cpu"))
 
     # requeue: rank 1 gets the signal before batch 2 ends; every rank learns it at batch 3's end
-    requeue = RequeueOnSignal(requeue=False)
+    requeue = RequeueOnSignal()
     seen = []
     for batch in range(5):
         if rank == 1 and batch == 2:
             requeue._handler(signal.SIGUSR1, None)
-        seen.append(requeue._anyone_received(trainer))
+        seen.append(requeue._agreed(trainer))
     requeue.on_train_end(trainer, None)
     out["requeue_seen"] = seen
     with open(out_path, "w") as f:

@@ -41,7 +41,7 @@ def test_two_ranks_keep_their_own_counts_and_agree_on_flags(tmp_path: Path) -> N
     assert (r0["restored_old"], r1["restored_old"]) == (3, 0)  # an old checkpoint's count, once
     assert r0["guard_bad"] is r1["guard_bad"] is True
     assert r0["guard_good"] is r1["guard_good"] is False
-    assert r0["requeue_seen"] == r1["requeue_seen"] == [False, False, False, True, True]
+    assert r0["requeue_seen"] == r1["requeue_seen"] == [0, 0, 0, 1, 1]  # 1: a requeue request
 
 
 def test_other_world_size_restores_the_total_on_rank_zero() -> None:
@@ -97,7 +97,7 @@ def test_callbacks_read_the_device_once_per_step_at_most(tmp_path: Path, monkeyp
     trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=steps, accelerator="cpu", devices=1,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         log_every_n_steps=every,
-                        callbacks=[DataStatsCallback(), NaNGuard(), RequeueOnSignal(requeue=False)])
+                        callbacks=[DataStatsCallback(), NaNGuard(), RequeueOnSignal()])
     trainer.fit(_Tiny(), train_dataloaders=DataLoader(_batches(steps), batch_size=None))
     assert reads.get("nan_guard.py") == steps
     assert reads.get("data_stats.py") == steps // every  # one tolist per logging step

@@ -12,7 +12,7 @@ import torch
 
 from tiny_configs import tiny_t2i_config
 from mmdiff.callbacks.data_position import StepSeedCallback, step_seed
-from mmdiff.callbacks.requeue import RequeueOnSignal
+from mmdiff.callbacks.requeue import RequeueOnSignal, StopForSignal
 from mmdiff.config import STRATEGY_NAMES as CONFIG_NAMES
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
@@ -88,12 +88,20 @@ def _trainer(tmp_path: Path, *callbacks) -> L.Trainer:
                      callbacks=[StepSeedCallback(0), *callbacks])
 
 
-def test_requeue_signal_saves_at_the_batch_boundary_and_resumes_exactly(tmp_path: Path) -> None:
+@pytest.fixture
+def no_slurm_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a SLURM job the callback saves and stops but requeues nothing (not the job running the tests)."""
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_requeue_signal_saves_at_the_batch_boundary_and_resumes_exactly(tmp_path: Path, no_slurm_job: None) -> None:
     straight = _Toy()
     _trainer(tmp_path / "a").fit(straight)
     stopped = _Toy(signal_at=3)
-    requeue = RequeueOnSignal(requeue=False)
-    _trainer(tmp_path / "b", requeue).fit(stopped)
+    requeue = RequeueOnSignal()
+    with pytest.raises(StopForSignal):
+        _trainer(tmp_path / "b", requeue).fit(stopped)
     assert requeue.saved == str(tmp_path / "b" / "hpc_ckpt_1.ckpt")
     assert torch.load(requeue.saved, weights_only=True)["global_step"] == 4  # step 4 done, then stopped
     assert signal.getsignal(signal.SIGUSR1) is not requeue._handler  # handler removed after the fit
@@ -103,14 +111,16 @@ def test_requeue_signal_saves_at_the_batch_boundary_and_resumes_exactly(tmp_path
     assert torch.equal(resumed.lin.weight, straight.lin.weight)
 
 
-def test_requeue_checkpoint_is_written_after_a_periodic_one_at_the_same_step(tmp_path: Path) -> None:
+def test_requeue_checkpoint_is_written_after_a_periodic_one_at_the_same_step(tmp_path: Path,
+                                                                            no_slurm_job: None) -> None:
     """A signal landing on a periodic-checkpoint step: hpc_ckpt_1.ckpt is the newest file, so the
     requeued job resumes from it (and its ModelCheckpoint state already knows that step's file)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     periodic = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), every_n_train_steps=4, save_last=True)
-    requeue = RequeueOnSignal(requeue=False)
-    _trainer(tmp_path, periodic, requeue).fit(_Toy(signal_at=3))
+    requeue = RequeueOnSignal()
+    with pytest.raises(StopForSignal):
+        _trainer(tmp_path, periodic, requeue).fit(_Toy(signal_at=3))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4  # the periodic save at the same step
     # mmdiff.run.resume breaks a tie of steps by modification time: the requeue file is the newer.
