@@ -31,8 +31,10 @@ def slurm_job_key(env: Optional[Mapping[str, str]] = None) -> str:
 def register_resolvers() -> None:
     """Register mmdiff's resolvers with OmegaConf (once per process; later calls do nothing)."""
     if not OmegaConf.has_resolver(SLURM_JOB):
-        # A fresh environment read on every resolve: one process may load configs in and out of a job.
-        OmegaConf.register_new_resolver(SLURM_JOB, lambda: slurm_job_key(), use_cache=False)
+        # OmegaConf 2.4 renamed register_new_resolver (2.3) and warns on the old name.
+        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        # Uncached: one process may load configs in and out of a job.
+        register(SLURM_JOB, lambda: slurm_job_key(), use_cache=False)
 
 
 __all__ = ["RESOLVERS", "SLURM_JOB", "register_resolvers", "slurm_job_key"]
