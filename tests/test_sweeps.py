@@ -48,6 +48,14 @@ def test_values_reach_the_config_as_written(value) -> None:
     assert OmegaConf.to_container(back, resolve=False)["k"] == value
 
 
+def test_task_overrides_keep_the_sweep_values() -> None:
+    """A task's overrides read back as the sweep file's values, text that looks like a number included."""
+    values = {"name": "007", "sampling.prompts": ["a b", "true"], "optim.text_encoder_lr": None}
+    (task,) = parse_sweep({"list": [values]}, "x.yaml", "x").tasks
+    back = OmegaConf.to_container(OmegaConf.from_dotlist(list(task)), resolve=False)
+    assert (back["name"], back["sampling"]["prompts"], back["optim"]["text_encoder_lr"]) == ("007", ["a b", "true"], None)
+
+
 def test_example_sweep_file_checks_against_the_demo(capsys) -> None:
     """configs/sweeps/t2i_grid.yaml: 3 learning rates, every task a valid override of the demo config."""
     sweep = read_sweep(GRID)
