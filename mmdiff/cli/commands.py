@@ -41,40 +41,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return sync_offline_runs(cfg.run_dir)
 
 
-def _sweep_arguments(sweep, index: int, config: Optional[str], overrides: List[str], base: Optional[str]) -> List[str]:
-    """Task ``index``'s ``mmdiff fit`` overrides: the sweep's alone without a config; with one, the
-    user's overrides, the task's, and (unless these set them) the task's run dir and W&B group."""
-    from mmdiff.config.sweeps import format_value, has_key, task_run_dir
-
-    task = sweep.task(index)
-    if config is None:
-        return task
-    argv = [*overrides, *task]
-    cfg = load_config(config, argv)  # every task's keys and values checked before any job starts
-    if base is not None and not has_key(task, "run_dir"):
-        argv.append(f"run_dir={format_value(task_run_dir(base, sweep, index))}")
-    if cfg.logger.group is None:
-        argv.append(f"logger.group={format_value(sweep.name)}")
-    return argv
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     import shlex
 
-    from mmdiff.config.sweeps import read_sweep
+    from mmdiff.config.sweeps import fit_arguments, read_sweep
 
     config_is_override = args.config is not None and "=" in args.config and not Path(args.config).is_file()
     if (args.overrides and args.config is None) or config_is_override:
         raise UsageError("overrides need a config: mmdiff sweep SWEEP.yaml CONFIG key=value ...")
     sweep = read_sweep(args.sweep)
-    base = str(load_config(args.config, args.overrides).run_dir) if args.config is not None else None
     if args.task is not None:
-        sys.stdout.write("".join(f"{a}\n" for a in _sweep_arguments(sweep, args.task, args.config,
-                                                                      args.overrides, base)))
+        sys.stdout.write("".join(f"{a}\n" for a in fit_arguments(sweep, args.task, args.config, args.overrides)))
         return 0
     lines = [f"sweep {sweep.name} ({sweep.source}): {len(sweep.tasks)} task(s)"]
     for i in range(len(sweep.tasks)):
-        lines.append(f"  task {i}: {shlex.join(_sweep_arguments(sweep, i, args.config, args.overrides, base))}")
+        lines.append(f"  task {i}: {shlex.join(fit_arguments(sweep, i, args.config, args.overrides))}")
     config = shlex.quote(args.config) if args.config is not None else "CONFIG"
     lines.append(f"submit: sbatch --array={sweep.array} slurm/sweep.sbatch {config} {shlex.quote(args.sweep)}"
                  + "".join(f" {shlex.quote(o)}" for o in args.overrides))

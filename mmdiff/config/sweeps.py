@@ -18,11 +18,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mmdiff.config.loading import load_config
 from mmdiff.errors import ConfigError, UsageError
 
 TOP_KEYS = ("name", "grid", "list")
@@ -149,4 +150,23 @@ def has_key(overrides: Sequence[str], key: str) -> bool:
     return any(o.partition("=")[0] == key for o in overrides)
 
 
-__all__ = ["Sweep", "format_value", "has_key", "parse_sweep", "read_sweep", "task_run_dir"]
+def fit_arguments(sweep: Sweep, index: int, config: Optional[str | Path] = None,
+                  overrides: Sequence[str] = ()) -> List[str]:
+    """Task ``index``'s ``mmdiff fit`` overrides. Without a config: the sweep's own. With one (the
+    config is loaded with them, so a bad key fails here): ``overrides``, the task's, then
+    ``run_dir=<run_dir>/<sweep name>/task-<index>`` unless the task sets ``run_dir`` (``run_dir`` as
+    ``overrides`` leave it), and ``logger.group=<sweep name>`` unless the group is set."""
+    task = sweep.task(index)
+    if config is None:
+        return task
+    argv = [*overrides, *task]
+    cfg = load_config(config, argv)
+    if not has_key(task, "run_dir"):
+        base = str(load_config(config, overrides).run_dir)
+        argv.append(f"run_dir={format_value(task_run_dir(base, sweep, index))}")
+    if cfg.logger.group is None:
+        argv.append(f"logger.group={format_value(sweep.name)}")
+    return argv
+
+
+__all__ = ["Sweep", "fit_arguments", "format_value", "has_key", "parse_sweep", "read_sweep", "task_run_dir"]
