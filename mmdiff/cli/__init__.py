@@ -16,7 +16,7 @@ from mmdiff.cli.arguments import (OneLineParser, add_overrides, add_sampling_opt
                                   positive_int, unit_fraction)
 from mmdiff.cli.commands import (cmd_bench, cmd_caption, cmd_config, cmd_eval_digits, cmd_eval_images,
                                  cmd_eval_roundtrip, cmd_export, cmd_fit, cmd_interpolate, cmd_precompute,
-                                 cmd_sample, cmd_shards_demo, cmd_shards_folder, cmd_vary)
+                                 cmd_sample, cmd_shards_demo, cmd_shards_folder, cmd_sweep, cmd_sync, cmd_vary)
 from mmdiff.errors import MmdiffError, UsageError
 
 log = logging.getLogger("mmdiff")
@@ -28,6 +28,7 @@ EPILOG = """examples:
   mmdiff sample runs/demo/t2i/checkpoints/last.ckpt --prompt "a handwritten digit seven" --n 8
   mmdiff sample CKPT --prompt "a handwritten digit one" --init-image seven.png --strength 0.6 [--mask m.png]
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
+  mmdiff sweep configs/sweeps/t2i_grid.yaml configs/demo/text_to_image.yaml   # a job array's tasks
   mmdiff export runs/demo/t2i/checkpoints/last.ckpt --out export/t2i   # diffusers folder
   mmdiff export LORA_CKPT --lora export/lora            # adapters for pipeline.load_lora_weights
 """
@@ -90,6 +91,16 @@ def _add_interop_parsers(sub: argparse._SubParsersAction, evals: argparse._SubPa
     p.set_defaults(func=cmd_export)
 
 
+def _fit_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``mmdiff fit``; ``mmdiff sync`` takes the same, so train.sbatch passes one list to both."""
+    p.add_argument("config", help="experiment YAML file")
+    add_overrides(p, "data.batch_size=16")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="'last' or a .ckpt path (default: the run dir's newest complete checkpoint, if any)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start at step 0 over an existing run, moving its files to RUN_DIR/superseded/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``mmdiff`` argument parser."""
     parser = OneLineParser(
@@ -107,13 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("fit", help="train the system a config describes")
-    p.add_argument("config", help="experiment YAML file")
-    add_overrides(p, "data.batch_size=16")
-    p.add_argument("--resume", metavar="CKPT",
-                   help="'last' or a .ckpt path (default: the run dir's newest complete checkpoint, if any)")
-    p.add_argument("--fresh", action="store_true",
-                   help="start at step 0 over an existing run, moving its files to RUN_DIR/superseded/")
+    _fit_arguments(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("sweep", help="list a sweep file's tasks (a job array's override sets), or print one")
+    p.add_argument("sweep", help="sweep YAML file (grid: or list:, and name:)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML file: check every task against it and add each task's run_dir and W&B group")
+    add_overrides(p, "trainer.max_steps=1000 (with CONFIG)")
+    p.add_argument("--task", type=non_negative_int, default=None, metavar="I",
+                   help="print task I's overrides, one per line (what slurm/sweep.sbatch passes to mmdiff fit)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sync", help="upload a run's offline W&B folders with `wandb sync` (takes fit's arguments)")
+    _fit_arguments(p)
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("sample", help="generate images from prompts with a text-to-image checkpoint")
     p.add_argument("ckpt", help="text_to_image checkpoint (.ckpt)")

@@ -34,6 +34,35 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from mmdiff.run.wandb_sync import sync_offline_runs
+
+    return sync_offline_runs(cfg.run_dir)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mmdiff.config.sweeps import fit_arguments, read_sweep
+
+    config_is_override = args.config is not None and "=" in args.config and not Path(args.config).is_file()
+    if (args.overrides and args.config is None) or config_is_override:
+        raise UsageError("overrides need a config: mmdiff sweep SWEEP.yaml CONFIG key=value ...")
+    sweep = read_sweep(args.sweep)
+    if args.task is not None:
+        sys.stdout.write("".join(f"{a}\n" for a in fit_arguments(sweep, args.task, args.config, args.overrides)))
+        return 0
+    lines = [f"sweep {sweep.name} ({sweep.source}): {len(sweep.tasks)} task(s)"]
+    for i in range(len(sweep.tasks)):
+        lines.append(f"  task {i}: {shlex.join(fit_arguments(sweep, i, args.config, args.overrides))}")
+    config = shlex.quote(args.config) if args.config is not None else "CONFIG"
+    lines.append(f"submit: sbatch --array={sweep.array} slurm/sweep.sbatch {config} {shlex.quote(args.sweep)}"
+                 + "".join(f" {shlex.quote(o)}" for o in args.overrides))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _read_prompts(path: Optional[str]) -> List[str]:
     """The non-empty lines of a prompts file (none without a file)."""
     if path is None:

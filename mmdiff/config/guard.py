@@ -19,10 +19,12 @@ from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mmdiff.config.resolvers import RESOLVERS
 from mmdiff.errors import ConfigError
 
-#: Interpolation resolvers a config may call (``oc.select`` only reads other config keys).
-ALLOWED_RESOLVERS: Tuple[str, ...] = ("oc.select",)
+#: Interpolation resolvers a config may call: ``oc.select`` only reads other config keys, and
+#: mmdiff's own (:mod:`mmdiff.config.resolvers`) read nothing a config must not hold.
+ALLOWED_RESOLVERS: Tuple[str, ...] = ("oc.select", *RESOLVERS)
 
 # `${NAME:` opens a resolver call in OmegaConf's grammar (a plain `${a.b}` has no colon).
 _RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w\-]*(?:\.[A-Za-z_][\w\-]*)*)\s*:")

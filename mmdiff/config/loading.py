@@ -14,10 +14,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from mmdiff.config.guard import check_no_secrets, check_resolvers
 from mmdiff.config.pipeline import apply_pipeline, read_pipeline_info
+from mmdiff.config.resolvers import register_resolvers
 from mmdiff.config.schema import check_values, schema
 from mmdiff.io.atomic import write_text_atomic
 from mmdiff.errors import ConfigError
 
+
+register_resolvers()  # before any config resolves: `${slurm_job:}` is part of the config language
 
 # Keys whose YAML value may be a single string that means a one-element list.
 _STRING_OR_LIST = ("data.train_shards", "data.val_shards", "sampling.prompts", "base")

@@ -162,8 +162,9 @@ def slurm_run_dir(
     The default (``per_job=False``) is right for requeue: a requeued job keeps its
     ``SLURM_JOB_ID`` *and* its ``run_dir``, so it finds its ``hpc_ckpt_N.ckpt`` and W&B run again;
     resubmitting the same config also continues the same run. ``per_job=True`` gives every
-    submission its own directory (same config, several independent jobs). The YAML can do the same
-    without code: ``run_dir: runs/${name}/${oc.env:SLURM_JOB_ID,local}``.
+    submission its own directory (same config, several independent jobs). The YAML can key its run
+    directory by job without code: ``run_dir: runs/${name}/${slurm_job:}``
+    (:mod:`mmdiff.config.resolvers`).
     """
     run_dir = Path(str(cfg.run_dir))
     if not per_job:

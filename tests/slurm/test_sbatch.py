@@ -67,12 +67,14 @@ def _job_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def submit(
-    args: Sequence[str], workdir: Path, env: Optional[Dict[str, str]] = None, sbatch_opts: Sequence[str] = ()
+    args: Sequence[str], workdir: Path, env: Optional[Dict[str, str]] = None, sbatch_opts: Sequence[str] = (),
+    script: Path = SBATCH,
 ) -> str:
-    """``sbatch`` train.sbatch with ``args`` from ``workdir``; returns the job id."""
+    """``sbatch`` ``script`` (train.sbatch) with ``args`` from ``workdir``; returns the job id.
+    ``sbatch_opts`` come after the defaults, so they win over them."""
     cmd = [
         "sbatch", "--parsable", f"--chdir={workdir}", f"--output={workdir}/slurm-%j.out",
-        *CPU_TWO_RANKS, *sbatch_opts, str(SBATCH), *args,
+        *CPU_TWO_RANKS, *sbatch_opts, str(script), *args,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_job_env(env), timeout=60)
     assert out.returncode == 0, f"sbatch failed: {out.stderr.strip()}"
