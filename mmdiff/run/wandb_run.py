@@ -2,8 +2,8 @@
 and checkpoints uploaded as artifacts.
 
 The run id lives in ``RUN_DIR/wandb_run_id`` (written once), so every start of the experiment in
-that folder (a SLURM requeue, a resubmitted job with ``--resume``, a notebook) continues one W&B
-run, whatever the job id.
+that folder (a SLURM requeue, a resubmitted job, a rerun, a notebook) continues one W&B run,
+whatever the job id; ``mmdiff fit --fresh`` moves it (and ``wandb/``) aside, so a new run starts.
 """
 from __future__ import annotations
 

@@ -49,6 +49,7 @@ def _requeue_when_ended(job_id: str, workdir: Path, timeout_s: float = 120) -> N
 
 
 @pytest.mark.usefixtures("cluster")
+@pytest.mark.timeout(3600)  # two starts, each may wait in a busy queue
 def test_sigkilled_job_requeued_resumes_from_newest_checkpoint(tmp_path: Path, demo_shards: Path) -> None:
     run_dir, max_steps = tmp_path / "run", 24
     overrides = [o for o in _fit_overrides(run_dir, demo_shards, max_steps)
@@ -60,7 +61,7 @@ def test_sigkilled_job_requeued_resumes_from_newest_checkpoint(tmp_path: Path, d
     )
     # Kill once two periodic checkpoints exist, so there is an older one to leave alone.
     checkpoints = run_dir / "checkpoints"
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1500  # queue time included
     while len(list(checkpoints.glob("step*.ckpt"))) < 2:
         if not in_queue(job_id) or time.monotonic() > deadline:
             _fail_with_output(job_id, tmp_path, "never wrote two periodic checkpoints")
@@ -74,7 +75,7 @@ def test_sigkilled_job_requeued_resumes_from_newest_checkpoint(tmp_path: Path, d
     newest = max(_global_step(checkpoints / name) for name in first)
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), "SIGKILL leaves no time for a requeue checkpoint"
 
-    out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=900), job_id, tmp_path)
+    out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=1800), job_id, tmp_path)
     assert f"job {job_id} restart 1" in out, "the job was not requeued"
     resumed = re.findall(rf"resuming {re.escape(str(run_dir))} from (\S+) \(step (\d+)\)", out)
     assert resumed and int(resumed[0][1]) == newest, (resumed, newest, out[-4000:])
