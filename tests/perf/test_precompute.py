@@ -213,3 +213,11 @@ def test_latents_of_several_shapes_are_stored_at_their_own_shape(tiny_cfg_path: 
         torch.testing.assert_close(latent, system.encode_posterior(image.unsqueeze(0)).mean[0], atol=2e-3, rtol=2e-3)
         assert stored[key]["txt"].decode() == f"caption {key}"
         assert decode_array(stored[key]["original_size.npy"]).tolist() == [picture.height, picture.width]
+    # A batch of one stored shape trains as online batches do.
+    system.precomputed = True
+    system.latent_scale.fill_(1.0)
+    wide = [key for key, picture in pictures.items() if picture.width > picture.height]
+    batch = {name: torch.stack([torch.from_numpy(decode_array(stored[k][f"{name}.npy"])) for k in wide])
+             for name in ("latent", "latent_logvar", "context", "pooled")}
+    batch["caption"] = [f"caption {k}" for k in wide]
+    assert batch["latent"].shape == (3, 4, 8, 12) and torch.isfinite(system._loss(batch)["loss"])

@@ -165,3 +165,21 @@ def test_sampling_sizes_are_checked_with_the_config(tmp_path: Path, demo_shards:
             load_config(config, [f"sampling.sizes={bad}"])
     with pytest.raises(ConfigError, match="sampling.sizes is for text_to_image previews"):
         load_config(Path(__file__).resolve().parents[2] / "configs/demo/vae.yaml", ["sampling.sizes=[[16,16]]"])
+
+
+def test_init_images_are_cover_cropped_to_the_sample_size() -> None:
+    import numpy as np
+
+    from mmdiff.data.transforms import ImageTransform
+    from mmdiff.inference.sample_files import init_tensors
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    stencil = Image.fromarray(rng.integers(0, 256, (30, 50), dtype=np.uint8))
+    square, mask = init_tensors(picture, stencil, 16, 16)
+    assert torch.equal(square[0], ImageTransform(16)(picture))  # the square default as before
+    assert torch.equal(mask[0], (ImageTransform(16)(stencil)[:1] > 0).float())
+    wide, mask = init_tensors(picture, stencil, 16, 24)
+    assert wide.shape == (1, 3, 16, 24) and mask.shape == (1, 1, 16, 24)
+    tall, _ = init_tensors(picture, None, 24, 8)
+    assert tall.shape == (1, 3, 24, 8)
