@@ -74,6 +74,10 @@ def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
             for item in got._iter_ex(resolve=False)
         ):  # schema lists hold plain values (or lists of them); OmegaConf would let a mapping in
             raise ConfigError(f"'{dotted}' in {source} must be a list of plain values, got {_shown(got)}.")
+        if isinstance(want, ListConfig) and isinstance(got, ListConfig) and _holds_lists(want) and not all(
+            isinstance(item, ListConfig) for item in got._iter_ex(resolve=False)
+        ):
+            raise ConfigError(f"'{dotted}' in {source} must be a list of lists, got {_shown(got)}.")
         if isinstance(want, DictConfig):
             _check_shapes(want, got, f"{dotted}.", source)
 

@@ -160,7 +160,8 @@ def test_sampling_sizes_are_checked_with_the_config(tmp_path: Path, demo_shards:
     for bad, message in (("[[18,16]]", "sampling.sizes: width 18 is not a positive multiple of 4"),
                          ("[[16]]", r"sampling.sizes entries are \[width, height\]"),
                          ("[[16,0]]", r"sampling.sizes entries are \[width, height\]"),
-                         ("[{a: 1}]", "must be a list of plain values")):
+                         ("[{a: 1}]", "must be a list of plain values"),
+                         ("[16,16]", "'sampling.sizes' in the command line must be a list of lists, got \\[16, 16\\]")):
         with pytest.raises(ConfigError, match=message):
             load_config(config, [f"sampling.sizes={bad}"])
     with pytest.raises(ConfigError, match="sampling.sizes is for text_to_image previews"):
