@@ -16,7 +16,7 @@ from mmdiff.diffusion.options import SamplingOptions, option_names, option_probl
 from mmdiff.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_ONLY = {"prompts", "seed", "every_n_steps"}  # previews during training, not sampler options
+CONFIG_ONLY = {"prompts", "seed", "every_n_steps", "sizes"}  # previews during training, not sampler options
 
 
 def _sampling_flags(command: list) -> set:

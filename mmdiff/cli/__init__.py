@@ -11,9 +11,9 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from mmdiff.cli.arguments import (OneLineParser, add_overrides, add_sampling_options, add_size_options,
-                                  finite_float, non_negative_float, non_negative_int, output_folder, positive_float,
-                                  positive_int, unit_fraction)
+from mmdiff.cli.arguments import (OneLineParser, add_overrides, add_picture_size, add_sampling_options,
+                                  add_size_options, finite_float, non_negative_float, non_negative_int, output_folder,
+                                  positive_float, positive_int, unit_fraction)
 from mmdiff.cli.commands import (cmd_bench, cmd_caption, cmd_config, cmd_eval_digits, cmd_eval_images,
                                  cmd_eval_roundtrip, cmd_export, cmd_fit, cmd_interpolate, cmd_precompute,
                                  cmd_sample, cmd_shards_demo, cmd_shards_folder, cmd_sweep, cmd_sync, cmd_vary)
@@ -26,6 +26,7 @@ EPILOG = """examples:
   mmdiff fit configs/demo/vae.yaml                # train the demo VAE
   mmdiff fit configs/demo/text_to_image.yaml trainer.max_steps=100
   mmdiff sample runs/demo/t2i/checkpoints/last.ckpt --prompt "a handwritten digit seven" --n 8
+  mmdiff sample CKPT --prompt "a handwritten digit seven" --width 48 --height 32   # any aspect
   mmdiff sample CKPT --prompt "a handwritten digit one" --init-image seven.png --strength 0.6 [--mask m.png]
   mmdiff config configs/demo/text_to_image.yaml   # print the resolved config
   mmdiff sweep configs/sweeps/t2i_grid.yaml configs/demo/text_to_image.yaml   # a job array's tasks
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=finite_float, default=None, metavar="S",
                    help="multiply a LoRA model's adapters by S (0 = the base model; default 1)")
     add_sampling_options(p)
+    add_picture_size(p)
     add_size_options(p)
     p.set_defaults(func=cmd_sample)
     _unclip_parsers(sub)

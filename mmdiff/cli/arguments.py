@@ -185,6 +185,19 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, nargs=2, type=non_negative_int, metavar=("H", "W"), default=None, help=text)
 
 
+def add_picture_size(p: argparse.ArgumentParser) -> None:
+    """``--width W --height H`` of the sampled images (each defaults to the checkpoint's data.image_size)."""
+    for side in ("width", "height"):
+        p.add_argument(f"--{side}", type=positive_int, default=None, metavar=side[0].upper(),
+                       help=f"image {side} in pixels, a multiple of the VAE's × the U-Net's down-sampling "
+                            "(default: the checkpoint's data.image_size)")
+
+
+def picture_size(args: argparse.Namespace) -> Dict[str, int]:
+    """``--width`` / ``--height`` as given, keyed like ``sample()``'s arguments."""
+    return {k: v for k in ("width", "height") if (v := getattr(args, k, None)) is not None}
+
+
 def size_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The SDXL size/crop flags given, as ``(h, w)`` tuples keyed like ``sample()``'s arguments."""
     return {k: tuple(v) for k in SIZE_OPTIONS if (v := getattr(args, k, None)) is not None}

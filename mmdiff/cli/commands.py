@@ -9,9 +9,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from mmdiff.cli.arguments import output_folder, sampling_options, size_options
+from mmdiff.cli.arguments import output_folder, picture_size, sampling_options, size_options
 from mmdiff.config import load_config, to_yaml
 from mmdiff.errors import UsageError
 from mmdiff.io.textfiles import read_user_text
@@ -70,6 +70,16 @@ def _read_prompts(path: Optional[str]) -> List[str]:
     return [line.strip() for line in read_user_text(path, "prompts file").splitlines() if line.strip()]
 
 
+def _checked_size(system, args: argparse.Namespace) -> Dict[str, int]:
+    """``{"height": H, "width": W}`` of the images to sample: ``--height`` / ``--width`` (default: the
+    checkpoint's data.image_size), refused in one line when the model cannot take them."""
+    try:
+        grid = system.latent_grid(**picture_size(args))
+    except ValueError as err:
+        raise UsageError(f"{err} (--width/--height with '{args.ckpt}')") from None
+    return {"height": grid[0] * system.vae_factor, "width": grid[1] * system.vae_factor}
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     prompts: List[str] = list(args.prompt or []) + _read_prompts(args.prompts_file)
     if not prompts:
@@ -99,8 +109,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if getattr(system, "lora", None) is None:
             raise UsageError(f"--lora-scale needs a checkpoint trained with LoRA adapters; '{args.ckpt}' has none.")
         image_options["lora_scale"] = args.lora_scale
+    image_options.update(_checked_size(system, args))
     if init is not None:
-        image_options["init_image"], image_options["mask"] = init_tensors(*init, int(system.cfg.data.image_size))
+        image_options["init_image"], image_options["mask"] = init_tensors(
+            *init, image_options["height"], image_options["width"])
         strength = args.strength if args.strength is not None else float(system.cfg.sampling.strength)
         if args.mask is None and strength >= 1.0:
             log.warning("strength 1 starts from pure noise and ignores the init image; pass --strength below 1")
@@ -148,11 +160,12 @@ def _sample_two_stage(args: argparse.Namespace, prompts: List[str]) -> int:
     prior = load(args.prior, expect="prior", use_ema=not args.no_ema, device=args.device)
     decoder = _unclip_decoder(args)
     check_pair(prior, decoder)
+    size = _checked_size(decoder, args)
     expanded = [p for p in prompts for _ in range(args.n)]
     chunks = [expanded[i : i + args.batch_size] for i in range(0, len(expanded), args.batch_size)]
     images = [two_stage_sample(prior, decoder, chunk, seed=args.seed + i,
                                prior_options={"guidance_scale": args.prior_cfg},
-                               **sampling_options(args)).cpu()
+                               **sampling_options(args), **size).cpu()
               for i, chunk in enumerate(chunks)]
     _write_images(torch.cat(images), args.out, nrow=args.n)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from omegaconf import DictConfig
 
@@ -111,6 +111,8 @@ class SamplingConfig(SamplingOptions):
     prompts: List[str] = field(default_factory=list)
     seed: int = 0
     every_n_steps: int = 500
+    # text_to_image previews: one grid per [width, height] (empty: one grid at data.image_size square).
+    sizes: List[List[int]] = field(default_factory=list)
 
     @staticmethod
     def check(s: DictConfig, cfg: DictConfig) -> None:
@@ -118,7 +120,36 @@ class SamplingConfig(SamplingOptions):
             SamplingOptions.from_mapping(s).validate(cfg.diffusion.num_train_timesteps, prefix="sampling.")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        require(not s.sizes or cfg.system == "text_to_image",
+                f"sampling.sizes is for text_to_image previews; system '{cfg.system}' samples no images: remove it.")
+        for size in s.sizes:
+            require(len(size) == 2 and all(int(v) > 0 for v in size),
+                    f"sampling.sizes entries are [width, height] in pixels, got {list(size)}.")
+        multiple = built_size_multiple(cfg)
+        for width, height in s.sizes if multiple is not None else ():
+            problem = sample_size_problem(int(width), int(height), multiple)
+            require(problem is None, f"sampling.sizes: {problem}")
         require(
             s.every_n_steps >= 0,
             f"sampling.every_n_steps must be >= 0 (0 = previews only at the start and end), got {s.every_n_steps}.",
         )
+
+
+def sample_size_problem(width: int, height: int, multiple: int) -> Optional[str]:
+    """Why a ``width``×``height`` image cannot be sampled by a model whose sides must be multiples
+    of ``multiple`` pixels (the VAE's down-sampling × the U-Net's), or None."""
+    for name, value in (("width", width), ("height", height)):
+        if value < 1 or value % multiple:
+            below = max(multiple, value - value % multiple)
+            return (f"{name} {value} is not a positive multiple of {multiple} (the VAE's × the U-Net's "
+                    f"down-sampling); use e.g. {below} or {below + multiple}.")
+    return None
+
+
+def built_size_multiple(cfg: DictConfig) -> Optional[int]:
+    """The pixel multiple every sampled side must be of, for a VAE and U-Net built from the config;
+    None when either comes from a file (the system checks then, once built)."""
+    m = cfg.model
+    if m.get("pretrained") is not None or m.vae.pretrained is not None or m.unet.pretrained is not None:
+        return None
+    return 2 ** (len(m.vae.block_out_channels) - 1) * 2 ** (len(m.unet.down_block_types) - 1)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import typing
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -72,11 +73,21 @@ def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
         if isinstance(want, ListConfig) and not isinstance(got, ListConfig) and got._value() is not None:
             raise ConfigError(f"'{dotted}' in {source} must be a list, got {_shown(got)}.")
         if isinstance(want, ListConfig) and isinstance(got, ListConfig) and any(
-            isinstance(item, (DictConfig, ListConfig)) for item in got._iter_ex(resolve=False)
-        ):  # every list in the schema holds plain values; OmegaConf would let a mapping in
+            isinstance(item, DictConfig) or (isinstance(item, ListConfig) and not _holds_lists(want))
+            for item in got._iter_ex(resolve=False)
+        ):  # schema lists hold plain values (or lists of them); OmegaConf would let a mapping in
             raise ConfigError(f"'{dotted}' in {source} must be a list of plain values, got {_shown(got)}.")
+        if isinstance(want, ListConfig) and isinstance(got, ListConfig) and _holds_lists(want) and not all(
+            isinstance(item, ListConfig) for item in got._iter_ex(resolve=False)
+        ):
+            raise ConfigError(f"'{dotted}' in {source} must be a list of lists, got {_shown(got)}.")
         if isinstance(want, DictConfig):
             _check_shapes(want, got, f"{dotted}.", source)
+
+
+def _holds_lists(node: ListConfig) -> bool:
+    """Whether a schema list's items are lists themselves (``List[List[int]]``)."""
+    return typing.get_origin(node._metadata.element_type) is list
 
 
 def _choices(section: DictConfig, key: Any) -> Tuple[str, ...]:

@@ -5,7 +5,9 @@ whose samples hold
 
 ===================== ===========================================================================
 ``latent.npy``        C×h×w, the VAE posterior **mean, unscaled** (``model.precompute_latents``:
-                      ``distribution`` or ``mean``), or one unscaled posterior draw (``sample``)
+                      ``distribution`` or ``mean``), or one unscaled posterior draw (``sample``);
+                      h×w is the sample's own cropped image size / the VAE factor, so a folder
+                      made from aspect buckets holds latents of several shapes
 ``latent_logvar.npy`` C×h×w, the posterior log-variance (``distribution`` only): training draws a
                       fresh latent ``mean + exp(logvar / 2)·ε`` every step, as online encoding does
 ``context.npy``       L×D, the text encoder's token states (``model.clip.text_layer``)
@@ -19,6 +21,9 @@ with the encoders' arrays in ``model.precompute_dtype`` (fp16, or fp32), and onc
 ``precompute.json`` (what made the shards), ``empty_prompt.npz`` (the empty prompt's ``context``
 and ``pooled``, for caption dropout), ``vae_probe.npy`` (the VAE posterior mean of a fixed probe
 image) and ``precomputed.yaml`` (the config keys that train from the folder).
+
+``precompute.json``'s ``latent_shape`` is that of a ``data.image_size`` square image. A training
+batch stacks latents of one shape, as the bucketed stream delivers them.
 
 Training (``model.precomputed: true``) checks the folder against its own model before the first
 step (:func:`check_against`): latent and text shapes, the probe through its VAE and the empty prompt

@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmdiff.data.transforms import ImageTransform
+from mmdiff.data.transforms import to_tensor
 from mmdiff.errors import UsageError
 from mmdiff.eval.generative import generate
 from mmdiff.io.atomic import write_text_atomic
@@ -64,11 +64,23 @@ def read_init_images(image: str | Path, mask: Optional[str | Path] = None) -> Tu
     return picture, stencil
 
 
-def init_tensors(picture: Image.Image, stencil: Optional[Image.Image], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """PIL init image and mask → ``init_image`` 1×3×size×size in [-1, 1] and ``mask`` 1×1×size×size
-    (1 where the mask is white: regenerate; 0 where black: keep), resized and centre-cropped alike."""
-    transform = ImageTransform(size)
-    image = transform(picture).unsqueeze(0)
+def cover_crop(picture: Image.Image, height: int, width: int) -> Image.Image:
+    """``picture`` resized (bicubic) to cover height×width and centre-cropped to it; for a square
+    this is the validation shards' transform (shorter side to the size, centre crop)."""
+    scale = max(width / picture.width, height / picture.height)
+    cover = (max(width, round(picture.width * scale)), max(height, round(picture.height * scale)))
+    picture = picture.resize(cover, Image.Resampling.BICUBIC)  # PIL returns a copy at its own size
+    top, left = (picture.height - height) // 2, (picture.width - width) // 2
+    return picture.crop((left, top, left + width, top + height))
+
+
+def init_tensors(picture: Image.Image, stencil: Optional[Image.Image], height: int,
+                 width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """PIL init image and mask → ``init_image`` 1×3×height×width in [-1, 1] and ``mask``
+    1×1×height×width (1 where the mask is white: regenerate; 0 where black: keep), resized and
+    centre-cropped alike."""
+    image = to_tensor(cover_crop(picture, height, width)).unsqueeze(0)
     if stencil is None:
         return image, None
-    return image, (transform(stencil)[:1].unsqueeze(0) > 0).float()  # [-1, 1]: > 0 is lighter than mid-grey
+    # [-1, 1]: > 0 is lighter than mid-grey
+    return image, (to_tensor(cover_crop(stencil, height, width))[:1].unsqueeze(0) > 0).float()

@@ -4,7 +4,9 @@
 shards of a text-to-image config (``data.train_shards`` and ``data.val_shards``) and writes the
 folder :mod:`mmdiff.data.precomputed` describes (and training reads). Images are centre-cropped;
 random crops and flips cannot be replayed on stored latents. Each sample keeps its original size
-and crop offset (SDXL's micro-conditioning) beside its latents.
+and crop offset (SDXL's micro-conditioning) beside its latents, and its latent has the shape of its
+own cropped image (:func:`image_transform`): images of several shapes (aspect buckets) are encoded
+in batches of one shape each and stored at their own shape.
 
 **Latent scale.** Latents are stored unscaled. Training multiplies them by the system's
 ``latent_scale`` (``model.vae.scaling_factor``, or 1/std estimated from the first training
@@ -28,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -199,36 +201,42 @@ def _stacked(raws: List[Any], outs: List[Transformed], captions: List[str]):
     return raws, torch.stack([o.image for o in outs]), captions, sizes
 
 
+def image_transform(cfg: DictConfig) -> Callable[..., Transformed]:
+    """What each stored latent is encoded from: the training stream's transform without its random
+    choices (centre crop, no flip); the image's shape is the latent's, times the VAE factor."""
+    return ImageTransform(int(cfg.data.image_size)).apply
+
+
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
-    """(raw samples, images, captions, sizes) batches of one input shard; corrupt samples are
-    counted. ``sizes`` holds each image's micro-conditioning as int64 N×2 arrays."""
+    """(raw samples, images, captions, sizes) batches of one input shard, each of one image shape
+    (a shape's samples wait in their own buffer until it holds ``batch_size``; the rest come at the
+    end of the shard); corrupt samples are counted. ``sizes`` holds each image's micro-conditioning
+    as int64 N×2 arrays."""
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
                       max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size))
-    transform = ImageTransform(int(d.image_size))  # centre crop, no flip
-    raws: List[Any] = []
-    outs: List[Transformed] = []
-    captions: List[str] = []
+    transform = image_transform(cfg)
+    pending: Dict[Tuple[int, ...], Tuple[List[Any], List[Transformed], List[str]]] = {}
     try:
         for raw in iter_samples(url):
             try:
                 decoded = decode_sample(raw, spec)
-                out = transform.apply(decoded.image, original_size=decoded.original_size)
+                out = transform(decoded.image, original_size=decoded.original_size)
             except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
                 counter["skipped"] += 1
                 reason = str(err) if isinstance(err, CorruptSample) else repr(err)
                 log.warning("skipping sample %s of %s: %s", raw.key, url, reason)
                 continue
+            raws, outs, captions = pending.setdefault(tuple(out.image.shape), ([], [], []))
             raws.append(raw)
             outs.append(out)
             captions.append(decoded.caption)
             if len(raws) == batch_size:
-                yield _stacked(raws, outs, captions)
-                raws, outs, captions = [], [], []
+                yield _stacked(*pending.pop(tuple(out.image.shape)))
     except ShardError as err:
         counter["skipped"] += 1
         log.warning("%s; the rest of that shard is skipped", err)
-    if raws:
+    for raws, outs, captions in pending.values():
         yield _stacked(raws, outs, captions)
 
 

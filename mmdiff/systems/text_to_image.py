@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType
+from mmdiff.config.diffusion import sample_size_problem
 from mmdiff.data.precomputed import check_against, find_precompute_dir
 from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.config.pipeline import read_pipeline_info
@@ -74,8 +75,8 @@ class TextToImageSystem(System):
         self.vae = torch.nn.Module.to(vae, self.vae_dtype).requires_grad_(False).eval()
         self.clip = parts.text if parts is not None else ClipEncoder.from_config(m.clip)
         self.latent_channels = int(vae.config.latent_channels)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_size = cfg.data.image_size // factor
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_size = cfg.data.image_size // self.vae_factor  # the default (square) sample's side
         self.learned_variance = VarianceType(cfg.diffusion.variance_type) == VarianceType.learned_range
         self.image_embed_mode = image_embed.mode_of(cfg)
         self.unet = parts.unet if parts is not None else build_unet(
@@ -111,6 +112,13 @@ class TextToImageSystem(System):
         self.lora = lora_training.lora_section(cfg)
         if self.lora is not None:  # after every base weight is in place
             lora_training.add_adapters(self, self.lora)
+        # Sampled sides must pass every U-Net down-sampling whole, in latent cells.
+        unet_factor = 2 ** sum(1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None))
+        self.size_multiple = self.vae_factor * unet_factor
+        for width, height in cfg.sampling.sizes:
+            problem = sample_size_problem(int(width), int(height), self.size_multiple)
+            if problem:
+                raise ConfigError(f"sampling.sizes: {problem}")
         extra = {"pipeline": parts.meta} if parts is not None else {}
         self.save_config(vae_config=_plain(vae.config), **extra)
 
@@ -333,8 +341,7 @@ class TextToImageSystem(System):
         if "image" in batch and isinstance(batch["image"], torch.Tensor):
             target = tuple(batch["image"].shape[-2:])
         elif "latent" in batch:
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            target = tuple(int(d) * factor for d in batch["latent"].shape[-2:])
+            target = tuple(int(d) * self.vae_factor for d in batch["latent"].shape[-2:])
         else:
             target = None
         return self.time_ids(n, batch.get("original_size"), batch.get("crop_top_left"), target)
@@ -458,13 +465,15 @@ class TextToImageSystem(System):
         self, prompts: List[str], *, seed: int = 0, progress: bool = False,
         image_embeds: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None, original_size: Optional[Any] = None,
-        crop_top_left: Optional[Any] = None, target_size: Optional[Any] = None, **options: Any
+        crop_top_left: Optional[Any] = None, target_size: Optional[Any] = None,
+        width: Optional[int] = None, height: Optional[int] = None, **options: Any
     ) -> torch.Tensor:
-        """Prompts → images B×3×H×W in [-1, 1].
+        """Prompts → images B×3×``height``×``width`` in [-1, 1] (each side defaults to
+        ``data.image_size`` and must be a multiple of :attr:`size_multiple`).
 
         ``options`` are :class:`SamplingOptions` fields (``sampler``, ``steps``, ``guidance_scale``,
         ``eta``, ``temperature``, ``strength``, ...); unset (or None) ones take the config's ``sampling:``.
-        img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at ``data.image_size``) is
+        img2img: ``init_image`` (3×H×W, or 1 or B of them, in [-1, 1] at the sample's size) is
         encoded and noised to ``strength`` (< 1; ``int(steps·strength)`` steps run). Inpainting:
         ``mask`` (H×W, 1×H×W or 1|B×1×H×W; 1 = regenerate, 0 = keep) also needs ``init_image``; every
         latent cell touching a pixel to regenerate is generated, the others end as the init image's
@@ -472,10 +481,12 @@ class TextToImageSystem(System):
         ``image_embeds`` (B×E, scaled CLIP image embeddings) condition an unCLIP decoder; without
         them it samples from the text alone (a zero embedding, as image-embedding dropout trains).
         SDXL-style U-Nets (``model.pretrained`` of an SDXL pipeline) take ``original_size``,
-        ``crop_top_left`` and ``target_size`` ((h, w) or B×2; see :meth:`time_ids`).
+        ``crop_top_left`` and ``target_size`` ((h, w) or B×2; see :meth:`time_ids`; the target
+        defaults to the sample's size).
         """
         if not prompts:
             raise ValueError("sample() needs at least one prompt.")
+        grid = self.latent_grid(width, height)
         sizes = {"original_size": original_size, "crop_top_left": crop_top_left, "target_size": target_size}
         if not self.micro_conditioning and any(v is not None for v in sizes.values()):
             raise ValueError("original_size, crop_top_left and target_size are SDXL micro-conditioning; "
@@ -488,6 +499,8 @@ class TextToImageSystem(System):
             if self.zero_empty_prompt:  # as SDXL's pipeline with force_zeros_for_empty_prompt
                 uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
         if self.micro_conditioning:
+            if target_size is None:
+                sizes["target_size"] = tuple(side * self.vae_factor for side in grid)
             cond["time_ids"] = self.time_ids(len(prompts), **sizes)
             if uncond is not None:
                 uncond["time_ids"] = cond["time_ids"]
@@ -500,10 +513,11 @@ class TextToImageSystem(System):
             cond["image_embed"] = zeros if image_embeds is None else image_embeds.to(self.device).float()
             if uncond is not None:
                 uncond["image_embed"] = zeros
-        start = self._init_latents(len(prompts), init_image, mask) if init_image is not None or mask is not None else {}
+        start = self._init_latents(len(prompts), init_image, mask, grid) \
+            if init_image is not None or mask is not None else {}
         latents = self.diffusion.sample(
             self.denoise,
-            (len(prompts), self.latent_channels, self.latent_size, self.latent_size),
+            (len(prompts), self.latent_channels, *grid),
             cond=cond,
             uncond=uncond,
             options=opts,
@@ -514,30 +528,49 @@ class TextToImageSystem(System):
         )
         return self.decode_latents(latents)
 
-    def _init_latents(self, n: int, image: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> Dict[str, Any]:
-        """``x_init`` (and ``mask``, 1 = known) latents for ``n`` samples from pixel-space inputs."""
+    def latent_grid(self, width: Optional[int] = None, height: Optional[int] = None) -> Tuple[int, int]:
+        """The latent (h, w) of a ``width``×``height`` sample (None: ``data.image_size``); a side that is
+        no multiple of :attr:`size_multiple` raises ``ValueError`` (one sentence)."""
         size = int(self.cfg.data.image_size)
+        width, height = (size if v is None else int(v) for v in (width, height))
+        problem = sample_size_problem(width, height, self.size_multiple)
+        if problem:
+            raise ValueError(f"cannot sample {width}x{height}: {problem}")
+        return height // self.vae_factor, width // self.vae_factor
+
+    def _init_latents(self, n: int, image: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      grid: Tuple[int, int]) -> Dict[str, Any]:
+        """``x_init`` (and ``mask``, 1 = known) latents for ``n`` samples of latent size ``grid``
+        from pixel-space inputs."""
+        height, width = (side * self.vae_factor for side in grid)
         if image is None:
             raise ValueError("inpainting with a mask needs init_image, the image whose unmasked part is kept.")
         image = image.unsqueeze(0) if image.ndim == 3 else image
-        if image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (3, size, size):
-            raise ValueError(f"init_image must be 3x{size}x{size} (or 1 or {n} of them), got {tuple(image.shape)}.")
+        if image.ndim != 4 or image.shape[0] not in (1, n) or tuple(image.shape[1:]) != (3, height, width):
+            raise ValueError(f"init_image must be 3x{height}x{width} (or 1 or {n} of them), got {tuple(image.shape)}.")
         latents = self.encode_images(image.to(self.device), sample=False)
         out: Dict[str, Any] = {"x_init": latents.expand(n, *latents.shape[1:]).contiguous()}
         if mask is not None:
             mask = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask.unsqueeze(0) if mask.ndim == 3 else mask
-            if mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, size, size):
-                raise ValueError(f"mask must be {size}x{size} (or 1 or {n} of them), got {tuple(mask.shape)}.")
+            if mask.ndim != 4 or mask.shape[0] not in (1, n) or tuple(mask.shape[1:]) != (1, height, width):
+                raise ValueError(f"mask must be {height}x{width} (or 1 or {n} of them), got {tuple(mask.shape)}.")
             regenerate = torch.nn.functional.adaptive_max_pool2d((mask > 0.5).float(), latents.shape[-2:])
             out["mask"] = (1.0 - regenerate).to(self.device)
         return out
 
     def preview_images(self) -> Dict[str, Any]:
         """Fixed prompts × 4 fixed seeds, one column per prompt, each image captioned with its
-        prompt (for the image-logging callback)."""
+        prompt (for the image-logging callback): one grid ``samples`` at ``data.image_size``, or one
+        ``samples_WxH`` per ``sampling.sizes`` entry."""
         prompts = list(self.cfg.sampling.prompts)
         if not prompts:
             return {}
-        rows = [self.sample(prompts, seed=self.cfg.sampling.seed + r) for r in range(4)]
-        return {"samples": (torch.cat(rows), len(prompts), prompts * len(rows))}
+        sizes = [(int(w), int(h)) for w, h in self.cfg.sampling.sizes]
+        previews = {}
+        for width, height in sizes or [(None, None)]:
+            rows = [self.sample(prompts, seed=self.cfg.sampling.seed + r, width=width, height=height)
+                    for r in range(4)]
+            name = f"samples_{width}x{height}" if sizes else "samples"
+            previews[name] = (torch.cat(rows), len(prompts), prompts * len(rows))
+        return previews
 

@@ -166,3 +166,58 @@ def test_precompute_cli_mean_latents_fp32(tiny_cfg_path: Path, tmp_path: Path, c
     assert "latent_logvar.npy" not in sample.members
     assert decode_array(sample.members["latent.npy"]).dtype == np.float32
     assert "array_keys: [latent, context, pooled, original_size, crop_top_left]" in (out / FRAGMENT).read_text()
+
+
+def _aspect_bucket(image, original_size=None):
+    """A stand-in for a bucketing transform: landscape → 16×24, portrait → 24×16, square → 16×16 (h×w)."""
+    from mmdiff.data.transforms import Transformed, to_tensor
+
+    h, w = (16, 24) if image.width > image.height else (24, 16) if image.height > image.width else (16, 16)
+    return Transformed(to_tensor(image.resize((w, h))), (image.height, image.width), (0, 0))
+
+
+def test_latents_of_several_shapes_are_stored_at_their_own_shape(tiny_cfg_path: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    import mmdiff.jobs.precompute as job
+
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32), (32, 48), (32, 32), (48, 32), (48, 32), (32, 48), (32, 32)]  # (w, h), interleaved
+    pictures = {f"{i:03d}": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for i, (w, h) in enumerate(sizes)}
+    shards = tmp_path / "mixed"
+    shards.mkdir()
+    with tarfile.open(shards / "train-000000.tar", "w") as tar:
+        for key, picture in pictures.items():
+            buf = io.BytesIO()
+            picture.save(buf, format="PNG")
+            for ext, data in (("png", buf.getvalue()), ("txt", f"caption {key}".encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(job, "image_transform", lambda cfg: _aspect_bucket)
+    cfg = load_config(tiny_cfg_path, [f"data.train_shards={shards}/train-000000.tar"])
+    precompute(cfg, tmp_path / "out", splits=["train"], progress=False, batch_size=2)
+
+    stored = {s.key: s.members for s in iter_samples(str(tmp_path / "out" / "train-000000.tar"))}
+    assert sorted(stored) == sorted(pictures)
+    system = _system(tiny_cfg_path)
+    for key, picture in pictures.items():
+        image = _aspect_bucket(picture).image
+        latent = torch.from_numpy(decode_array(stored[key]["latent.npy"])).float()
+        assert latent.shape == (4, image.shape[1] // 2, image.shape[2] // 2)
+        torch.testing.assert_close(latent, system.encode_posterior(image.unsqueeze(0)).mean[0], atol=2e-3, rtol=2e-3)
+        assert stored[key]["txt"].decode() == f"caption {key}"
+        assert decode_array(stored[key]["original_size.npy"]).tolist() == [picture.height, picture.width]
+    # A batch of one stored shape trains as online batches do.
+    system.precomputed = True
+    system.latent_scale.fill_(1.0)
+    wide = [key for key, picture in pictures.items() if picture.width > picture.height]
+    batch = {name: torch.stack([torch.from_numpy(decode_array(stored[k][f"{name}.npy"])) for k in wide])
+             for name in ("latent", "latent_logvar", "context", "pooled")}
+    batch["caption"] = [f"caption {k}" for k in wide]
+    assert batch["latent"].shape == (3, 4, 8, 12) and torch.isfinite(system._loss(batch)["loss"])

@@ -59,3 +59,20 @@ def test_micro_conditioning_dropout_needs_an_sdxl_unet(tmp_path: Path, pipeline_
     cfg = load_config(pipeline_config(tmp_path, pipeline_folders["sd1"]), ["model.micro_conditioning_dropout=0.1"])
     with pytest.raises(ConfigError, match="micro_conditioning_dropout is for SDXL"):
         TextToImageSystem(cfg)
+
+
+def test_sdxl_samples_at_any_multiple_of_its_size_multiple(tmp_path: Path, pipeline_folders: Dict[str, Path]) -> None:
+    config = pipeline_config(tmp_path, pipeline_folders["sdxl"])
+    system = TextToImageSystem(load_config(config))
+    system.latent_scale.fill_(1.0)
+    m = system.size_multiple
+    assert m == system.vae_factor * 2 ** (len(system.unet.down_blocks) - 1)
+    told = []
+    denoise = system.denoise
+    system.denoise = lambda x_t, t, cond: told.append(cond["time_ids"]) or denoise(x_t, t, cond)
+    images = system.sample(["a"], width=2 * m, height=m, steps=1, guidance_scale=1.0)
+    assert images.shape == (1, 3, m, 2 * m)
+    assert told[0][0].tolist() == [m, 2 * m, 0, 0, m, 2 * m]  # target (and original) = the sampled size
+    # A pipeline's VAE and U-Net are known once built: sampling.sizes is checked then.
+    with pytest.raises(ConfigError, match=f"sampling.sizes: width {m + 1} is not a positive multiple of {m}"):
+        TextToImageSystem(load_config(config, [f"sampling.sizes=[[{m + 1},{m}]]"]))
