@@ -242,3 +242,20 @@ def test_the_caption_draw_resumes_exactly(multi) -> None:
     second = ShardDataModule(cfg, seed=4)
     second.restore_position(loader.position())
     assert head + [b["caption"] for b in second.train_dataloader()] == straight
+
+
+def test_a_fit_config_counts_its_rules(filtered, tmp_path: Path) -> None:
+    """`mmdiff fit` builds its DataStatsCallback with the drop counters of the config's rules."""
+    from types import SimpleNamespace
+
+    from mmdiff.config import load_config
+    from mmdiff.run.training import build_callbacks
+    from tiny_configs import tiny_t2i_config
+
+    shard, _, _ = filtered
+    path = tiny_t2i_config(tmp_path, shard.parent, data={"train_shards": str(shard), "val_shards": [],
+                                                         "filters": FILTERS, "min_size": MIN_SIZE})
+    cfg = load_config(path)
+    (stats,) = [c for c in build_callbacks(cfg, tmp_path, SimpleNamespace(ema_target=None))
+                if isinstance(c, DataStatsCallback)]
+    assert stats.drop_names == ["min_size", "aesthetic", "pwatermark", "caption_len"]
