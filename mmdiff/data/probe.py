@@ -34,7 +34,7 @@ class ProbeReport:
     fields_seen: Counter = field(default_factory=Counter)  # top-level json fields of the probed samples
 
 
-def probe_rules(urls: Sequence[str], spec: DecodeSpec, n: int = 256) -> ProbeReport:
+def probe_rules(urls: Sequence[str], spec: DecodeSpec, n: int = 1000) -> ProbeReport:
     """Apply ``spec``'s rules to the first ``n`` samples of ``urls`` (in order); warn and raise as
     the module docstring says. Nothing is read when ``spec`` has no rules."""
     report = ProbeReport()

@@ -58,6 +58,7 @@ Item = Dict[str, Any]
 
 
 _MASK = (1 << 64) - 1
+_DROPS_IN_A_ROW = 100_000
 
 #: Key of the stream position each training batch carries out of its DataLoader worker;
 #: :class:`~mmdiff.data.datamodule.TrainLoader` removes it before Lightning sees the batch.
@@ -189,6 +190,8 @@ class _SlotStream:
         self.seeds = (ds.seed % 2**63, ds.rank, worker, self.generation)
         self.counter = SkipCounter(f"train rank {ds.rank} worker {worker}")
         self.drops = DropCounter(ds.drop_names)
+        # Consecutive dropped samples: a safety net only (never shapes the data), so not in position().
+        self.dropped_in_a_row = 0
         self.shard_index = {url: i for i, url in enumerate(ds.urls)}
         self.round = 0  # passes over the slot's shards begun
         self.idx = 0  # index into this round's shard permutation
@@ -285,14 +288,14 @@ class _SlotStream:
             k = self.n_out - 1
             try:
                 items.append(ds._item(raw, ds.transform, self._aug_rng(k), self.shapes, (*self.seeds, 3, k)))
-                self.in_a_row = 0
-            except Dropped as err:
+                self.in_a_row = self.dropped_in_a_row = 0
+            except Dropped as err:  # strict filters may keep 1 %: far more tolerance than for corruption
                 self.drops.drop(err)
-                self.in_a_row += 1
-                if self.in_a_row >= limit:
+                self.dropped_in_a_row += 1
+                if self.dropped_in_a_row >= _DROPS_IN_A_ROW:
                     raise DataError(
-                        f"training rank {ds.rank} worker {self.worker} dropped or skipped {self.in_a_row} "
-                        "samples in a row; loosen data.filters / data.min_size or check the shards."
+                        f"training rank {ds.rank} worker {self.worker} dropped {self.dropped_in_a_row} samples "
+                        "in a row; loosen data.filters / data.min_size or check the shards."
                     ) from None
             except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
                 self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)

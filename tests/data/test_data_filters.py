@@ -165,7 +165,7 @@ def test_a_field_some_samples_lack_is_one_warning_with_counts(filtered, caplog) 
     with caplog.at_level(logging.WARNING, logger="mmdiff.data.probe"):
         ShardDataModule(_cfg(shard, filters=["aesthetic >= 0"], min_size=0), seed=0).setup("fit")
     warnings = [r.getMessage() for r in caplog.records if "aesthetic" in r.getMessage()]
-    rows = sum(expected.values()) + kept  # all probed: fewer than the probe's 256
+    rows = sum(expected.values()) + kept  # all probed: fewer than the probe's 1000
     lacking = len([i for i in range(rows) if i % 7 == 0])
     assert warnings == [f"data.filters 'aesthetic >= 0': {lacking} of the first {rows} training samples have no "
                         "numeric json field 'aesthetic' and are dropped (json fields seen: aesthetic, caption, "
@@ -185,6 +185,20 @@ def test_images_all_below_min_size_stop_before_training(filtered) -> None:
     shard, _, _ = filtered
     with pytest.raises(DataError, match=r"\(min_size: \d+\); loosen them"):
         ShardDataModule(_cfg(shard, filters=[], min_size=41), seed=0).setup("fit")
+
+
+def test_a_worker_dropping_everything_stops_with_one_line(filtered, tmp_path: Path, monkeypatch) -> None:
+    """The probe sees kept samples in the first shard; a later shard the rules drop whole stops the
+    worker (after a run of drops, here shortened) instead of reading for ever."""
+    import mmdiff.data.streams as streams
+
+    shard, _, _ = filtered
+    tiny = [(f"t{i:04d}", {"jpg": image_bytes(i, (8, 8)), "txt": b"a tiny one"}) for i in range(12)]
+    late = write_tar(tmp_path / "z-tiny.tar", tiny)
+    monkeypatch.setattr(streams, "_DROPS_IN_A_ROW", 6)
+    cfg = _cfg(shard, filters=[], train_shards=[str(shard), str(late)], batch_size=4, steps_per_epoch=40)
+    with pytest.raises(DataError, match="dropped 6 samples in a row; loosen data.filters / data.min_size"):
+        list(ShardDataModule(cfg, seed=0).train_dataloader())
 
 
 def test_min_size_drops_only_images_below_it(filtered) -> None:
