@@ -106,3 +106,11 @@ def test_shards_folder_writes_img2dataset_layout(tmp_path: Path, caplog) -> None
     dm = ShardDataModule(data_cfg(val_shards=[str(out)], image_size=16), seed=0)
     dm.setup("validate")
     assert sorted(good_keys(dm.val_dataloader())) == ["000000", "000001", "000002", "000003", "000010"]
+
+
+def test_a_prefix_with_img2dataset_layout_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "src").mkdir()
+    code = main(["shards", "folder", str(tmp_path / "src"), str(tmp_path / "out"), "--layout", "img2dataset",
+                 "--prefix", "laion"])
+    assert code == 2 and "img2dataset's are named NNNNN.tar" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
