@@ -8,7 +8,9 @@ when their header announces more than ``max_image_pixels`` pixels, before any pi
 ``.npy`` arrays are read with ``allow_pickle=False``. Samples whose key is an absolute path or
 climbs with ``..`` are refused (:mod:`mmdiff.data.keys`).
 
-Anything wrong with a sample raises :class:`CorruptSample`; callers skip and count it.
+Anything wrong with a sample raises :class:`CorruptSample`; callers skip and count it. A good sample
+that a rule of the :class:`DecodeSpec` excludes (``data.filters``, ``data.min_size``) raises
+:class:`~mmdiff.data.filters.Dropped`, counted apart.
 """
 from __future__ import annotations
 
