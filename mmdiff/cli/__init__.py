@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="CSV (path,caption) or JSONL manifest instead of sidecars")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+    p.add_argument("--layout", choices=("mmdiff", "img2dataset"), default="mmdiff",
+                   help="mmdiff: PREFIX-NNNNNN.tar; img2dataset: NNNNN.tar with NNNNN_stats.json (and "
+                        "NNNNN.parquet when pyarrow is installed), as img2dataset writes them (default mmdiff)")
     p.set_defaults(func=cmd_shards_folder)
 
     evals = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(

@@ -210,11 +210,17 @@ def cmd_shards_demo(args: argparse.Namespace) -> int:
 
 def cmd_shards_folder(args: argparse.Namespace) -> int:
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
+    from mmdiff.data.img2dataset import write_img2dataset_shards
     from mmdiff.data.writers import write_folder_shards
 
-    paths = write_folder_shards(
-        args.src, args.out, manifest=args.manifest, shard_size=args.shard_size, prefix=args.prefix
-    )
+    if args.layout == "img2dataset":
+        if args.prefix != "shard":
+            raise UsageError("--prefix names mmdiff-layout shards; img2dataset's are named NNNNN.tar.")
+        paths = write_img2dataset_shards(args.src, args.out, manifest=args.manifest, shard_size=args.shard_size)
+    else:
+        paths = write_folder_shards(
+            args.src, args.out, manifest=args.manifest, shard_size=args.shard_size, prefix=args.prefix
+        )
     log.info("wrote %d shards to %s", len(paths), args.out)
     return 0
 

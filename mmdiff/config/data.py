@@ -8,6 +8,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from mmdiff.config.fields import choice, require
+from mmdiff.config.filter_rules import parse_filters
 
 
 #: The batch keys of SDXL's micro-conditioning: ``original_size`` (h, w) of each image before resizing
@@ -30,8 +31,15 @@ class DataConfig:
     image_size: int = 32
     crop: str = choice(Crop.center)
     random_flip: bool = False
-    # "txt" reads the caption member; "json:FIELD" reads FIELD of the json member.
+    # "txt" reads the caption member; "json:FIELD" reads FIELD of the json member (a string, or a
+    # list of strings: one drawn per sample, seeded).
     caption_key: str = "txt"
+    # Images whose shorter side (as stored) is below this many pixels are dropped and counted
+    # (data/dropped/min_size); 0 keeps every size; data.image_size here means no image is ever upscaled.
+    min_size: int = 0
+    # Metadata filters on the json member, e.g. "aesthetic >= 5", "caption_len >= 3" (words):
+    # samples failing one (or lacking its field) are dropped and counted (data/dropped/FIELD).
+    filters: List[str] = field(default_factory=list)
     batch_size: int = 32
     val_batch_size: int = 64
     num_workers: int = 2
@@ -58,6 +66,10 @@ class DataConfig:
             d.caption_key == "txt" or d.caption_key.startswith("json:"),
             f"data.caption_key must be 'txt' or 'json:FIELD', got '{d.caption_key}'.",
         )
+        require(d.min_size >= 0, f"data.min_size must be >= 0, got {d.min_size}.")
+        require(d.min_size == 0 or d.load_images,
+                "data.min_size needs images; set it to 0 with data.load_images=false.")
+        parse_filters(list(d.filters))
         require(d.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}.")
         require(d.max_image_pixels > 0, f"data.max_image_pixels must be positive, got {d.max_image_pixels}.")
         for name in d.array_keys:

@@ -34,7 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mmdiff.config import Crop, DataConfig
+from mmdiff.config.filter_rules import parse_filters
 from mmdiff.data.decode import DecodeSpec
+from mmdiff.data.probe import probe_rules
 from mmdiff.data.shards import expand_shards, rank_and_world
 from mmdiff.data.streams import POSITION_KEY, TrainStream, ValStream
 from mmdiff.data.tario import ShardError, list_keys
@@ -251,6 +253,8 @@ class ShardDataModule(L.LightningDataModule):
             array_keys=tuple(c.array_keys),
             max_image_pixels=int(c.max_image_pixels),
             draft_size=int(c.image_size),
+            filters=tuple(parse_filters(list(c.filters))),
+            min_size=int(c.min_size),
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -269,6 +273,7 @@ class ShardDataModule(L.LightningDataModule):
                 "data.train_shards is empty; list the training shards, e.g. data/train-{000000..000009}.tar."
             )
         log.info("training on %d shard(s)", len(self.train_urls))
+        probe_rules(self.train_urls, self.decode_spec())
 
     def _setup_val(self) -> None:
         if self.val_urls is not None or len(self.cfg.val_shards) == 0:

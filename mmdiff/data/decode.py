@@ -8,7 +8,9 @@ when their header announces more than ``max_image_pixels`` pixels, before any pi
 ``.npy`` arrays are read with ``allow_pickle=False``. Samples whose key is an absolute path or
 climbs with ``..`` are refused (:mod:`mmdiff.data.keys`).
 
-Anything wrong with a sample raises :class:`CorruptSample`; callers skip and count it.
+Anything wrong with a sample raises :class:`CorruptSample`; callers skip and count it. A good sample
+that a rule of the :class:`DecodeSpec` excludes (``data.filters``, ``data.min_size``) raises
+:class:`~mmdiff.data.filters.Dropped`, counted apart.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import io
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from mmdiff.config.filter_rules import MetadataFilter
+from mmdiff.data.filters import check_metadata, check_size, choose_caption, field_value
 from mmdiff.data.keys import unsafe_key_reason
 from mmdiff.data.tario import RawSample
 
@@ -48,6 +52,10 @@ class DecodeSpec:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # JPEG only: let libjpeg decode at a reduced scale that still covers this many pixels a side.
     draft_size: Optional[int] = None
+    # Rules that drop a sample (raising mmdiff.data.filters.Dropped): json and caption-length
+    # filters, checked before the image is decoded, and the smallest shorter side kept.
+    filters: Tuple[MetadataFilter, ...] = ()
+    min_size: int = 0
 
 
 @dataclass
@@ -133,24 +141,26 @@ def decode_array(data: bytes, name: str = "npy") -> np.ndarray:
         raise CorruptSample(f"the {name} member is not a plain .npy array ({type(err).__name__})") from None
 
 
-def _caption(members: Mapping[str, bytes], caption_key: str) -> str:
+def read_captions(members: Mapping[str, bytes], caption_key: str, meta: Any = None) -> List[str]:
+    """The sample's caption(s): the txt member, or a json field holding a string or a non-empty
+    list of strings (``meta``: the json member already parsed, if it was)."""
     if caption_key == "txt":
         if "txt" not in members:
             raise CorruptSample("no caption (missing .txt member)")
-        return decode_text(members["txt"])
+        return [decode_text(members["txt"])]
     if not caption_key.startswith("json:"):
         raise ValueError(f"caption_key must be 'txt' or 'json:FIELD', got {caption_key!r}")
     path = caption_key[len("json:"):]
     if "json" not in members:
         raise CorruptSample(f"no caption (missing .json member for field '{path}')")
-    value: Any = decode_json(members["json"])
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise CorruptSample(f"no caption (json has no field '{path}')")
-        value = value[part]
+    value: Any = field_value(decode_json(members["json"]) if meta is None else meta, path)
+    if value is None:
+        raise CorruptSample(f"no caption (json has no field '{path}')")
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value]
     if not isinstance(value, str):
-        raise CorruptSample(f"json field '{path}' is not a string")
-    return value.strip()
+        raise CorruptSample(f"json field '{path}' is not a string or a non-empty list of strings")
+    return [value.strip()]
 
 
 def find_image_member(members: Mapping[str, bytes]) -> Optional[str]:
@@ -161,21 +171,28 @@ def find_image_member(members: Mapping[str, bytes]) -> Optional[str]:
     return None
 
 
-def decode_sample(raw: RawSample, spec: DecodeSpec) -> Decoded:
-    """Decode what ``spec`` asks for from a raw sample; raise :class:`CorruptSample` if unusable."""
+def decode_sample(raw: RawSample, spec: DecodeSpec, caption_seed: Optional[Sequence[int]] = None) -> Decoded:
+    """Decode what ``spec`` asks for from a raw sample; raise :class:`CorruptSample` if unusable
+    and :class:`~mmdiff.data.filters.Dropped` if a rule of ``spec`` excludes it. Of several
+    captions one is drawn with ``caption_seed`` (the first without one)."""
     if raw.error is not None:
         raise CorruptSample(raw.error)
     unsafe = unsafe_key_reason(raw.key)
     if unsafe is not None:  # would escape an output folder if written as a path (precompute)
         raise CorruptSample(unsafe)
     members = raw.members
-    caption = _caption(members, spec.caption_key)
+    meta = None
+    if spec.filters:
+        meta = decode_json(members["json"]) if "json" in members else None
+        check_metadata(spec.filters, meta)
+    caption = choose_caption(read_captions(members, spec.caption_key, meta), spec.filters, caption_seed)
     image, original_size = None, None
     if spec.load_images:
         ext = find_image_member(members)
         if ext is None:
             raise CorruptSample("no image member (jpg, jpeg, png or webp)")
         image, original_size = decode_image_sized(members[ext], spec.max_image_pixels, spec.draft_size)
+        check_size(spec.min_size, original_size)
     arrays = {}
     for name in spec.array_keys:
         ext = f"{name}.npy"

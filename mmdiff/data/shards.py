@@ -1,15 +1,18 @@
 """Shard specs → concrete shard URLs, and where this process sits in the distributed job.
 
-A spec is a local path, a brace pattern (``data/train-{000000..000003}.tar``), a glob
+A spec is a local path, a folder (its ``*.tar`` files, e.g. img2dataset's output: see
+:mod:`mmdiff.data.img2dataset`), a brace pattern (``data/train-{000000..000003}.tar``), a glob
 (``data/train-*.tar``), a ``pipe:`` command (``pipe:cat x.tar``) or any URL webdataset's ``gopen``
 understands; several specs may be given as a list or joined with ``::``.
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
-from typing import Iterable, List, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch.distributed as dist
@@ -31,6 +34,35 @@ def local_path(url: str) -> str | None:
     if parsed.scheme == "":
         return url
     return None
+
+
+def folder_shards(folder: str | Path, what: str = "data.train_shards") -> List[str]:
+    """The ``*.tar`` shards of a folder (sorted), with a log line from img2dataset's stats files.
+
+    Raises :class:`DataError` naming the folder when it holds no tar file.
+    """
+    root = Path(folder)
+    tars = sorted(str(p) for p in root.glob("*.tar") if p.is_file() and not p.name.startswith("."))
+    if not tars:
+        raise DataError(f"{what}: folder '{folder}' holds no .tar shards; check the path.")
+    stats = read_stats(root)
+    if stats:
+        log.info("%s: %d shard(s) in %s, made by img2dataset: %d of %d samples downloaded (failed ones are "
+                 "absent from the tars)", what, len(tars), folder, stats["successes"], stats["count"])
+    return tars
+
+
+def read_stats(folder: str | Path) -> Dict[str, int]:
+    """``count`` and ``successes`` summed over a folder's ``NNNNN_stats.json`` files ({} if none)."""
+    totals: Dict[str, int] = {}
+    for path in sorted(Path(folder).glob("*_stats.json")):
+        try:
+            stats = json.loads(path.read_text(encoding="utf-8"))
+            for name in ("count", "successes"):
+                totals[name] = totals.get(name, 0) + int(stats[name])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring unreadable img2dataset stats file %s (%s)", path, type(err).__name__)
+    return totals
 
 
 def expand_shards(specs: str | Sequence[str], what: str = "data.train_shards") -> List[str]:
@@ -60,6 +92,8 @@ def expand_shards(specs: str | Sequence[str], what: str = "data.train_shards") -
                 if not matches:
                     raise DataError(f"{what}: no shard matches '{path}'; check the pattern.")
                 urls.extend(matches)
+            elif os.path.isdir(path):
+                urls.extend(folder_shards(path, what))
             elif not os.path.isfile(path):
                 raise DataError(f"{what}: shard '{path}' does not exist; check the path or pattern.")
             else:

@@ -11,15 +11,18 @@ Both yield ready-made batches (use them with ``DataLoader(batch_size=None)``)::
      "key":     list of B str                 (the webdataset __key__),
      NAME:      B×...  for each NAME in data.array_keys (from NAME.npy members; the
                         micro-conditioning keys of precomputed shards as int64),
-     "valid":   bool B        (False only for validation placeholders: padding or a corrupt sample),
+     "valid":   bool B        (False only for validation placeholders: padding, a corrupt or dropped sample),
      "skipped": int64 B       (samples this worker skipped so far: since its training stream
                                started, or in this validation pass; all equal),
-     "worker":  int64 B       (DataLoader worker id that made the batch; all equal)}
+     "worker":  int64 B       (DataLoader worker id that made the batch; all equal),
+     "dropped": int64 B×K     (only with data.filters or data.min_size: samples this worker dropped
+                               so far per rule, counted like "skipped"; columns in the order of
+                               mmdiff.config.filter_rules.drop_names)}
 
 * :class:`TrainStream` — endless, resampled, seeded; exactly ``steps_per_epoch`` batches per rank
   per pass (epoch), continuing one stream per worker; corrupt samples are skipped and counted.
-* :class:`ValStream` — finite, deterministic, rank-balanced; corrupt samples become flagged
-  placeholders (``valid`` False) so that every rank makes the same number of batches.
+* :class:`ValStream` — finite, deterministic, rank-balanced; corrupt and dropped samples
+  become flagged placeholders (``valid`` False) so that every rank makes the same number of batches.
 
 See :mod:`mmdiff.data.splitting` for who reads what.
 """
@@ -33,7 +36,9 @@ import torch
 from torch.utils.data import IterableDataset
 
 from mmdiff.config.data import MICRO_CONDITIONING_KEYS
+from mmdiff.config.filter_rules import drop_names
 from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.filters import DropCounter, Dropped
 from mmdiff.data.shards import worker_and_count
 from mmdiff.data.skips import SkipCounter
 from mmdiff.data.splitting import (
@@ -53,6 +58,7 @@ Item = Dict[str, Any]
 
 
 _MASK = (1 << 64) - 1
+_DROPS_IN_A_ROW = 100_000
 
 #: Key of the stream position each training batch carries out of its DataLoader worker;
 #: :class:`~mmdiff.data.datamodule.TrainLoader` removes it before Lightning sees the batch.
@@ -105,11 +111,12 @@ class _BatchStream(IterableDataset):
         self.seed = seed
         self.num_workers = num_workers  # only for __len__; iteration uses the real worker info
         self._array_refs: Dict[str, torch.Tensor] = {}  # placeholder shapes, per worker
+        self.drop_names = drop_names(spec.filters, spec.min_size)
 
     # ----------------------------------------------------------------------------- items
     def _item(self, raw: RawSample, transform: ImageTransform, rng: Optional[np.random.Generator],
-              shapes: Dict[str, Tuple[int, ...]]) -> Item:
-        decoded = decode_sample(raw, self.spec)
+              shapes: Dict[str, Tuple[int, ...]], caption_seed: Optional[Sequence[int]] = None) -> Item:
+        decoded = decode_sample(raw, self.spec, caption_seed)
         arrays = {}
         for name, array in decoded.arrays.items():
             expected = shapes.setdefault(name, tuple(array.shape))
@@ -130,7 +137,7 @@ class _BatchStream(IterableDataset):
                         original_size=(self.image_size, self.image_size), crop_top_left=(0, 0))
         return item
 
-    def _collate(self, items: List[Item], skipped: int, worker: int) -> Dict[str, Any]:
+    def _collate(self, items: List[Item], skipped: int, worker: int, drops: Optional[DropCounter] = None) -> Dict[str, Any]:
         n = len(items)
         batch: Dict[str, Any] = {}
         if self.spec.load_images:
@@ -151,6 +158,8 @@ class _BatchStream(IterableDataset):
         batch["valid"] = torch.tensor([bool(it["valid"]) for it in items], dtype=torch.bool)
         batch["skipped"] = torch.full((n,), skipped, dtype=torch.long)
         batch["worker"] = torch.full((n,), worker, dtype=torch.long)
+        if drops is not None and drops.names:
+            batch["dropped"] = torch.tensor([drops.as_list()] * n, dtype=torch.long).reshape(n, len(drops.names))
         return batch
 
     def new_pass(self) -> None:
@@ -168,7 +177,8 @@ class _SlotStream:
 
     * shard order: round ``n`` visits the slot's shards in ``permutation(n)``;
     * shuffle buffer: the ``i``-th sample read replaces buffer entry ``mix(..., i) % size``;
-    * augmentation: the ``k``-th sample out of the buffer is cropped/flipped with its own rng.
+    * augmentation: the ``k``-th sample out of the buffer is cropped/flipped with its own rng,
+      and its caption drawn (when it has several) with another.
     """
 
     def __init__(self, ds: "TrainStream", worker: int, num_workers: int,
@@ -179,6 +189,9 @@ class _SlotStream:
         self.generation = int(position["generation"]) if position else int(ds.start_epoch)
         self.seeds = (ds.seed % 2**63, ds.rank, worker, self.generation)
         self.counter = SkipCounter(f"train rank {ds.rank} worker {worker}")
+        self.drops = DropCounter(ds.drop_names)
+        # Consecutive dropped samples: a safety net only (never shapes the data), so not in position().
+        self.dropped_in_a_row = 0
         self.shard_index = {url: i for i, url in enumerate(ds.urls)}
         self.round = 0  # passes over the slot's shards begun
         self.idx = 0  # index into this round's shard permutation
@@ -272,9 +285,18 @@ class _SlotStream:
         items: List[Item] = []
         while len(items) < ds.batch_size:
             raw = self._next_sample()
+            k = self.n_out - 1
             try:
-                items.append(ds._item(raw, ds.transform, self._aug_rng(self.n_out - 1), self.shapes))
-                self.in_a_row = 0
+                items.append(ds._item(raw, ds.transform, self._aug_rng(k), self.shapes, (*self.seeds, 3, k)))
+                self.in_a_row = self.dropped_in_a_row = 0
+            except Dropped as err:  # strict filters may keep 1 %: far more tolerance than for corruption
+                self.drops.drop(err)
+                self.dropped_in_a_row += 1
+                if self.dropped_in_a_row >= _DROPS_IN_A_ROW:
+                    raise DataError(
+                        f"training rank {ds.rank} worker {self.worker} dropped {self.dropped_in_a_row} samples "
+                        "in a row; loosen data.filters / data.min_size or check the shards."
+                    ) from None
             except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
                 self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)
                 self.in_a_row += 1
@@ -284,7 +306,7 @@ class _SlotStream:
                         "in a row; the training shards look unusable (see the warnings above)."
                     ) from None
         self.batches += 1
-        batch = ds._collate(items, self.counter.count, self.worker)
+        batch = ds._collate(items, self.counter.count, self.worker, self.drops)
         batch[POSITION_KEY] = self.position()
         return batch
 
@@ -427,7 +449,8 @@ class ValStream(_BatchStream):
 
     ``shard_sizes`` (samples per shard, from :func:`mmdiff.data.tario.list_keys`) fixes the
     work of every (rank, worker) before anything is read; corrupt or missing samples and padding
-    come out as placeholders with ``valid`` False. Centre crop, no flip.
+    come out as placeholders with ``valid`` False, and so do samples the rules of ``spec`` drop.
+    Centre crop, no flip, the first of several captions.
     """
 
     def __init__(self, urls: Sequence[str], shard_sizes: Sequence[int], spec: DecodeSpec,
@@ -447,7 +470,7 @@ class ValStream(_BatchStream):
     def __len__(self) -> int:
         return val_batches_per_rank(self.total, self.world, self.num_workers, self.batch_size)
 
-    def _items(self, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[Item]:
+    def _items(self, worker: int, num_workers: int, counter: SkipCounter, drops: DropCounter) -> Iterator[Item]:
         block = val_block(self.shard_sizes, self.rank, self.world, worker, num_workers)
         shapes: Dict[str, Tuple[int, ...]] = {}
         for shard_id, start, end in block.ranges:
@@ -460,6 +483,9 @@ class ValStream(_BatchStream):
                     done = raw.pos + 1
                     try:
                         yield self._item(raw, self.transform, None, shapes)
+                    except Dropped as err:
+                        drops.drop(err)
+                        yield self._placeholder(raw.key)
                     except Exception as err:
                         counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, url)
                         yield self._placeholder(raw.key)
@@ -474,11 +500,12 @@ class ValStream(_BatchStream):
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         worker, num_workers = worker_and_count()
         counter = SkipCounter(f"val rank {self.rank} worker {worker}")
+        drops = DropCounter(self.drop_names)
         items: List[Item] = []
-        for item in self._items(worker, num_workers, counter):
+        for item in self._items(worker, num_workers, counter, drops):
             items.append(item)
             if len(items) == self.batch_size:
-                yield self._collate(items, counter.count, worker)
+                yield self._collate(items, counter.count, worker, drops)
                 items = []
         if items:
-            yield self._collate(items, counter.count, worker)
+            yield self._collate(items, counter.count, worker, drops)

@@ -246,7 +246,31 @@ def _resolve_manifest(manifest: Path, src: Optional[Path]) -> List[Tuple[Path, s
     return entries
 
 
-def _image_member(path: Path) -> Tuple[str, bytes]:
+def collect_entries(src: str | Path, manifest: str | Path | None = None
+                    ) -> Tuple[Sequence[Tuple[Path, Optional[str], str]], str]:
+    """(image path, caption or None, name) of every image :func:`write_folder_shards` would pack,
+    and the source it names in messages; :class:`DataError` when there are none."""
+    src_path = Path(src).expanduser()
+    if manifest is None and src_path.is_file() and src_path.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
+        manifest, src_path = src_path, src_path.parent
+    entries: Sequence[Tuple[Path, Optional[str], str]]
+    if manifest is not None:
+        manifest_path = Path(manifest).expanduser()
+        if not manifest_path.is_file():
+            raise DataError(f"manifest '{manifest_path}' does not exist.")
+        entries = _resolve_manifest(manifest_path, src_path if src_path.is_dir() else None)
+        source = str(manifest_path)
+    else:
+        if not src_path.is_dir():
+            raise DataError(f"image folder '{src_path}' does not exist; pass a folder or a manifest.")
+        entries = list(_scan_folder(src_path))
+        source = str(src_path)
+    if not entries:
+        raise DataError(f"no images found in {source} (looked for {', '.join(IMAGE_EXTS)} files).")
+    return entries, source
+
+
+def image_member(path: Path) -> Tuple[str, bytes]:
     """(extension, bytes) for an image file: JPEG/PNG/WebP as-is, other formats re-encoded as PNG."""
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as img:
@@ -286,24 +310,7 @@ def write_folder_shards(
         raise DataError(f"shard_size must be positive, got {shard_size}.")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise DataError(f"shard prefix '{prefix}' may only hold letters, digits, '_' and '-'.")
-    src_path = Path(src).expanduser()
-    if manifest is None and src_path.is_file() and src_path.suffix.lower() in (".csv", ".jsonl", ".ndjson"):
-        manifest, src_path = src_path, src_path.parent
-    entries: Sequence[Tuple[Path, Optional[str], str]]
-    if manifest is not None:
-        manifest_path = Path(manifest).expanduser()
-        if not manifest_path.is_file():
-            raise DataError(f"manifest '{manifest_path}' does not exist.")
-        entries = _resolve_manifest(manifest_path, src_path if src_path.is_dir() else None)
-        source = str(manifest_path)
-    else:
-        if not src_path.is_dir():
-            raise DataError(f"image folder '{src_path}' does not exist; pass a folder or a manifest.")
-        entries = list(_scan_folder(src_path))
-        source = str(src_path)
-    if not entries:
-        raise DataError(f"no images found in {source} (looked for {', '.join(IMAGE_EXTS)} files).")
-
+    entries, source = collect_entries(src, manifest)
     out = Path(out_dir)
     skipped: List[str] = []
     written = 0
@@ -314,7 +321,7 @@ def write_folder_shards(
                 log.warning("skipping %s: no caption file %s", where, path.with_suffix(".txt").name)
                 continue
             try:
-                ext, data = _image_member(path)
+                ext, data = image_member(path)
             except Exception as err:
                 skipped.append(where)
                 log.warning("skipping %s: not a readable image (%s)", where, type(err).__name__)

@@ -41,7 +41,9 @@ from webdataset import TarWriter
 
 from mmdiff.config import to_container
 from mmdiff.config.data import MICRO_CONDITIONING_KEYS
+from mmdiff.config.filter_rules import parse_filters
 from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.filters import Dropped
 from mmdiff.data.shards import expand_shards
 from mmdiff.data.tario import ShardError, iter_samples, list_keys
 from mmdiff.data.transforms import ImageTransform, Transformed
@@ -214,7 +216,8 @@ def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]
     as int64 N×2 arrays."""
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
-                      max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size))
+                      max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size),
+                      filters=tuple(parse_filters(list(d.filters))), min_size=int(d.min_size))
     transform = image_transform(cfg)
     pending: Dict[Tuple[int, ...], Tuple[List[Any], List[Transformed], List[str]]] = {}
     try:
@@ -222,6 +225,9 @@ def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]
             try:
                 decoded = decode_sample(raw, spec)
                 out = transform(decoded.image, original_size=decoded.original_size)
+            except Dropped:  # the config's data rules leave it out of the precomputed shards too
+                counter["dropped"] += 1
+                continue
             except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
                 counter["skipped"] += 1
                 reason = str(err) if isinstance(err, CorruptSample) else repr(err)
@@ -340,7 +346,7 @@ def precompute(
                disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         for split, ids in todo.items():
-            counter = {"skipped": 0}
+            counter = {"skipped": 0, "dropped": 0}
             result.written[split] = []
             result.samples[split] = 0
             for i in ids:
@@ -355,6 +361,8 @@ def precompute(
                 except ShardError:
                     pass
             result.skipped[split] = counter["skipped"]
+            if counter["dropped"]:
+                log.info("%s: %d samples dropped by data.filters / data.min_size", split, counter["dropped"])
     finally:
         bar.close()
     log.info(result.summary())

@@ -30,6 +30,7 @@ from mmdiff.callbacks.previews import ImageLoggingCallback
 from mmdiff.callbacks.progress import ProgressLogCallback
 from mmdiff.callbacks.requeue import RequeueOnSignal, StopForSignal
 from mmdiff.callbacks.resources import ResourceProbe
+from mmdiff.config.filter_rules import drop_names, parse_filters
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.run.checkpoint_io import AtomicCheckpointIO, read_training_checkpoint
 from mmdiff.run.cluster import apply_slurm_allocation, prune_hpc_checkpoints
@@ -121,7 +122,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, system: System) -> List[Call
             mode="max",
             save_last=True,
         ),
-        DataStatsCallback(),
+        DataStatsCallback(drop_names(parse_filters(list(cfg.data.filters)), int(cfg.data.min_size))),
         ImageLoggingCallback(run_dir / "samples", every_n_steps=cfg.sampling.every_n_steps),
     ]
     if t.nan_guard:

@@ -34,16 +34,18 @@ def main() -> None:
                               strategy=SimpleNamespace(root_device=torch.device("cpu")))
     out: dict = {}
 
-    # skip counts: rank r skipped 3 + 4r samples; save (all ranks, as Lightning does), restore
-    stats = DataStatsCallback()
+    # skip counts: rank r skipped 3 + 4r samples and dropped 10 + r by a filter on 'aesthetic';
+    # save (all ranks, as Lightning does), restore
+    stats = DataStatsCallback(["aesthetic"])
     stats.setup(trainer, None, "fit")
-    stats.train_pass = {0: 3 + 4 * rank}
+    stats.train_pass = {0: [3 + 4 * rank, 10 + rank]}
     saved = stats.state_dict()
-    resumed = DataStatsCallback()
+    resumed = DataStatsCallback(["aesthetic"])
     resumed.setup(trainer, None, "fit")
     resumed.load_state_dict(saved)
     out["saved"] = saved
     out["restored"] = resumed.skipped_train
+    out["restored_dropped"] = resumed.dropped_train
     old = DataStatsCallback()  # a checkpoint from before per-rank counts: rank 0's count only
     old.setup(trainer, None, "fit")
     old.load_state_dict({"skipped_train": 3})

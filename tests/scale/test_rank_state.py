@@ -36,8 +36,10 @@ def test_two_ranks_keep_their_own_counts_and_agree_on_flags(tmp_path: Path) -> N
     run_all([[sys.executable, str(HERE / "rank_state_worker.py"), str(rank), "2", port,
               str(tmp_path / f"rank{rank}.json")] for rank in range(2)], tmp_path / "logs", env, 100)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert r0["saved"] == {"skipped_train": 3 + 7, "ranks": [3, 7]}  # what rank 0 writes
+    # what rank 0 writes
+    assert r0["saved"] == {"skipped_train": 3 + 7, "ranks": [3, 7], "dropped": {"aesthetic": [10, 11]}}
     assert (r0["restored"], r1["restored"]) == (3, 7)  # the logged sum after a resume is 10, not 2 × 3
+    assert (r0["restored_dropped"], r1["restored_dropped"]) == ({"aesthetic": 10}, {"aesthetic": 11})
     assert (r0["restored_old"], r1["restored_old"]) == (3, 0)  # an old checkpoint's count, once
     assert r0["guard_bad"] is r1["guard_bad"] is True
     assert r0["guard_good"] is r1["guard_good"] is False
@@ -49,11 +51,11 @@ def test_other_world_size_restores_the_total_on_rank_zero() -> None:
 
     restored = []
     for rank in range(4):
-        cb = DataStatsCallback()
+        cb = DataStatsCallback(["aesthetic", "min_size"])
         cb.setup(SimpleNamespace(global_rank=rank, world_size=4), None, "fit")
-        cb.load_state_dict({"skipped_train": 10, "ranks": [3, 7]})
-        restored.append(cb.skipped_train)
-    assert restored == [10, 0, 0, 0]
+        cb.load_state_dict({"skipped_train": 10, "ranks": [3, 7], "dropped": {"aesthetic": [5, 6]}})
+        restored.append((cb.skipped_train, cb.dropped_train))
+    assert restored == [(10, {"aesthetic": 11, "min_size": 0})] + [(0, {"aesthetic": 0, "min_size": 0})] * 3
 
 
 class _Tiny(L.LightningModule):
