@@ -270,9 +270,12 @@ def fit(cfg: DictConfig, resume: Optional[str] = None) -> Path:
         return run_dir
     except BaseException as err:
         # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
-        # loader workers that got the same signal (SLURM and killpg signal the whole group) can
-        # turn its teardown into a RuntimeError: either way the run was terminated.
-        if trainer.received_sigterm and not isinstance(err, KeyboardInterrupt):
+        # loader workers that got the same signal (SLURM and killpg signal the whole group) die
+        # and fail the fit with a RuntimeError, before or instead of the SIGTERM save: either
+        # way the run was terminated.
+        sigterm = trainer.received_sigterm or any(
+            isinstance(c, RequeueOnSignal) and c.sigterm_received for c in trainer.callbacks)
+        if sigterm and not isinstance(err, KeyboardInterrupt):
             _finish_wandb(loggers, exit_code=143)
             raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; continue with "
                              "`mmdiff fit CONFIG --resume last`.") from None
