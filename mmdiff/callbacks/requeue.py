@@ -25,9 +25,7 @@ SLURM's ``KillWait``. On SIGUSR1 rank 0 closes the W&B run (marked preempted; it
 complete) and then runs ``scontrol requeue``, which ends the job.
 
 SIGTERM: Lightning's handler (set after the callbacks' ``setup``) would stop the fit at the end of
-the current batch without a checkpoint; ``on_train_start`` replaces it by this callback's. Loader
-workers forked before that keep Lightning's handler, which only sets a flag in their copy of the
-trainer, so a SIGTERM sent to the whole job (SLURM, ``killpg``) does not kill them under the save.
+the current batch without a checkpoint; ``on_train_start`` replaces it by this callback's.
 
 ``build_trainer`` adds this callback (SIGUSR1 only under SLURM, where Lightning's handler is turned
 off with ``SLURMEnvironment(auto_requeue=False)``; SIGTERM when ``trainer.sigterm_save``). It is a
@@ -90,6 +88,11 @@ class RequeueOnSignal(Checkpoint):
         self._previous: Any = None
         self._flag: Optional[torch.Tensor] = None  # on the device, reused: filling it needs no copy
         self._work: Any = None  # the all-reduce started at the previous batch end, not yet read
+
+    @property
+    def sigterm_received(self) -> bool:
+        """Whether this process got SIGTERM during the fit (saved or not)."""
+        return self.received == _TERMINATE
 
     # ------------------------------------------------------------------------------ handlers
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -280,16 +280,19 @@ def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> P
     except StopForSignal as stop:
         # Saved at a step boundary; on SIGUSR1 the job is already requeued and its W&B run closed.
         if stop.signum == signal.SIGTERM:
-            _finish_wandb(loggers, exit_code=143)
+            _finish_wandb_after_sigterm(loggers)
             raise Terminated(f"stopped by SIGTERM after step {stop.step}, saved in {stop.path}; rerun "
                              "`mmdiff fit CONFIG` to continue from it.") from None
         return run_dir
     except BaseException as err:
         # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
-        # loader workers that got the same signal (SLURM and killpg signal the whole group) can
-        # turn its teardown into a RuntimeError: either way the run was terminated.
-        if trainer.received_sigterm and not isinstance(err, KeyboardInterrupt):
-            _finish_wandb(loggers, exit_code=143)
+        # loader workers that got the same signal (SLURM and killpg signal the whole group) die
+        # and fail the fit with a RuntimeError, before or instead of the SIGTERM save: either
+        # way the run was terminated.
+        sigterm = trainer.received_sigterm or any(
+            isinstance(c, RequeueOnSignal) and c.sigterm_received for c in trainer.callbacks)
+        if sigterm and not isinstance(err, KeyboardInterrupt):
+            _finish_wandb_after_sigterm(loggers)
             raise Terminated(f"stopped by SIGTERM after step {trainer.global_step}; rerun `mmdiff fit CONFIG` "
                              "to continue from the newest checkpoint.") from None
         _finish_wandb(loggers, exit_code=1)  # a failed run, marked so in W&B, its files complete
@@ -307,6 +310,14 @@ def _finish_wandb(loggers: List[Logger], exit_code: int = 0) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish(exit_code=exit_code)
+
+
+def _finish_wandb_after_sigterm(loggers: List[Logger]) -> None:
+    """Close the W&B run with exit code 143; W&B's service process may have had the SIGTERM too."""
+    try:
+        _finish_wandb(loggers, exit_code=143)
+    except Exception as err:  # its socket is gone: nothing more can reach the run
+        log.warning("W&B run not closed: its service process has stopped (%s)", type(err).__name__)
 
 
 def check_precision(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ def main() -> None:
 
     def terminated(trainer: L.Trainer) -> bool:
         stops = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
-        return trainer.received_sigterm or any(c.received for c in stops)
+        return trainer.received_sigterm or any(c.sigterm_received for c in stops)
 
     class HoldAfterCheckpoint(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -21,7 +21,8 @@ from test_sbatch import (REPO, _assert_completed, _fit_overrides, _global_step, 
                          output_of, submit, wait_for)
 from test_sbatch import cluster  # noqa: F401  (the fixture)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cluster")]
+# Generous timeouts: the local cluster has one node, and other jobs may hold it first.
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("cluster"), pytest.mark.timeout(3600)]
 
 CONFIG = str(REPO / "configs" / "demo" / "text_to_image.yaml")
 MAX_STEPS = 24
