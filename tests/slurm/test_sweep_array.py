@@ -39,6 +39,17 @@ def _tiny_fit(run_dir: Path, shards: Path) -> List[str]:
     return [*steps, "trainer.strategy=auto"]
 
 
+def task_state(array_id: str, index: int) -> str:
+    """SLURM's state for one array task: scontrol while it remembers the task (MinJobAge), else
+    slurm/local's jobcomp log, where a task is listed under its own job id with its array ids."""
+    state = job_state(f"{array_id}_{index}")
+    jobcomp = Path("/var/log/slurm/jobcomp.log")
+    if state == "UNKNOWN" and jobcomp.is_file():
+        found = re.findall(rf"JobState=(\S+) .*ArrayJobId={array_id} ArrayTaskId={index} ", jobcomp.read_text())
+        state = found[-1] if found else state
+    return state
+
+
 def _task_outputs(workdir: Path, array_id: str, count: int) -> List[str]:
     return [output_of(workdir, f"{array_id}_{i}") for i in range(count)]
 
@@ -55,7 +66,7 @@ def test_sweep_array_trains_one_run_per_task_in_one_group(tmp_path: Path, demo_s
     wait_for(array_id, tmp_path, timeout_s=600)
     outputs = _task_outputs(tmp_path, array_id, 3)
     for i, out in enumerate(outputs):
-        assert job_state(f"{array_id}_{i}") == "COMPLETED", f"task {i}:\n{out[-3000:]}"
+        assert task_state(array_id, i) == "COMPLETED", f"task {i}:\n{out[-3000:]}"
 
     run_ids, folders = set(), []
     for i, lr in enumerate(LRS):
@@ -80,7 +91,7 @@ def test_sweep_array_task_outside_the_sweep_says_which_array(tmp_path: Path) -> 
                       sbatch_opts=[*ONE_RANK, "--array=3", f"--output={tmp_path}/slurm-%A_%a.out"])
     wait_for(array_id, tmp_path, timeout_s=600)
     out = output_of(tmp_path, f"{array_id}_3")
-    assert job_state(f"{array_id}_3") == "FAILED", out
+    assert task_state(array_id, 3) == "FAILED", out
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "sbatch --array=0-2" in errors[0], out
     assert not re.search(r"srun|Traceback", out), out
