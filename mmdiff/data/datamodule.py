@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from mmdiff.config import Crop, DataConfig
+from mmdiff.data.buckets import BucketSet
 from mmdiff.data.decode import DecodeSpec
 from mmdiff.data.shards import expand_shards, rank_and_world
 from mmdiff.data.streams import POSITION_KEY, TrainStream, ValStream
@@ -201,7 +202,7 @@ class TrainLoader(PassLoader):
             "num_workers": workers, "steps_per_epoch": stream.steps_per_epoch,
             "batch_size": stream.batch_size, "shuffle_buffer": stream.shuffle_buffer,
             "seed": stream.seed, "num_shards": len(stream.urls), "generation": int(generation),
-            "slots": slots,
+            "buckets": stream.buckets.describe() if stream.buckets else None, "slots": slots,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -225,6 +226,9 @@ def position_mismatch(position: Mapping[str, Any], stream: TrainStream) -> Optio
     for key, value in expected.items():
         if int(position.get(key, -1)) != int(value):
             return f"{key} was {position.get(key)} and is now {value}"
+    buckets = stream.buckets.describe() if stream.buckets else None
+    if position.get("buckets") != buckets:
+        return f"the buckets were {position.get('buckets')} and are now {buckets}"
     return None
 
 
@@ -241,6 +245,7 @@ class ShardDataModule(L.LightningDataModule):
         self._next_epoch = 0
         self._train_stream: Optional[TrainStream] = None
         self._resume_position: Optional[Dict[str, Any]] = None
+        self.buckets = BucketSet.from_config(self.cfg)
 
     # ------------------------------------------------------------------------------ setup
     def decode_spec(self) -> DecodeSpec:
@@ -250,7 +255,7 @@ class ShardDataModule(L.LightningDataModule):
             load_images=bool(c.load_images),
             array_keys=tuple(c.array_keys),
             max_image_pixels=int(c.max_image_pixels),
-            draft_size=int(c.image_size),
+            draft_size=self.buckets.max_side if self.buckets else int(c.image_size),
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -322,6 +327,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             num_workers=int(c.num_workers),
             epoch=epoch,
+            buckets=self.buckets,
         )
         position, self._resume_position = self._resume_position, None  # used by one loader only
         if position is not None:
@@ -358,6 +364,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world=world,
             num_workers=int(c.num_workers),
+            buckets=self.buckets,
         )
         return self._loader(stream, persistent=False)
 
