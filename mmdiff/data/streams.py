@@ -29,16 +29,19 @@ See :mod:`mmdiff.data.splitting` for who reads what.
 """
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset
 
 from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.data.buckets import BucketSet, ShapeBuffers, shape_key
-from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample, find_image_member
 from mmdiff.data.shards import worker_and_count
 from mmdiff.data.skips import SkipCounter
 from mmdiff.data.splitting import (
@@ -59,6 +62,10 @@ Item = Dict[str, Any]
 
 
 _MASK = (1 << 64) - 1
+
+#: The only image formats whose headers are parsed (as in mmdiff.data.decode: no other PIL plugin
+#: sees bytes from a shard).
+_HEADER_FORMATS = ("JPEG", "PNG", "WEBP")
 
 #: Key of the stream position each training batch carries out of its DataLoader worker;
 #: :class:`~mmdiff.data.datamodule.TrainLoader` removes it before Lightning sees the batch.
@@ -135,6 +142,25 @@ class _BatchStream(IterableDataset):
             item.update(image=out.image, original_size=out.original_size, crop_top_left=out.crop_top_left)
         return item
 
+    def _bucket_key(self, raw: RawSample, transform: ImageTransform, rng: Optional[np.random.Generator],
+                    shapes: Dict[str, Tuple[int, ...]]) -> Any:
+        """The shape ``raw`` will have once decoded: its bucket, read from the image header alone
+        (no pixels decoded), or, for arrays-only batches, the arrays' shapes. Raises what decoding
+        raises for a sample whose header cannot be read."""
+        ext = find_image_member(raw.members) if self.spec.load_images and raw.error is None else None
+        if ext is not None and self.buckets is not None:
+            try:
+                with warnings.catch_warnings():  # decode_sample checks the pixel count itself
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(io.BytesIO(raw.members[ext]), formats=_HEADER_FORMATS) as img:
+                        width, height = img.size
+                if width > 0 and height > 0:
+                    width, height = self.buckets.nearest(height, width)
+                    return ("image", (3, height, width))
+            except Exception:  # unreadable header: the full decode below says why
+                pass
+        return shape_key(self._item(raw, transform, rng, shapes))
+
     def _placeholder(self, key: str = "") -> Item:
         item: Item = {"image": None, "caption": "", "key": key, "arrays": {}, "valid": False}
         if self.spec.load_images:  # an uncropped image of the target size: SDXL's neutral values
@@ -181,10 +207,10 @@ class _SlotStream:
     * shard order: round ``n`` visits the slot's shards in ``permutation(n)``;
     * shuffle buffer: the ``i``-th sample read replaces buffer entry ``mix(..., i) % size``;
     * augmentation: the ``k``-th sample out of the buffer is cropped/flipped with its own rng;
-    * buckets: decoded samples wait in one buffer per shape (:class:`ShapeBuffers`) and a batch
-      leaves when its buffer fills, so the batches are a pure function of the sample order; the
-      position lists the waiting samples as (shard, position, k), and :meth:`restore` re-reads and
-      re-decodes them (at most buckets × (batch size - 1) samples).
+    * buckets: raw samples wait in one buffer per shape (the bucket, from the image header:
+      :class:`ShapeBuffers`) and are decoded when their buffer fills, so the batches are a pure
+      function of the sample order; the position lists the waiting samples as (shard, position,
+      k), and :meth:`restore` re-reads them (at most buckets × (batch size - 1) samples).
     """
 
     def __init__(self, ds: "TrainStream", worker: int, num_workers: int,
@@ -206,8 +232,8 @@ class _SlotStream:
         self.batches = 0  # batches made
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.buf: List[RawSample] = []
-        # Decoded samples waiting for a full batch of their shape, with their (shard, pos, k).
-        self.waiting: ShapeBuffers[Tuple[Item, Tuple[int, int, int]]] = ShapeBuffers(ds.batch_size)
+        # Raw samples waiting for a full batch of their shape: (raw, (shard, pos, k), shape).
+        self.waiting: ShapeBuffers[Tuple[RawSample, Tuple[int, int, int], Any]] = ShapeBuffers(ds.batch_size)
         self._it: Optional[Iterator[RawSample]] = None
         self.perm = self._perm(0)
         if position:
@@ -284,37 +310,60 @@ class _SlotStream:
         self.n_out += 1
         return item
 
-    def _next_item(self) -> Tuple[Item, RawSample]:
-        """The next sample that decodes, and its raw form; the ones that do not are counted."""
+    def _skipped(self, err: Exception, raw: RawSample) -> None:
+        """Count a sample that does not decode; too many in a row means the shards are unusable."""
+        self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)
+        self.in_a_row += 1
+        if self.in_a_row >= max(1000, 2 * self.ds.shuffle_buffer):
+            raise DataError(
+                f"training rank {self.ds.rank} worker {self.worker} skipped {self.in_a_row} samples "
+                "in a row; the training shards look unusable (see the warnings above)."
+            ) from None
+
+    def _decode(self, raw: RawSample, k: int) -> Optional[Item]:
+        """The ``k``-th sample out of the shuffle buffer, decoded and augmented; None (counted) if it
+        does not decode."""
+        try:
+            item = self.ds._item(raw, self.ds.transform, self._aug_rng(k), self.shapes)
+        except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
+            self._skipped(err, raw)
+            return None
+        self.in_a_row = 0
+        return item
+
+    def _bucketed_items(self) -> List[Item]:
+        """The next batch of one shape: raw samples wait per shape (read from the header) and are
+        decoded when their buffer fills; one that fails then is counted and the rest wait on."""
         ds = self.ds
-        limit = max(1000, 2 * ds.shuffle_buffer)
         while True:
             raw = self._next_sample()
+            k = self.n_out - 1
             try:
-                item = ds._item(raw, ds.transform, self._aug_rng(self.n_out - 1), self.shapes)
-                self.in_a_row = 0
-                return item, raw
-            except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
-                self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)
-                self.in_a_row += 1
-                if self.in_a_row >= limit:
-                    raise DataError(
-                        f"training rank {ds.rank} worker {self.worker} skipped {self.in_a_row} samples "
-                        "in a row; the training shards look unusable (see the warnings above)."
-                    ) from None
+                key = ds._bucket_key(raw, ds.transform, self._aug_rng(k), self.shapes)
+            except Exception as err:
+                self._skipped(err, raw)
+                continue
+            full = self.waiting.add(key, (raw, (self.shard_index[raw.url], raw.pos, k), key))
+            if full is None:
+                continue
+            decoded = [(self._decode(r, ident[2]), (r, ident, key)) for r, ident, key in full]
+            if all(item is not None for item, _ in decoded):
+                return [item for item, _ in decoded]  # type: ignore[misc]
+            for item, entry in decoded:
+                if item is not None:
+                    self.waiting.add(key, entry)
 
     def next_batch(self) -> Dict[str, Any]:
         ds = self.ds
         items: List[Item] = []
         if ds.buckets is None:
             while len(items) < ds.batch_size:
-                items.append(self._next_item()[0])
+                raw = self._next_sample()
+                item = self._decode(raw, self.n_out - 1)
+                if item is not None:
+                    items.append(item)
         else:
-            full = None
-            while full is None:
-                item, raw = self._next_item()
-                full = self.waiting.add(shape_key(item), (item, (self.shard_index[raw.url], raw.pos, self.n_out - 1)))
-            items = [it for it, _ in full]
+            items = self._bucketed_items()
         self.batches += 1
         batch = ds._collate(items, self.counter.count, self.worker)
         batch[POSITION_KEY] = self.position()
@@ -332,7 +381,7 @@ class _SlotStream:
             "buffer": buffer.reshape(-1, 2),
         }
         if self.ds.buckets is not None:  # the samples waiting in their shape's buffer, in arrival order
-            waiting = sorted((ident for _, ident in self.waiting.pending()), key=lambda ident: ident[2])
+            waiting = sorted((ident for _, ident, _ in self.waiting.pending()), key=lambda ident: ident[2])
             position["waiting"] = torch.tensor(waiting, dtype=torch.long).reshape(-1, 3)
         return position
 
@@ -346,14 +395,14 @@ class _SlotStream:
         waiting = [(int(sid), int(pos), int(k)) for sid, pos, k in rows.tolist()]
         found = self._reread(wanted + [(sid, pos) for sid, pos, _ in waiting])
         self.buf = [found[w] for w in wanted if w in found]
-        for sid, pos, k in waiting:  # in the order they arrived: the same buffers, the same items
+        for sid, pos, k in waiting:  # in the order they arrived: the same buffers
             raw = found.get((sid, pos))
             try:
-                item = self.ds._item(raw, self.ds.transform, self._aug_rng(k), self.shapes) if raw else None
-            except Exception:  # it decoded before: the shard changed (warned about below)
-                item = None
-            if item is not None:
-                self.waiting.add(shape_key(item), (item, (sid, pos, k)))
+                key = self.ds._bucket_key(raw, self.ds.transform, self._aug_rng(k), self.shapes) if raw else None
+            except Exception:  # it was read before: the shard changed (warned about below)
+                key = None
+            if key is not None:
+                self.waiting.add(key, (raw, (sid, pos, k), key))
         lost = len(wanted) + len(waiting) - len(self.buf) - len(self.waiting)
         if lost:
             log.warning("train rank %d worker %d: %d of %d buffered samples are gone (the training "
