@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datakit import data_cfg, good_keys, mixed_aspect_shards, write_tar
+from datakit import data_cfg, good_keys, image_bytes, mixed_aspect_shards, write_tar
 from mmdiff.config import load_config
 from mmdiff.config.bucket_spec import generated_sizes
 from mmdiff.data.buckets import BucketSet, ShapeBuffers
@@ -78,6 +78,23 @@ def test_training_batches_have_one_shape_and_the_histogram_matches(mixed) -> Non
     for bucket in BUCKETS:
         share, expected = seen[bucket] / sum(seen.values()), direct[bucket] / len(sizes)
         assert abs(share - expected) <= 0.02, (bucket, share, expected)
+
+
+def test_no_sample_is_lost_when_a_batch_holds_a_broken_image(tmp_path: Path) -> None:
+    """Pixels are decoded when a bucket's batch leaves: a truncated image (readable header) is then
+    counted, and its batch-mates wait on. Every sample out of the shuffle buffer is in a batch,
+    waiting, or counted."""
+    paths, _ = mixed_aspect_shards(tmp_path, 30, shards=1)
+    cut = image_bytes(1, (40, 60))[:1000]
+    broken = write_tar(tmp_path / "cut.tar", [(f"cut{i}", {"jpg": cut, "txt": b"x"}) for i in range(6)])
+    cfg = data_cfg(train_shards=[str(paths[0]), str(broken)], buckets=ON, batch_size=4, steps_per_epoch=20,
+                   shuffle_buffer=0)
+    loader = ShardDataModule(cfg, seed=0).train_dataloader()
+    batches = list(loader)
+    slot = loader.position()["slots"][0]
+    skipped = int(batches[-1]["skipped"][0])
+    assert skipped >= 6 and all("cut" not in k for b in batches for k in b["key"])
+    assert slot["n_out"] == 4 * len(batches) + len(slot["waiting"]) + skipped
 
 
 def test_square_config_batches_stay_square(mixed) -> None:
