@@ -13,7 +13,11 @@ largest value per (split, worker), sums over workers, and logs
   ``data/skipped_train`` from the batches' ``dropped`` column NAME;
 
 all summed over ranks (``sync_dist=True, reduce_fx="sum"``), so the logged value is the
-whole job's count.
+whole job's count. With aspect-ratio buckets (``data.buckets``) it also logs
+
+* ``data/bucket_share/WxH`` — the share of the training samples of each bucket since this fit
+  (re)started, over all ranks, from the image shapes of the batches (host metadata: no
+  device sync; one all-reduce of the counts on the batches metrics are written on).
 
 No host sync per batch: the batch's counters are on the device by the time the callback sees them,
 so it keeps them there and reads them (one ``tolist``) and sums them over ranks (one all-reduce)
@@ -28,7 +32,7 @@ written before per-rank counts (only rank 0's count), restores the whole saved c
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -70,7 +74,8 @@ def _fold(per_worker: Dict[int, List[int]], pending: List[torch.Tensor]) -> None
 
 class DataStatsCallback(Callback):
     """Logs ``data/skipped_train``, ``data/skipped_val`` and ``data/dropped/NAME`` for each of
-    ``drop_names`` (sums over workers and ranks)."""
+    ``drop_names`` (sums over workers and ranks), and the bucket shares of the training samples
+    when the data has aspect-ratio buckets."""
 
     def __init__(self, drop_names: Sequence[str] = ()) -> None:
         super().__init__()
@@ -82,6 +87,8 @@ class DataStatsCallback(Callback):
         self._train_pending: List[torch.Tensor] = []  # per batch [worker, count], not yet read
         self._val_pending: List[torch.Tensor] = []
         self._trainer: Optional[L.Trainer] = None
+        self.buckets: List[Tuple[int, int]] = []  # (width, height), from the datamodule
+        self.bucket_counts: List[int] = []  # training samples per bucket (this rank, this fit)
 
     @property
     def skipped_train(self) -> int:
@@ -105,14 +112,23 @@ class DataStatsCallback(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer  # setup runs before Lightning restores callback states: ranks
+        buckets = getattr(getattr(trainer, "datamodule", None), "buckets", None)
+        self.buckets = list(buckets.sizes) if buckets is not None else []
+        self.bucket_counts = [0] * len(self.buckets)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         pending = _pending(batch, len(self.drop_names))
         if pending is not None:
             self._train_pending.append(pending)
+        if self.buckets and isinstance(batch, Mapping) and "image" in batch:
+            height, width = batch["image"].shape[-2:]
+            if (width, height) in self.buckets:
+                self.bucket_counts[self.buckets.index((width, height))] += int(batch["image"].shape[0])
         if not metrics_written_now(trainer):
             return
+        if self.buckets:
+            self._log_bucket_shares(pl_module)
         # Every rank reaches here on the same batches (step counters only), so the all-reduce of
         # `sync_dist` always matches up; a rank whose batches carry no counts sends its total too.
         counts = self._train_counts()
@@ -120,6 +136,15 @@ class DataStatsCallback(Callback):
             value = torch.tensor(float(count), device=pl_module.device)
             pl_module.log(f"data/{name}", value, on_step=True, on_epoch=False,
                           reduce_fx="sum", sync_dist=True, batch_size=1)
+
+    def _log_bucket_shares(self, pl_module: L.LightningModule) -> None:
+        counts = torch.tensor(self.bucket_counts, dtype=torch.float64, device=pl_module.device)
+        if world_size() > 1:  # every rank gets here on the same batch (metrics_written_now)
+            dist.all_reduce(counts)
+        shares = counts / counts.sum().clamp(min=1)
+        for (width, height), share in zip(self.buckets, shares):
+            pl_module.log(f"data/bucket_share/{width}x{height}", share.float(), on_step=True, on_epoch=False,
+                          batch_size=1)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.val_pass = {}

@@ -7,6 +7,7 @@ from typing import List
 
 from omegaconf import DictConfig
 
+from mmdiff.config.bucket_spec import BucketConfig
 from mmdiff.config.fields import choice, require
 from mmdiff.config.filter_rules import parse_filters
 
@@ -54,6 +55,8 @@ class DataConfig:
     load_images: bool = True
     # Names of NAME.npy members to load into the batch as tensors (e.g. precomputed latents).
     array_keys: List[str] = field(default_factory=list)
+    # Aspect-ratio buckets (mmdiff.config.bucket_spec); disabled: the square image_size² path.
+    buckets: BucketConfig = field(default_factory=BucketConfig)
 
     @staticmethod
     def check(d: DictConfig, cfg: DictConfig) -> None:

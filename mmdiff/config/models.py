@@ -90,11 +90,16 @@ class VAEConfig:
 
     @staticmethod
     def check_latent_size(v: DictConfig, cfg: DictConfig) -> None:
-        """data.image_size must be a multiple of the VAE's down-sampling factor (built VAEs)."""
+        """data.image_size (and data.buckets.step) must be multiples of the VAE's down-sampling factor (built VAEs)."""
         factor = 2 ** (len(v.block_out_channels) - 1)
         require(
             v.pretrained is not None or cfg.data.image_size % factor == 0,
             f"data.image_size {cfg.data.image_size} is not divisible by the VAE's down-sampling factor {factor}.",
+        )
+        require(
+            v.pretrained is not None or not cfg.data.buckets.enabled or cfg.data.buckets.step % factor == 0,
+            f"data.buckets.step {cfg.data.buckets.step} is not divisible by the VAE's down-sampling factor "
+            f"{factor}, so bucket sides would not fit the latent grid.",
         )
 
 

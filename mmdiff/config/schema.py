@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from mmdiff.config.adapters import LoRAConfig
+from mmdiff.config.bucket_spec import BucketConfig
 from mmdiff.config.data import DataConfig
 from mmdiff.config.diffusion import DiffusionConfig, SamplingConfig
 from mmdiff.config.eval import EvalConfig
@@ -75,6 +76,7 @@ Check = Callable[[DictConfig, DictConfig], None]
 #: (section, check) run on every config, in this order.
 SECTION_CHECKS: Tuple[Tuple[str, Check], ...] = (
     ("data", DataConfig.check),
+    ("data.buckets", BucketConfig.check),
     ("trainer", TrainerConfig.check),
     ("logger", LoggerConfig.check),
     ("", ExperimentConfig.check),

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from mmdiff.config import Crop, DataConfig
 from mmdiff.config.filter_rules import parse_filters
+from mmdiff.data.buckets import BucketSet
 from mmdiff.data.decode import DecodeSpec
 from mmdiff.data.probe import probe_rules
 from mmdiff.data.shards import expand_shards, rank_and_world
@@ -203,7 +204,7 @@ class TrainLoader(PassLoader):
             "num_workers": workers, "steps_per_epoch": stream.steps_per_epoch,
             "batch_size": stream.batch_size, "shuffle_buffer": stream.shuffle_buffer,
             "seed": stream.seed, "num_shards": len(stream.urls), "generation": int(generation),
-            "slots": slots,
+            "buckets": stream.buckets.describe() if stream.buckets else None, "slots": slots,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -227,6 +228,9 @@ def position_mismatch(position: Mapping[str, Any], stream: TrainStream) -> Optio
     for key, value in expected.items():
         if int(position.get(key, -1)) != int(value):
             return f"{key} was {position.get(key)} and is now {value}"
+    buckets = stream.buckets.describe() if stream.buckets else None
+    if position.get("buckets") != buckets:
+        return f"the buckets were {position.get('buckets')} and are now {buckets}"
     return None
 
 
@@ -243,6 +247,7 @@ class ShardDataModule(L.LightningDataModule):
         self._next_epoch = 0
         self._train_stream: Optional[TrainStream] = None
         self._resume_position: Optional[Dict[str, Any]] = None
+        self.buckets = BucketSet.from_config(self.cfg)
 
     # ------------------------------------------------------------------------------ setup
     def decode_spec(self) -> DecodeSpec:
@@ -252,7 +257,7 @@ class ShardDataModule(L.LightningDataModule):
             load_images=bool(c.load_images),
             array_keys=tuple(c.array_keys),
             max_image_pixels=int(c.max_image_pixels),
-            draft_size=int(c.image_size),
+            draft_size=self.buckets.max_side if self.buckets else int(c.image_size),
             filters=tuple(parse_filters(list(c.filters))),
             min_size=int(c.min_size),
         )
@@ -327,6 +332,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             num_workers=int(c.num_workers),
             epoch=epoch,
+            buckets=self.buckets,
         )
         position, self._resume_position = self._resume_position, None  # used by one loader only
         if position is not None:
@@ -363,6 +369,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world=world,
             num_workers=int(c.num_workers),
+            buckets=self.buckets,
         )
         return self._loader(stream, persistent=False)
 

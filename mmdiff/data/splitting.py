@@ -15,7 +15,9 @@ Validation — the shards are listed once (keys per shard, from tar headers), th
 numbered 0..N-1 in shard order and slot ``s`` reads the contiguous block ``[s*N//S, (s+1)*N//S)``,
 then pads with flagged placeholders to ``ceil(N/S)`` samples. Every slot therefore makes the same
 number of batches, every rank the same number of batches (no DDP hang on uneven shards), and each
-sample is read exactly once per pass.
+sample is read exactly once per pass. With aspect-ratio buckets a slot batches its block shape by
+shape and pads with one-placeholder batches to a batch count fixed by the number of buckets
+(:func:`val_batches_per_slot`).
 """
 from __future__ import annotations
 
@@ -91,8 +93,15 @@ def per_slot_samples(total: int, slots: int) -> int:
     return max(1, math.ceil(total / max(1, slots)))
 
 
-def val_batches_per_rank(total: int, world: int, num_workers: int, batch_size: int) -> int:
-    """Validation batches every rank yields per pass."""
+def val_batches_per_slot(total: int, slots: int, batch_size: int, shapes: int = 1) -> int:
+    """Validation batches every slot yields per pass when its samples come in up to ``shapes``
+    shapes (aspect-ratio buckets) batched shape by shape: ``n`` samples in ``shapes`` one-shape
+    groups make at most ``ceil(n / batch_size) + shapes - 1`` batches, and never more than ``n``."""
+    per_slot = per_slot_samples(total, slots)
+    return min(per_slot, math.ceil(per_slot / batch_size) + max(1, shapes) - 1)
+
+
+def val_batches_per_rank(total: int, world: int, num_workers: int, batch_size: int, shapes: int = 1) -> int:
+    """Validation batches every rank yields per pass (see :func:`val_batches_per_slot`)."""
     num_workers = max(1, num_workers)
-    per_slot = per_slot_samples(total, world * num_workers)
-    return num_workers * math.ceil(per_slot / batch_size)
+    return num_workers * val_batches_per_slot(total, world * num_workers, batch_size, shapes)

@@ -24,20 +24,28 @@ Both yield ready-made batches (use them with ``DataLoader(batch_size=None)``)::
 * :class:`ValStream` — finite, deterministic, rank-balanced; corrupt and dropped samples
   become flagged placeholders (``valid`` False) so that every rank makes the same number of batches.
 
+With aspect-ratio buckets (``buckets``, :mod:`mmdiff.data.buckets`) each image is resized and
+cropped to its nearest-aspect bucket and both streams batch shape by shape, so every batch has one
+shape ("image" B×3×H×W with (W, H) a bucket; placeholders take the bucket nearest a square).
+
 See :mod:`mmdiff.data.splitting` for who reads what.
 """
 from __future__ import annotations
 
+import io
 import logging
+import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset
 
 from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.config.filter_rules import drop_names
-from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
+from mmdiff.data.buckets import BucketSet, ShapeBuffers, shape_key
+from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample, find_image_member
 from mmdiff.data.filters import DropCounter, Dropped
 from mmdiff.data.shards import worker_and_count
 from mmdiff.data.skips import SkipCounter
@@ -46,6 +54,7 @@ from mmdiff.data.splitting import (
     batches_for_worker,
     train_slot,
     val_batches_per_rank,
+    val_batches_per_slot,
     val_block,
 )
 from mmdiff.data.tario import RawSample, ShardError, iter_samples
@@ -59,6 +68,10 @@ Item = Dict[str, Any]
 
 _MASK = (1 << 64) - 1
 _DROPS_IN_A_ROW = 100_000
+
+#: The only image formats whose headers are parsed (as in mmdiff.data.decode: no other PIL plugin
+#: sees bytes from a shard).
+_HEADER_FORMATS = ("JPEG", "PNG", "WEBP")
 
 #: Key of the stream position each training batch carries out of its DataLoader worker;
 #: :class:`~mmdiff.data.datamodule.TrainLoader` removes it before Lightning sees the batch.
@@ -98,6 +111,7 @@ class _BatchStream(IterableDataset):
         world: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        buckets: Optional[BucketSet] = None,
     ) -> None:
         super().__init__()
         if not urls:
@@ -110,6 +124,7 @@ class _BatchStream(IterableDataset):
         self.world = world
         self.seed = seed
         self.num_workers = num_workers  # only for __len__; iteration uses the real worker info
+        self.buckets = buckets
         self._array_refs: Dict[str, torch.Tensor] = {}  # placeholder shapes, per worker
         self.drop_names = drop_names(spec.filters, spec.min_size)
 
@@ -120,21 +135,44 @@ class _BatchStream(IterableDataset):
         arrays = {}
         for name, array in decoded.arrays.items():
             expected = shapes.setdefault(name, tuple(array.shape))
-            if tuple(array.shape) != expected:
+            if tuple(array.shape) != expected and self.buckets is None:  # buckets batch by shape
                 raise CorruptSample(f"{name}.npy has shape {tuple(array.shape)}, expected {expected}")
             arrays[name] = torch.from_numpy(np.ascontiguousarray(array))
         item: Item = {"image": None, "caption": decoded.caption, "key": decoded.key, "arrays": arrays,
                       "valid": True}
         if decoded.image is not None:
-            out = transform.apply(decoded.image, rng, decoded.original_size)
+            target = None
+            if self.buckets is not None:
+                height, width = decoded.original_size or (decoded.image.height, decoded.image.width)
+                target = self.buckets.nearest(height, width)
+            out = transform.apply(decoded.image, rng, decoded.original_size, target)
             item.update(image=out.image, original_size=out.original_size, crop_top_left=out.crop_top_left)
         return item
+
+    def _bucket_key(self, raw: RawSample, transform: ImageTransform, rng: Optional[np.random.Generator],
+                    shapes: Dict[str, Tuple[int, ...]]) -> Any:
+        """The shape ``raw`` will have once decoded: its bucket, read from the image header alone
+        (no pixels decoded), or, for arrays-only batches, the arrays' shapes. Raises what decoding
+        raises for a sample whose header cannot be read."""
+        ext = find_image_member(raw.members) if self.spec.load_images and raw.error is None else None
+        if ext is not None and self.buckets is not None:
+            try:
+                with warnings.catch_warnings():  # decode_sample checks the pixel count itself
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(io.BytesIO(raw.members[ext]), formats=_HEADER_FORMATS) as img:
+                        width, height = img.size
+                if width > 0 and height > 0:
+                    width, height = self.buckets.nearest(height, width)
+                    return ("image", (3, height, width))
+            except Exception:  # unreadable header: the full decode below says why
+                pass
+        return shape_key(self._item(raw, transform, rng, shapes))
 
     def _placeholder(self, key: str = "") -> Item:
         item: Item = {"image": None, "caption": "", "key": key, "arrays": {}, "valid": False}
         if self.spec.load_images:  # an uncropped image of the target size: SDXL's neutral values
-            item.update(image=torch.zeros(3, self.image_size, self.image_size),
-                        original_size=(self.image_size, self.image_size), crop_top_left=(0, 0))
+            width, height = self.buckets.squarest if self.buckets else (self.image_size, self.image_size)
+            item.update(image=torch.zeros(3, height, width), original_size=(height, width), crop_top_left=(0, 0))
         return item
 
     def _collate(self, items: List[Item], skipped: int, worker: int, drops: Optional[DropCounter] = None) -> Dict[str, Any]:
@@ -178,7 +216,11 @@ class _SlotStream:
     * shard order: round ``n`` visits the slot's shards in ``permutation(n)``;
     * shuffle buffer: the ``i``-th sample read replaces buffer entry ``mix(..., i) % size``;
     * augmentation: the ``k``-th sample out of the buffer is cropped/flipped with its own rng,
-      and its caption drawn (when it has several) with another.
+      and its caption drawn (when it has several) with another;
+    * buckets: raw samples wait in one buffer per shape (the bucket, from the image header:
+      :class:`ShapeBuffers`) and are decoded when their buffer fills, so the batches are a pure
+      function of the sample order; the position lists the waiting samples as (shard, position,
+      k), and :meth:`restore` re-reads them (at most buckets × (batch size - 1) samples).
     """
 
     def __init__(self, ds: "TrainStream", worker: int, num_workers: int,
@@ -203,6 +245,8 @@ class _SlotStream:
         self.batches = 0  # batches made
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.buf: List[RawSample] = []
+        # Raw samples waiting for a full batch of their shape: (raw, (shard, pos, k), shape).
+        self.waiting: ShapeBuffers[Tuple[RawSample, Tuple[int, int, int], Any]] = ShapeBuffers(ds.batch_size)
         self._it: Optional[Iterator[RawSample]] = None
         self.perm = self._perm(0)
         if position:
@@ -279,32 +323,77 @@ class _SlotStream:
         self.n_out += 1
         return item
 
-    def next_batch(self) -> Dict[str, Any]:
+    def _skipped(self, err: Exception, raw: RawSample) -> None:
+        """Count a sample that does not decode; too many in a row means the shards are unusable."""
+        self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)
+        self.in_a_row += 1
+        if self.in_a_row >= max(1000, 2 * self.ds.shuffle_buffer):
+            raise DataError(
+                f"training rank {self.ds.rank} worker {self.worker} skipped {self.in_a_row} samples "
+                "in a row; the training shards look unusable (see the warnings above)."
+            ) from None
+
+    def _dropped(self, err: Dropped) -> None:
+        """Count a sample the data rules leave out; strict filters may keep 1 %, so far more of
+        them in a row are tolerated than corrupt samples."""
+        self.drops.drop(err)
+        self.dropped_in_a_row += 1
+        if self.dropped_in_a_row >= _DROPS_IN_A_ROW:
+            raise DataError(
+                f"training rank {self.ds.rank} worker {self.worker} dropped {self.dropped_in_a_row} samples "
+                "in a row; loosen data.filters / data.min_size or check the shards."
+            ) from None
+
+    def _decode(self, raw: RawSample, k: int) -> Optional[Item]:
+        """The ``k``-th sample out of the shuffle buffer, decoded and augmented; None (counted) if it
+        does not decode."""
+        try:
+            item = self.ds._item(raw, self.ds.transform, self._aug_rng(k), self.shapes, (*self.seeds, 3, k))
+        except Dropped as err:
+            self._dropped(err)
+            return None
+        except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
+            self._skipped(err, raw)
+            return None
+        self.in_a_row = self.dropped_in_a_row = 0
+        return item
+
+    def _bucketed_items(self) -> List[Item]:
+        """The next batch of one shape: raw samples wait per shape (read from the header) and are
+        decoded when their buffer fills; one that fails then is counted and the rest wait on."""
         ds = self.ds
-        limit = max(1000, 2 * ds.shuffle_buffer)
-        items: List[Item] = []
-        while len(items) < ds.batch_size:
+        while True:
             raw = self._next_sample()
             k = self.n_out - 1
             try:
-                items.append(ds._item(raw, ds.transform, self._aug_rng(k), self.shapes, (*self.seeds, 3, k)))
-                self.in_a_row = self.dropped_in_a_row = 0
-            except Dropped as err:  # strict filters may keep 1 %: far more tolerance than for corruption
-                self.drops.drop(err)
-                self.dropped_in_a_row += 1
-                if self.dropped_in_a_row >= _DROPS_IN_A_ROW:
-                    raise DataError(
-                        f"training rank {ds.rank} worker {self.worker} dropped {self.dropped_in_a_row} samples "
-                        "in a row; loosen data.filters / data.min_size or check the shards."
-                    ) from None
-            except Exception as err:  # CorruptSample, or anything a broken file makes PIL raise
-                self.counter.skip(str(err) if isinstance(err, CorruptSample) else repr(err), raw.key, raw.url)
-                self.in_a_row += 1
-                if self.in_a_row >= limit:
-                    raise DataError(
-                        f"training rank {ds.rank} worker {self.worker} skipped {self.in_a_row} samples "
-                        "in a row; the training shards look unusable (see the warnings above)."
-                    ) from None
+                key = ds._bucket_key(raw, ds.transform, self._aug_rng(k), self.shapes)
+            except Dropped as err:
+                self._dropped(err)
+                continue
+            except Exception as err:
+                self._skipped(err, raw)
+                continue
+            full = self.waiting.add(key, (raw, (self.shard_index[raw.url], raw.pos, k), key))
+            if full is None:
+                continue
+            decoded = [(self._decode(r, ident[2]), (r, ident, key)) for r, ident, key in full]
+            if all(item is not None for item, _ in decoded):
+                return [item for item, _ in decoded]  # type: ignore[misc]
+            for item, entry in decoded:
+                if item is not None:
+                    self.waiting.add(key, entry)
+
+    def next_batch(self) -> Dict[str, Any]:
+        ds = self.ds
+        items: List[Item] = []
+        if ds.buckets is None:
+            while len(items) < ds.batch_size:
+                raw = self._next_sample()
+                item = self._decode(raw, self.n_out - 1)
+                if item is not None:
+                    items.append(item)
+        else:
+            items = self._bucketed_items()
         self.batches += 1
         batch = ds._collate(items, self.counter.count, self.worker, self.drops)
         batch[POSITION_KEY] = self.position()
@@ -312,15 +401,19 @@ class _SlotStream:
 
     # --------------------------------------------------------------------------- position
     def position(self) -> Dict[str, Any]:
-        """The stream's state after its last batch: plain ints, lists and one int64 tensor."""
+        """The stream's state after its last batch: plain ints, lists and int64 tensors."""
         buffer = torch.tensor([[self.shard_index[r.url], r.pos] for r in self.buf], dtype=torch.long)
-        return {
+        position = {
             "generation": self.generation, "round": self.round, "idx": self.idx,
             "next_pos": self.next_pos, "got": self.got, "n_in": self.n_in, "n_out": self.n_out,
             "in_a_row": self.in_a_row, "batches": self.batches,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "buffer": buffer.reshape(-1, 2),
         }
+        if self.ds.buckets is not None:  # the samples waiting in their shape's buffer, in arrival order
+            waiting = sorted((ident for _, ident, _ in self.waiting.pending()), key=lambda ident: ident[2])
+            position["waiting"] = torch.tensor(waiting, dtype=torch.long).reshape(-1, 3)
+        return position
 
     def _restore(self, p: Dict[str, Any]) -> None:
         for name in ("round", "idx", "next_pos", "got", "n_in", "n_out", "in_a_row", "batches"):
@@ -328,6 +421,26 @@ class _SlotStream:
         self.shapes = {k: tuple(int(x) for x in v) for k, v in p.get("shapes", {}).items()}
         self.perm = self._perm(self.round)
         wanted = [(int(s), int(q)) for s, q in torch.as_tensor(p["buffer"]).reshape(-1, 2).tolist()]
+        rows = torch.as_tensor(p.get("waiting", torch.zeros(0, 3, dtype=torch.long))).reshape(-1, 3)
+        waiting = [(int(sid), int(pos), int(k)) for sid, pos, k in rows.tolist()]
+        found = self._reread(wanted + [(sid, pos) for sid, pos, _ in waiting])
+        self.buf = [found[w] for w in wanted if w in found]
+        for sid, pos, k in waiting:  # in the order they arrived: the same buffers
+            raw = found.get((sid, pos))
+            try:
+                key = self.ds._bucket_key(raw, self.ds.transform, self._aug_rng(k), self.shapes) if raw else None
+            except Exception:  # it was read before: the shard changed (warned about below)
+                key = None
+            if key is not None:
+                self.waiting.add(key, (raw, (sid, pos, k), key))
+        lost = len(wanted) + len(waiting) - len(self.buf) - len(self.waiting)
+        if lost:
+            log.warning("train rank %d worker %d: %d of %d buffered samples are gone (the training "
+                        "shards changed since the checkpoint?); the data order is no longer exact",
+                        self.ds.rank, self.worker, lost, len(wanted) + len(waiting))
+
+    def _reread(self, wanted: List[Tuple[int, int]]) -> Dict[Tuple[int, int], RawSample]:
+        """The raw samples at these (shard, position)s, read again (missing ones left out)."""
         found: Dict[Tuple[int, int], RawSample] = {}
         by_shard: Dict[int, set] = {}
         for sid, pos in wanted:
@@ -340,11 +453,7 @@ class _SlotStream:
             except (ShardError, IndexError) as err:
                 log.warning("train rank %d worker %d: cannot re-read buffered samples: %s",
                             self.ds.rank, self.worker, err)
-        self.buf = [found[w] for w in wanted if w in found]
-        if len(self.buf) < len(wanted):
-            log.warning("train rank %d worker %d: %d of %d buffered samples are gone (the training "
-                        "shards changed since the checkpoint?); the data order is no longer exact",
-                        self.ds.rank, self.worker, len(wanted) - len(self.buf), len(wanted))
+        return found
 
 
 class TrainStream(_BatchStream):
@@ -371,8 +480,9 @@ class TrainStream(_BatchStream):
     def __init__(self, urls: Sequence[str], spec: DecodeSpec, image_size: int, batch_size: int,
                  steps_per_epoch: int, shuffle_buffer: int = 1000, random_crop: bool = False,
                  random_flip: bool = False, rank: int = 0, world: int = 1, seed: int = 0,
-                 num_workers: int = 0, epoch: int = 0, resume: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__(urls, spec, image_size, batch_size, rank, world, seed, num_workers)
+                 num_workers: int = 0, epoch: int = 0, resume: Optional[Dict[str, Any]] = None,
+                 buckets: Optional[BucketSet] = None) -> None:
+        super().__init__(urls, spec, image_size, batch_size, rank, world, seed, num_workers, buckets)
         self.steps_per_epoch = steps_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.transform = ImageTransform(image_size, random_crop, random_flip)
@@ -451,12 +561,16 @@ class ValStream(_BatchStream):
     work of every (rank, worker) before anything is read; corrupt or missing samples and padding
     come out as placeholders with ``valid`` False, and so do samples the rules of ``spec`` drop.
     Centre crop, no flip, the first of several captions.
+
+    With buckets, each slot batches its good samples shape by shape (corrupt and dropped ones are
+    counted, not batched), then adds one-placeholder batches up to the batch count every slot makes
+    (:func:`~mmdiff.data.splitting.val_batches_per_slot`).
     """
 
     def __init__(self, urls: Sequence[str], shard_sizes: Sequence[int], spec: DecodeSpec,
                  image_size: int, batch_size: int, rank: int = 0, world: int = 1,
-                 num_workers: int = 0) -> None:
-        super().__init__(urls, spec, image_size, batch_size, rank, world, 0, num_workers)
+                 num_workers: int = 0, buckets: Optional[BucketSet] = None) -> None:
+        super().__init__(urls, spec, image_size, batch_size, rank, world, 0, num_workers, buckets)
         if len(shard_sizes) != len(self.urls):
             raise ValueError("one size per validation shard is needed")
         self.shard_sizes = list(shard_sizes)
@@ -467,8 +581,13 @@ class ValStream(_BatchStream):
         """Samples in the validation set (good or not)."""
         return sum(self.shard_sizes)
 
+    @property
+    def shapes(self) -> int:
+        """The most shapes a slot's samples come in (one without buckets)."""
+        return len(self.buckets.sizes) if self.buckets else 1
+
     def __len__(self) -> int:
-        return val_batches_per_rank(self.total, self.world, self.num_workers, self.batch_size)
+        return val_batches_per_rank(self.total, self.world, self.num_workers, self.batch_size, self.shapes)
 
     def _items(self, worker: int, num_workers: int, counter: SkipCounter, drops: DropCounter) -> Iterator[Item]:
         block = val_block(self.shard_sizes, self.rank, self.world, worker, num_workers)
@@ -501,6 +620,9 @@ class ValStream(_BatchStream):
         worker, num_workers = worker_and_count()
         counter = SkipCounter(f"val rank {self.rank} worker {worker}")
         drops = DropCounter(self.drop_names)
+        if self.buckets is not None:
+            yield from self._bucketed(worker, num_workers, counter, drops)
+            return
         items: List[Item] = []
         for item in self._items(worker, num_workers, counter, drops):
             items.append(item)
@@ -509,3 +631,29 @@ class ValStream(_BatchStream):
                 items = []
         if items:
             yield self._collate(items, counter.count, worker, drops)
+
+    def _bucketed(self, worker: int, num_workers: int, counter: SkipCounter,
+                  drops: DropCounter) -> Iterator[Dict[str, Any]]:
+        """The slot's batches shape by shape, padded to the common count with one-placeholder batches."""
+        quota = val_batches_per_slot(self.total, self.world * max(1, num_workers), self.batch_size, self.shapes)
+        waiting: ShapeBuffers[Item] = ShapeBuffers(self.batch_size)
+        made = 0
+
+        def batches(groups: List[List[Item]]) -> Iterator[Dict[str, Any]]:
+            nonlocal made
+            for group in groups:
+                made += 1
+                if made > quota:
+                    raise DataError(f"validation rank {self.rank} worker {worker}: the samples come in more "
+                                    f"shapes than the {self.shapes} data.buckets; make the validation shards "
+                                    "with the same data.buckets.")
+                yield self._collate(group, counter.count, worker, drops)
+
+        for item in self._items(worker, num_workers, counter, drops):
+            if not item["valid"]:  # counted already; the quota's padding keeps the ranks in step
+                continue
+            full = waiting.add(shape_key(item), item)
+            if full is not None:
+                yield from batches([full])
+        yield from batches(waiting.drain())
+        yield from batches([[self._placeholder()] for _ in range(quota - made)])

@@ -84,3 +84,26 @@ class _Payload:
 
 def evil_pickle(marker: Path) -> bytes:
     return pickle.dumps(_Payload(marker))
+
+
+def mixed_aspect_shards(root: Path, n: int, shards: int = 3,
+                        seed: int = 0) -> Tuple[List[Path], Dict[str, Tuple[int, int]]]:
+    """``n`` samples of many shapes — portrait, landscape, square and tiny (down to 6 px), JPEG and
+    PNG — spread over ``shards`` shards; returns the paths and each key's (width, height)."""
+    rng = np.random.default_rng(seed)
+    kinds = [(24, 64, 48, 96), (48, 96, 24, 64), (30, 60, 30, 60), (6, 16, 6, 16)]  # w range, h range
+    per_shard: List[List[Tuple[str, Dict[str, bytes]]]] = [[] for _ in range(shards)]
+    sizes: Dict[str, Tuple[int, int]] = {}
+    for i in range(n):
+        w0, w1, h0, h1 = kinds[i % len(kinds)]
+        width, height = int(rng.integers(w0, w1 + 1)), int(rng.integers(h0, h1 + 1))
+        if i % len(kinds) == 2:
+            height = width  # the squares
+        key = f"{i:06d}"
+        fmt = "PNG" if i % 3 == 0 else "JPEG"
+        members = {fmt.lower().replace("jpeg", "jpg"): image_bytes(i, (width, height), fmt),
+                   "txt": f"picture {i}".encode()}
+        per_shard[i % shards].append((key, members))
+        sizes[key] = (width, height)
+    paths = [write_tar(root / f"mixed-{s:06d}.tar", samples) for s, samples in enumerate(per_shard)]
+    return paths, sizes

@@ -2,7 +2,8 @@
 
 usage: python ddp_worker.py RANK WORLD PORT SPEC_JSON OUT_JSON
 
-For each scenario in SPEC_JSON ({name: {"train": [...], "val": [...], "workers": n}}), draws one
+For each scenario in SPEC_JSON ({name: {"train": [...], "val": [...], "workers": n, "data": {...}}},
+"data" optional: more data.* keys), draws one
 training epoch and one validation pass through ShardDataModule, all-reducing once per validation
 batch (as DDP does), and writes the keys each rank saw to OUT_JSON.
 """
@@ -78,22 +79,23 @@ def main() -> None:
             "train_shards": spec["train"], "val_shards": spec["val"], "image_size": 16,
             "batch_size": 4, "val_batch_size": 5, "steps_per_epoch": 6, "num_workers": spec["workers"],
             "shuffle_buffer": 20,
-        })
+        }, spec.get("data", {}))
         dm = ShardDataModule(cfg, seed=0)
         dm.setup("fit")
         train = [k for b in dm.train_dataloader() for k in b["key"]]
         val_keys, val_batches, skipped = [], 0, 0
         loader = dm.val_dataloader()
-        batches = []
+        batches, shapes = [], []
         for batch in loader:
             dist.all_reduce(torch.ones(1))  # lockstep: hangs (then times out) if ranks' counts differ
             val_batches += 1
             batches.append(batch)
             val_keys += [k for k, ok in zip(batch["key"], batch["valid"].tolist()) if ok]
+            shapes.append(list(batch["image"].shape[2:]))
         skipped = count_skipped(batches)
         dist.barrier()
         results[name] = {"train": train, "val": val_keys, "val_batches": val_batches,
-                         "val_len": len(loader), "val_skipped": skipped}
+                         "val_len": len(loader), "val_skipped": skipped, "val_shapes": shapes}
     results["fit"] = fit_with_ddp(rank, json.loads(open(spec_path).read())["single"])
     with open(out_path, "w") as f:
         json.dump(results, f)

@@ -1,6 +1,7 @@
 """DataStatsCallback under a real (single-process) Lightning fit: skip counts reach the metrics."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from datakit import data_cfg, img2dataset_sample, write_tar
+from datakit import data_cfg, img2dataset_sample, mixed_aspect_shards, write_tar
 from mmdiff.callbacks.data_stats import DataStatsCallback
 from mmdiff.data.datamodule import ShardDataModule
 
@@ -53,3 +54,28 @@ def test_skip_counts_are_logged_during_fit(tmp_path: Path) -> None:
     assert trainer.callback_metrics["data/skipped_train"].item() == stats.skipped_train >= 2
     assert sorted(model.val_keys) == sorted([k for k, _ in samples if not k.startswith("bad")] * 2)
     assert stats.state_dict() == {"skipped_train": stats.skipped_train, "ranks": [stats.skipped_train]}
+
+
+@pytest.mark.timeout(120)
+def test_bucket_shares_are_logged_during_fit(tmp_path: Path) -> None:
+    paths, _ = mixed_aspect_shards(tmp_path, 40, shards=2, seed=1)
+    cfg = data_cfg(train_shards=[str(p) for p in paths], batch_size=2, steps_per_epoch=12, num_workers=0,
+                   buckets={"enabled": True, "step": 8})
+    shapes: list[tuple[int, int]] = []
+
+    class Recording(_Tiny):
+        def training_step(self, batch, batch_idx):
+            height, width = batch["image"].shape[2:]
+            shapes.extend([(width, height)] * len(batch["key"]))
+            return super().training_step(batch, batch_idx)
+
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=[DataStatsCallback()], num_sanity_val_steps=0)
+    trainer.fit(Recording(), datamodule=ShardDataModule(cfg, seed=0))
+    metrics = trainer.callback_metrics
+    for width, height in [(24, 40), (32, 32), (40, 24)]:
+        share = shapes.count((width, height)) / len(shapes)
+        assert metrics[f"data/bucket_share/{width}x{height}"].item() == pytest.approx(share, abs=1e-6)
+    seen = Counter(shapes)
+    assert len(seen) == 3 and seen[24, 40] != seen[40, 24]  # (width, height) and (height, width) differ

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import torch
 
-from datakit import data_cfg, img2dataset_sample, sized_shards, write_tar
+from datakit import data_cfg, image_bytes, img2dataset_sample, mixed_aspect_shards, sized_shards, write_tar
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.data.streams import POSITION_KEY
 
@@ -78,6 +78,30 @@ def test_resumed_stream_continues_the_uninterrupted_one(shards, workers: int, st
     # corrupt samples are skipped (each time a round reads them) and counted once: a resumed
     # stream counts from zero again (DataStatsCallback adds the count saved in the checkpoint)
     assert _skips(straight) == _skips(head) + _skips(tail) >= 2
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("workers, stop", [(0, 7), (2, 9)])
+def test_bucketed_stream_resumes_with_its_waiting_samples(tmp_path: Path, workers: int, stop: int) -> None:
+    """With aspect-ratio buckets, samples wait in their bucket's buffer across batches: the position
+    lists them and the resumed stream re-reads them into the same buffers."""
+    paths, _ = mixed_aspect_shards(tmp_path, 36, shards=3)  # small: the rounds come round to the bad shard
+    truncated = image_bytes(3, (40, 60))  # a readable header (its bucket is known), then broken data
+    bad = write_tar(tmp_path / "bad.tar", [img2dataset_sample("ok0", 0), ("bad", {"jpg": b"junk", "txt": b"x"}),
+                                           ("cut", {"jpg": truncated[:len(truncated) // 2], "txt": b"x"})])
+    cfg = data_cfg(train_shards=[str(p) for p in paths + [bad]], num_workers=workers, batch_size=4, image_size=32,
+                   steps_per_epoch=6, shuffle_buffer=10, crop="random", random_flip=True,
+                   buckets={"enabled": True, "step": 8})
+    total = 16
+    straight = _take(ShardDataModule(cfg, seed=5).train_dataloader(), total)
+    head, tail, position = _resume(cfg, 5, stop, total)
+    assert all(len(slot["waiting"]) > 0 for slot in position["slots"])  # the case this test is about
+    assert position["buckets"] == [[24, 40], [32, 32], [40, 24]]
+    assert _sig(head + tail) == _sig(straight)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(tail, straight[stop:]))
+    assert len({b["image"].shape for b in straight}) > 1  # batches of several buckets
+    assert all(len(b["key"]) == 4 and "cut" not in b["key"] for b in straight)
+    assert _skips(straight) == _skips(head) + _skips(tail) >= 2  # the junk and the truncated image
 
 
 @pytest.mark.timeout(120)

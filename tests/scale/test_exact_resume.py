@@ -10,7 +10,8 @@ checkpoint RNG states. The config resumes mid-epoch (20 = 13 + 7) on worker 1's 
 The DDP variant (2 CPU ranks, gloo, Lightning's own launcher) checks that every rank gets its own
 position back: the checkpoint holds both ranks' (gathered at save time).
 The default run keeps one fast case (SIGKILL after step 3 of 6, 4 steps per epoch, resumed);
-the 40-step runs are marked slow. The interrupted run holds still after its checkpoint until it
+the 40-step runs and the fast case on mixed-aspect shards with aspect-ratio buckets (samples wait
+in their bucket's buffer across the checkpoint) are marked slow. The interrupted run holds still after its checkpoint until it
 is signalled (interrupt_worker.py), so no case depends on the run's speed.
 """
 from __future__ import annotations
@@ -27,12 +28,15 @@ import pytest
 import torch
 
 from conftest import HERE, clean_env, csv_metrics
+from datakit import mixed_aspect_shards
 from tiny_configs import tiny_t2i_config
 
 SETUPS = {  # name: (DataLoader workers, trainer overrides)
     "single": (2, {}),
     "ddp": (1, {"devices": "2", "strategy": "ddp"}),
+    "buckets": (2, {}),  # mixed-aspect shards in aspect-ratio buckets
 }
+BUCKETS = {"enabled": True, "step": 8, "sizes": ["16x16", "16x24", "24x16"]}
 # name: (max steps, interrupted after, steps per epoch, validate every n steps)
 SIZES = {"full": (40, 20, 13, 10), "fast": (6, 3, 4, 100000)}
 
@@ -40,10 +44,14 @@ SIZES = {"full": (40, 20, 13, 10), "fast": (6, 3, 4, 100000)}
 def _config(tmp_path: Path, shards: Path, run: str, setup: str = "single", size: str = "full") -> Path:
     workers, trainer = SETUPS[setup]
     max_steps, kill_after, per_epoch, val_every = SIZES[size]
+    data = {"num_workers": workers, "steps_per_epoch": per_epoch, "shuffle_buffer": 30, "crop": "random",
+            "random_flip": True}
+    if setup == "buckets":
+        mixed = sorted(str(p) for p in shards.glob("mixed-*.tar"))
+        data.update(train_shards=mixed, val_shards=mixed[:1], buckets=BUCKETS)
     return tiny_t2i_config(
         tmp_path, shards, run,
-        data={"num_workers": workers, "steps_per_epoch": per_epoch, "shuffle_buffer": 30, "crop": "random",
-              "random_flip": True},
+        data=data,
         model={"caption_dropout": 0.2, "vae": {"pretrained": None, "block_out_channels": [32, 32],
                                                "scale_estimate_batches": 1}},
         trainer={"max_steps": max_steps, "checkpoint_every_n_steps": kill_after, "val_every_n_steps": val_every,
@@ -79,6 +87,14 @@ def _unet(ckpt: Dict) -> Dict[str, torch.Tensor]:
 
 
 _STRAIGHT: Dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def mixed16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """90 images of many aspect ratios and sizes in 3 shards (portrait, landscape, square, tiny)."""
+    out = tmp_path_factory.mktemp("mixed16")
+    mixed_aspect_shards(out, 90, shards=3)
+    return out
 
 
 def _straight(setup: str, size: str, tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
@@ -120,14 +136,18 @@ def _interrupt(config: Path, run_dir: Path, sig: signal.Signals, kill_after: int
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("setup, sig, size", [
     pytest.param("single", signal.SIGKILL, "fast", id="fast-sigkill"),
+    pytest.param("buckets", signal.SIGKILL, "fast", id="fast-sigkill-buckets", marks=pytest.mark.slow),
     pytest.param("single", signal.SIGTERM, "full", id="sigterm", marks=pytest.mark.slow),
     pytest.param("single", signal.SIGKILL, "full", id="sigkill", marks=pytest.mark.slow),
     pytest.param("ddp", signal.SIGKILL, "full", id="ddp-sigkill", marks=pytest.mark.slow),
 ])
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path_factory: pytest.TempPathFactory,
                                                               tmp_path: Path, digits16: Path, setup: str,
-                                                              sig: signal.Signals, size: str) -> None:
+                                                              sig: signal.Signals, size: str,
+                                                              request: pytest.FixtureRequest) -> None:
     max_steps, kill_after, _, _ = SIZES[size]
+    if setup == "buckets":
+        digits16 = request.getfixturevalue("mixed16")
     straight = _straight(setup, size, tmp_path_factory, digits16)
     config = _config(tmp_path, digits16, "run", setup, size)
     run_dir = tmp_path / "run"
@@ -137,6 +157,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path_factory: 
     positions = saved["callbacks"]["DataPosition"]["ranks"]
     assert [p["rank"] for p in positions] == list(range(int(trainer.get("devices", 1))))
     assert all(p["consumed"] == kill_after and len(p["slots"]) == workers for p in positions)
+    if setup == "buckets":  # samples waited in their bucket's buffer at the checkpoint
+        assert any(len(slot["waiting"]) for p in positions for slot in p["slots"])
     _fit(config, "--resume", "last", size=size)
 
     a, b = _load(straight / "checkpoints" / "last.ckpt"), _load(run_dir / "checkpoints" / "last.ckpt")
