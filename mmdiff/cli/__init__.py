@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=2, help="rounds: one fit per row, (a) and (b) interleaved (default 2)")
     p.add_argument("--block", type=positive_int, default=2,
                    help="steps of (a), then of (b), per interleaved pair (default 2)")
-    p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling")
+    p.add_argument("--only", default=None, help="comma list of sections: train,fit,loader,flops,sampling "
+                                                "(the default set) and ddp_callbacks (2-rank DDP, callbacks on/off)")
     p.add_argument("--precomputed", default=None, metavar="DIR",
                    help="an `mmdiff precompute` folder of this config: also time fit from its shards")
     p.add_argument("--preset", default=None, help="extra overrides by name, e.g. random-weights-sd")

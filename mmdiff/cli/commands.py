@@ -305,9 +305,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown --preset '{args.preset}'; choose one of: {', '.join(PRESETS)}.")
         presets = PRESETS[args.preset]
     cfg = load_config(args.config, [*presets, *args.overrides])
-    from mmdiff.jobs.bench import format_table, run_bench, write_json
+    from mmdiff.jobs.bench import DEFAULT_SECTIONS, format_table, run_bench, write_json
 
-    sections = args.only.split(",") if args.only else ("train", "fit", "loader", "flops", "sampling")
+    sections = args.only.split(",") if args.only else DEFAULT_SECTIONS
     result = run_bench(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds, block=args.block, sections=sections,
                        device=args.device, peak_tflops=args.peak_tflops, threads=args.threads,
                        precomputed_dir=args.precomputed)

@@ -31,6 +31,11 @@
 * **flops** — ``torch.utils.flop_counter`` FLOPs per image of the U-Net's training step
   (forward + backward), of one U-Net call and of the frozen encoders; achieved FLOP/s, and on a
   GPU MFU against the device's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`).
+* **ddp_callbacks** (only when asked for: it starts two processes) — a 2-rank DDP ``Trainer.fit``
+  on CPU (gloo) with mmdiff's per-step callbacks (NaN guard, data statistics, requeue flag, data
+  position and step seed, EMA, progress log) turned on and off in interleaved blocks of steps
+  within the same fit (:class:`CallbackGate`): per side median and IQR, the on/off ratio with its
+  spread and verdict.
 * **memory** — peak CPU RSS, and per section ``torch.cuda.max_memory_allocated`` on a GPU.
 * **sampling** — ms per U-Net call and s/image of a 20-step ``dpmpp_2m`` run with the config's
   guidance scale (both branches in one U-Net call) at batch 1 and 16, VAE decode included.
@@ -40,20 +45,24 @@ Timings on a shared machine are noisy: the load average before and after is in t
 The package, one job per module: ``timing`` (clocks, statistics), ``batches`` (the fixed inputs),
 ``spread`` (quartiles, paired ratios, the verdict), ``steps`` (the two step runners, the interleaving
 and the ``train`` section), ``loader`` (the real data pipeline:
-``loader`` and ``fit``), ``flops`` (FLOP counting, MFU), ``sampling_speed``, ``driver``
+``loader`` and ``fit``), ``flops`` (FLOP counting, MFU), ``sampling_speed``, ``callback_gate``
+(callbacks on and off per batch), ``ddp_callbacks`` (the 2-rank section), ``driver``
 (:func:`run_bench`, the targets) and ``report`` (table, JSON).
 """
-from mmdiff.jobs.bench.batches import make_batch, precomputed_batch, use_stored_arrays
-from mmdiff.jobs.bench.driver import PRESETS, SECTIONS, environment, pick_bench_device, run_bench, targets
+from mmdiff.jobs.bench.batches import bench_system, make_batch, precomputed_batch, use_stored_arrays
+from mmdiff.jobs.bench.callback_gate import CallbackGate, interleaved_schedule
+from mmdiff.jobs.bench.ddp_callbacks import bench_ddp_callbacks, step_callbacks
+from mmdiff.jobs.bench.driver import DEFAULT_SECTIONS, PRESETS, SECTIONS, environment, pick_bench_device, run_bench, targets
 from mmdiff.jobs.bench.flops import PEAK_BF16_TFLOPS, add_achieved, bench_flops, count_flops, peak_bf16_tflops
 from mmdiff.jobs.bench.loader import bench_fit, bench_loader, precomputed_data
 from mmdiff.jobs.bench.report import format_table, write_json
 from mmdiff.jobs.bench.sampling_speed import bench_sampling
 from mmdiff.jobs.bench.spread import judge, summary
-from mmdiff.jobs.bench.steps import PlainLoop, bench_train, framework_steps, interleave_order, interleaved_steps, plain_steps
+from mmdiff.jobs.bench.steps import PlainLoop, StepTimer, bench_train, framework_steps, interleave_order, interleaved_steps, plain_steps
 
 __all__ = [
-    "PEAK_BF16_TFLOPS", "PRESETS", "PlainLoop", "interleave_order", "interleaved_steps", "judge", "summary", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
+    "CallbackGate", "DEFAULT_SECTIONS", "StepTimer", "bench_ddp_callbacks", "bench_system", "interleaved_schedule",
+    "step_callbacks", "PEAK_BF16_TFLOPS", "PRESETS", "PlainLoop", "interleave_order", "interleaved_steps", "judge", "summary", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
     "bench_sampling", "bench_train", "count_flops", "environment", "format_table", "framework_steps",
     "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch", "use_stored_arrays",
     "precomputed_data", "run_bench", "targets", "write_json",

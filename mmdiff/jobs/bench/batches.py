@@ -1,12 +1,16 @@
-"""The bench's inputs: a fixed batch of the config's size, its precomputed form, and the
-precision context the steps run under."""
+"""The bench's inputs: the system, a fixed batch of the config's size, its precomputed form, and
+the precision context the steps run under."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Dict, Iterator
 
 import torch
 from omegaconf import DictConfig
+
+from mmdiff.systems.speed import enable_tf32, prepare_unet
+from mmdiff.systems.text_to_image import TextToImageSystem
 
 
 def precision_context(precision: str, device: torch.device) -> Any:
@@ -16,6 +20,21 @@ def precision_context(precision: str, device: torch.device) -> Any:
     if precision.startswith("16"):
         return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+def bench_system(cfg: DictConfig, device: torch.device) -> Any:
+    """The config's :class:`TextToImageSystem` on ``device`` with the config's speed switches,
+    built for online encoding (stored arrays: :func:`use_stored_arrays`)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.precomputed = False
+    system = TextToImageSystem(cfg)
+    if float(system.latent_scale) == 0.0:
+        system.latent_scale.fill_(1.0)  # estimated from data in real runs; irrelevant to timings
+    system.to(device)
+    if device.type == "cuda":
+        enable_tf32(bool(cfg.trainer.tf32))
+    system.speed = prepare_unet(system.unet, cfg.model.unet, device)
+    return system
+
 
 def make_batch(cfg: DictConfig, batch_size: int, seed: int = 0) -> Dict[str, Any]:
     """A fixed image/caption batch of the config's size (content does not change timings)."""

@@ -15,14 +15,14 @@ import torch
 from omegaconf import DictConfig
 
 from mmdiff.errors import ConfigError, MmdiffError
+from mmdiff.jobs.bench.batches import bench_system
+from mmdiff.jobs.bench.ddp_callbacks import bench_ddp_callbacks
 from mmdiff.jobs.bench.flops import add_achieved, bench_flops, peak_bf16_tflops
 from mmdiff.jobs.bench.loader import bench_fit, bench_loader
 from mmdiff.jobs.bench.sampling_speed import bench_sampling
 from mmdiff.jobs.bench.steps import bench_train
 from mmdiff.jobs.bench.timing import loadavg, rss_mb
 from mmdiff.run.devices import resolve_device
-from mmdiff.systems.speed import enable_tf32, prepare_unet
-from mmdiff.systems.text_to_image import TextToImageSystem
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ PRESETS: Dict[str, List[str]] = {
 }
 
 
-SECTIONS = ("train", "fit", "loader", "flops", "sampling")
+SECTIONS = ("train", "fit", "loader", "flops", "sampling", "ddp_callbacks")
+#: What runs without ``sections``: all but ``ddp_callbacks``, which starts processes of its own.
+DEFAULT_SECTIONS = SECTIONS[:-1]
 
 def pick_bench_device(cfg: DictConfig, device: str = "auto") -> torch.device:
     """``--device``, or for ``auto`` the GPU when the config's accelerator allows one and there is one."""
@@ -67,7 +69,7 @@ def run_bench(
     warmup: int = 5,
     rounds: int = 2,
     block: int = 2,
-    sections: Sequence[str] = ("train", "fit", "loader", "flops", "sampling"),
+    sections: Sequence[str] = DEFAULT_SECTIONS,
     loader_batches: int = 20,
     sample_batch_sizes: Sequence[int] = (1, 16),
     sample_steps: int = 20,
@@ -79,7 +81,8 @@ def run_bench(
     """Run the benchmark sections for a text-to-image config; return the results as plain data.
 
     ``threads`` sets ``torch.set_num_threads`` for the run (then restores it): on a CPU shared
-    with other jobs, fewer threads than cores gives steadier figures.
+    with other jobs, fewer threads than cores gives steadier figures. In ``ddp_callbacks`` it is
+    the threads of each rank (default: the CPUs shared out among the ranks).
     """
     before = torch.get_num_threads()
     if threads:
@@ -88,19 +91,20 @@ def run_bench(
         return _run(cfg, steps=steps, warmup=warmup, rounds=rounds, block=block, sections=sections,
                     loader_batches=loader_batches, sample_batch_sizes=sample_batch_sizes,
                     sample_steps=sample_steps, device=device, peak_tflops=peak_tflops,
-                    precomputed_dir=precomputed_dir)
+                    precomputed_dir=precomputed_dir, threads=threads)
     finally:
         torch.set_num_threads(before)
 
 
 def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, block: int, sections: Sequence[str],
          loader_batches: int, sample_batch_sizes: Sequence[int], sample_steps: int, device: str,
-         peak_tflops: Optional[float], precomputed_dir: Optional[str]) -> Dict[str, Any]:
+         peak_tflops: Optional[float], precomputed_dir: Optional[str], threads: Optional[int]) -> Dict[str, Any]:
     if cfg.system != "text_to_image":
         raise ConfigError(f"mmdiff bench measures text_to_image configs, not '{cfg.system}'.")
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown bench section(s) {unknown}; choose from {', '.join(SECTIONS)}.")
+    trains_precomputed = bool(cfg.model.precomputed)
     cfg = copy.deepcopy(cfg)
     cfg.model.precomputed = False
     dev = pick_bench_device(cfg, device)
@@ -110,13 +114,7 @@ def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, block: int, s
                                          "precision": str(cfg.trainer.precision)}}
     started = time.perf_counter()
     lightning.seed_everything(cfg.seed, verbose=False)
-    system = TextToImageSystem(cfg)
-    if float(system.latent_scale) == 0.0:
-        system.latent_scale.fill_(1.0)  # estimated from data in real runs; irrelevant to timings
-    system.to(dev)
-    if dev.type == "cuda":
-        enable_tf32(bool(cfg.trainer.tf32))
-    system.speed = prepare_unet(system.unet, cfg.model.unet, dev)
+    system = bench_system(cfg, dev)
     result["config"].update({
         "latent_shape": [system.latent_channels, system.latent_size, system.latent_size],
         "unet_params": sum(p.numel() for p in system.unet.parameters()),
@@ -158,6 +156,14 @@ def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, block: int, s
         log.info("bench: sampling")
         result["sampling"] = bench_sampling(system, cfg, dev, batch_sizes=sample_batch_sizes,
                                             steps=sample_steps)
+    if "ddp_callbacks" in sections:
+        try:
+            result["ddp_callbacks"] = bench_ddp_callbacks(cfg, steps=steps, warmup=warmup, rounds=rounds,
+                                                          block=block, threads=threads,
+                                                          precomputed=trains_precomputed)
+        except MmdiffError as err:  # a rank failed: the other sections still stand
+            log.warning("bench: %s", err)
+            result["ddp_callbacks"] = {"error": str(err)}
     if "flops" in result and "train" in result:
         add_achieved(result["flops"], result["train"],
                      peak_tflops if peak_tflops is not None else peak_bf16_tflops(dev))
@@ -183,6 +189,11 @@ def targets(result: Dict[str, Any]) -> Dict[str, Any]:
             out["overhead_online_cpu_time<=1.10"] = tr["online"]["overhead_cpu"] <= 1.10
             out["overhead_precomputed_cpu_time<=1.10"] = tr["precomputed"]["overhead_cpu"] <= 1.10
             out["precomputed_speedup_cpu_time>=1.3"] = tr["precomputed_speedup_cpu"] >= 1.3
+    dc = result.get("ddp_callbacks")
+    if dc and "overhead" in dc:
+        out["ddp_callbacks_overhead<=1.05"] = dc["overhead"] <= 1.05
+        if on_cpu:
+            out["ddp_callbacks_overhead_cpu_time<=1.05"] = dc["overhead_cpu"] <= 1.05
     ld = result.get("loader")
     if ld and "headroom_online" in ld:
         out["loader_headroom>=3"] = ld["headroom_online"] >= 3.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from mmdiff.io.atomic import write_text_atomic
 
@@ -52,6 +52,7 @@ def format_table(result: Dict[str, Any]) -> str:
         by_round = ", ".join(f"{x:.2f}" for x in tr.get("precomputed_speedup_by_round", []))
         lines.append(f"precomputed speed-up (a): {tr['precomputed_speedup']:.2f}× wall clock (rounds {by_round}), "
                      f"{tr['precomputed_speedup_cpu']:.2f}× CPU time")
+    lines += _ddp_callbacks_lines(result.get("ddp_callbacks"))
     ft = result.get("fit")
     if ft and "error" in ft:
         lines += ["", f"fit with the data module: skipped ({ft['error']})"]
@@ -106,6 +107,30 @@ def format_table(result: Dict[str, Any]) -> str:
     if result.get("targets"):
         lines.append("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()))
     return "\n".join(lines)
+
+
+def _ddp_callbacks_lines(dc: Optional[Dict[str, Any]]) -> List[str]:
+    """The ``ddp_callbacks`` section's lines (none when it did not run)."""
+    if not dc:
+        return []
+    if "error" in dc:
+        return ["", f"DDP callbacks on/off: skipped ({dc['error']})"]
+    lines = ["", f"DDP step, mmdiff's callbacks on vs off ({dc['world_size']} ranks, {dc['backend']}, "
+                 f"{dc['threads_per_rank']} thread(s) each, batch {dc['batch_size_per_rank']} per rank, "
+                 f"{dc['mode']}; {dc['rounds']} round(s) × {dc['pairs_per_round']} pairs of {dc['block']} steps)",
+             f"{'':<28}{'step ms':>10}{'IQR ms':>16}{'img/s':>10}{'CPU ms':>10}"]
+    for side in ("on", "off"):
+        r = dc[side]
+        iqr = f"{1000 * r['spread']['q1']:.1f}–{1000 * r['spread']['q3']:.1f}"
+        lines.append(f"{'callbacks ' + side:<28}{1000 * r['step_s']:>10.1f}{iqr:>16}"
+                     f"{r['images_per_s']:>10.1f}{1000 * r['step_cpu_s']:>10.1f}")
+    q = dc["ratio"]
+    rounds = ", ".join(f"{x:.3f}" for x in q["by_round"])
+    lines += [f"  on/off {dc['overhead']:.3f} (IQR {q['q1']:.3f}–{q['q3']:.3f} over {q['n']} pairs; rounds {rounds}; "
+              f"CPU time {dc['overhead_cpu']:.3f})",
+              f"  → {dc['verdict']['text']}",
+              f"  callbacks: {', '.join(dc['callbacks'])}"]
+    return lines
 
 
 def write_json(result: Dict[str, Any], path: str | Path) -> Path:

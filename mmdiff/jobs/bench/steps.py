@@ -21,7 +21,7 @@ from mmdiff.systems.optim import configure_adamw, fused_adamw_setting
 log = logging.getLogger(__name__)
 
 
-class _StepTimer(L.Callback):
+class StepTimer(L.Callback):
     """Timestamps after each optimiser step."""
 
     def __init__(self, device: torch.device) -> None:
@@ -67,7 +67,7 @@ def framework_steps(system: Any, cfg: DictConfig, batch: Optional[Dict[str, Any]
                     warmup: int, device: torch.device, datamodule: Any = None) -> Times:
     """Step times of ``Trainer.fit`` on ``system``: over a fixed in-memory ``batch`` (see the
     module docstring), or with a real ``datamodule`` (its loader workers run alongside)."""
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     _fit(system, cfg, batch, max(1, warmup) + steps, device, [timer], datamodule)
     return intervals(timer.stamps, warmup)
 
