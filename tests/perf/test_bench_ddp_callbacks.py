@@ -78,7 +78,6 @@ def test_interleaved_schedule_follows_the_order_after_warmup() -> None:
 def test_gated_callbacks_are_every_per_step_callback_of_mmdiff_fit(tmp_path: Path, monkeypatch) -> None:
     """A callback `mmdiff fit` adds that works every step must be measured by the bench too."""
     import mmdiff.run.training as training
-    from mmdiff.callbacks.requeue import RequeueOnSignal
     from mmdiff.jobs.bench.ddp_callbacks import step_callbacks
 
     cfg = load_config(DEMO, [*RANDOM_ENCODERS, "trainer.nan_guard=true", "trainer.enable_progress_bar=false",
@@ -90,7 +89,6 @@ def test_gated_callbacks_are_every_per_step_callback_of_mmdiff_fit(tmp_path: Pat
     not_per_step = {"ImageLoggingCallback", "ImageEvalCallback", "ResourceProbe"}
     fits = [type(cb).__name__ for cb in trainer.callbacks
             if type(cb).__module__.startswith("mmdiff.") and type(cb).__name__ not in not_per_step]
-    fits.append(RequeueOnSignal.__name__)  # added under SLURM only
     assert sorted(type(cb).__name__ for cb in step_callbacks(cfg)) == sorted(fits)
 
 

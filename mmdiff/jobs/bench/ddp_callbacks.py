@@ -55,13 +55,13 @@ WORLD_SIZE = 2
 def step_callbacks(cfg: DictConfig) -> List[L.Callback]:
     """mmdiff's callbacks that work on every training batch, as ``mmdiff fit`` builds them
     (:func:`mmdiff.run.training.build_callbacks` and ``build_trainer``, with every switch on and
-    the requeue flag as under SLURM, minus ``scontrol``), in that order. Left out: checkpointing,
+    the signal flag as under SLURM, without the requeue itself), in that order. Left out: checkpointing,
     previews, periodic evaluation, the LR monitor and the resource probe, which work only every
     N steps or need a logger."""
     t = cfg.trainer
     return [DataStatsCallback(), NaNGuard(max_bad_steps=t.max_bad_steps),
             ProgressLogCallback(every_n_steps=t.log_every_n_steps), EMACallback(decay=cfg.model.ema_decay),
-            DataPositionCallback(), StepSeedCallback(cfg.seed), RequeueOnSignal(requeue=False)]
+            DataPositionCallback(), StepSeedCallback(cfg.seed), RequeueOnSignal(requeue_signal=None)]
 
 
 def _rank_batch(system: Any, cfg: DictConfig, precomputed: bool) -> Dict[str, Any]:
