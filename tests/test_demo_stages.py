@@ -41,8 +41,8 @@ def _span(out: Path, name: str) -> tuple:
 
 def test_stages_wait_for_their_needs_and_run_side_by_side(tool: Any, tmp_path: Path, capsys: Any) -> None:
     stages = [
-        tool.Stage("a", _marker(tmp_path, "a", 0.6)),
-        tool.Stage("b", _marker(tmp_path, "b", 0.6)),
+        tool.Stage("a", _marker(tmp_path, "a", 1.0)),
+        tool.Stage("b", _marker(tmp_path, "b", 3.0)),   # still running when a's slot frees
         tool.Stage("c", _marker(tmp_path, "c", 0.1), needs=("a", "b"), log_file=tmp_path / "c.log"),
     ]
     times = tool.run_stages(stages, parallel=2, threads=3)
