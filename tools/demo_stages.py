@@ -1,6 +1,6 @@
 """Run the demo's training stages as `mmdiff fit` subprocesses, independent ones side by side.
 
-The demo's models are small: a second thread speeds one of their steps up by ~10 %, while a second
+The demo's models are small: a second thread speeds one of their steps up by 1.1–1.3×, while a second
 process on the other core nearly doubles the work done. So stages whose inputs are ready run at
 once, up to ``parallel`` of them, each with ``threads`` torch threads; a stage starts when the
 stages it needs have finished. Each stage's output is echoed line by line, prefixed by its name,
