@@ -11,10 +11,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo demo-unclip demo-finetune test install clean
 
+# uv (from PyPI, into the venv) fetches and unpacks torch's ~4 GB of CUDA wheels in parallel where
+# pip goes one file at a time (docs/performance.md, "make demo"); pip does the install when uv
+# cannot be had or fails.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q $(TORCH_PINS) -e ".[dev]"
+	( $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python $(TORCH_PINS) -e ".[dev]" ) \
+		|| ( $(BIN)/pip install -q $(TORCH_PINS) && $(BIN)/pip install -q $(TORCH_PINS) -e ".[dev]" )
 	touch $(STAMP)
 
 install: $(STAMP)
