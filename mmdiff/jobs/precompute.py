@@ -36,12 +36,14 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
 from mmdiff.config import to_container
 from mmdiff.config.data import MICRO_CONDITIONING_KEYS
 from mmdiff.config.filter_rules import parse_filters
+from mmdiff.data.buckets import BucketSet
 from mmdiff.data.decode import CorruptSample, DecodeSpec, decode_sample
 from mmdiff.data.filters import Dropped
 from mmdiff.data.shards import expand_shards
@@ -205,8 +207,24 @@ def _stacked(raws: List[Any], outs: List[Transformed], captions: List[str]):
 
 def image_transform(cfg: DictConfig) -> Callable[..., Transformed]:
     """What each stored latent is encoded from: the training stream's transform without its random
-    choices (centre crop, no flip); the image's shape is the latent's, times the VAE factor."""
-    return ImageTransform(int(cfg.data.image_size)).apply
+    choices (centre crop, no flip), to the image's nearest-aspect bucket with ``data.buckets``; the
+    image's shape is the latent's, times the VAE factor."""
+    transform = ImageTransform(int(cfg.data.image_size))
+    buckets = BucketSet.from_config(cfg.data)
+    if buckets is None:
+        return transform.apply
+
+    def to_bucket(image: Image.Image, original_size: Optional[Tuple[int, int]] = None) -> Transformed:
+        height, width = original_size or (image.height, image.width)
+        return transform.apply(image, None, original_size, buckets.nearest(height, width))
+
+    return to_bucket
+
+
+def _draft_size(cfg: DictConfig) -> int:
+    """The side a reduced-scale JPEG decode must still cover: the largest bucket's, or image_size."""
+    buckets = BucketSet.from_config(cfg.data)
+    return buckets.max_side if buckets else int(cfg.data.image_size)
 
 
 def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]):
@@ -216,7 +234,7 @@ def _batches(url: str, cfg: DictConfig, batch_size: int, counter: Dict[str, int]
     as int64 N×2 arrays."""
     d = cfg.data
     spec = DecodeSpec(caption_key=str(d.caption_key), load_images=True,
-                      max_image_pixels=int(d.max_image_pixels), draft_size=int(d.image_size),
+                      max_image_pixels=int(d.max_image_pixels), draft_size=_draft_size(cfg),
                       filters=tuple(parse_filters(list(d.filters))), min_size=int(d.min_size))
     transform = image_transform(cfg)
     pending: Dict[Tuple[int, ...], Tuple[List[Any], List[Transformed], List[str]]] = {}

@@ -168,16 +168,13 @@ def test_precompute_cli_mean_latents_fp32(tiny_cfg_path: Path, tmp_path: Path, c
     assert "array_keys: [latent, context, pooled, original_size, crop_top_left]" in (out / FRAGMENT).read_text()
 
 
-def _aspect_bucket(image, original_size=None):
-    """A stand-in for a bucketing transform: landscape → 16×24, portrait → 24×16, square → 16×16 (h×w)."""
-    from mmdiff.data.transforms import Transformed, to_tensor
-
-    h, w = (16, 24) if image.width > image.height else (24, 16) if image.height > image.width else (16, 16)
-    return Transformed(to_tensor(image.resize((w, h))), (image.height, image.width), (0, 0))
+#: Three buckets (W×H) of the tiny config: landscape, portrait, square; latents at half the size.
+BUCKETS = ["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[24x16,16x24,16x16]"]
 
 
-def test_latents_of_several_shapes_are_stored_at_their_own_shape(tiny_cfg_path: Path, tmp_path: Path,
-                                                                  monkeypatch) -> None:
+def test_latents_of_several_shapes_are_stored_at_their_own_shape(tiny_cfg_path: Path, tmp_path: Path) -> None:
+    """With data.buckets, each latent is encoded from its image's bucket and stored at that shape; a
+    fit on those shards with the same buckets batches them shape by shape."""
     import io
     import tarfile
 
@@ -199,25 +196,27 @@ def test_latents_of_several_shapes_are_stored_at_their_own_shape(tiny_cfg_path: 
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(job, "image_transform", lambda cfg: _aspect_bucket)
-    cfg = load_config(tiny_cfg_path, [f"data.train_shards={shards}/train-000000.tar"])
+    cfg = load_config(tiny_cfg_path, [f"data.train_shards={shards}/train-000000.tar", *BUCKETS])
     precompute(cfg, tmp_path / "out", splits=["train"], progress=False, batch_size=2)
+    transform = job.image_transform(cfg)
 
     stored = {s.key: s.members for s in iter_samples(str(tmp_path / "out" / "train-000000.tar"))}
     assert sorted(stored) == sorted(pictures)
     system = _system(tiny_cfg_path)
     for key, picture in pictures.items():
-        image = _aspect_bucket(picture).image
+        image = transform(picture).image
+        assert image.shape[1:] == ((16, 24) if picture.width > picture.height else
+                                   (24, 16) if picture.height > picture.width else (16, 16))
         latent = torch.from_numpy(decode_array(stored[key]["latent.npy"])).float()
         assert latent.shape == (4, image.shape[1] // 2, image.shape[2] // 2)
         torch.testing.assert_close(latent, system.encode_posterior(image.unsqueeze(0)).mean[0], atol=2e-3, rtol=2e-3)
         assert stored[key]["txt"].decode() == f"caption {key}"
         assert decode_array(stored[key]["original_size.npy"]).tolist() == [picture.height, picture.width]
-    # A batch of one stored shape trains as online batches do.
-    system.precomputed = True
-    system.latent_scale.fill_(1.0)
-    wide = [key for key, picture in pictures.items() if picture.width > picture.height]
-    batch = {name: torch.stack([torch.from_numpy(decode_array(stored[k][f"{name}.npy"])) for k in wide])
-             for name in ("latent", "latent_logvar", "context", "pooled")}
-    batch["caption"] = [f"caption {k}" for k in wide]
-    assert batch["latent"].shape == (3, 4, 8, 12) and torch.isfinite(system._loss(batch)["loss"])
+    # The precomputed loader batches the stored shapes one at a time: the fit trains on all three.
+    run = tmp_path / "run"
+    overrides = [o for o in fragment_overrides(tmp_path / "out", "distribution", ["train"])
+                 if not o.startswith("data.val_shards")]
+    assert main(["fit", str(tiny_cfg_path), f"run_dir={run}", *overrides, *BUCKETS, "data.batch_size=2",
+                 "data.num_workers=0", "data.shuffle_buffer=0", "trainer.max_steps=6",
+                 "trainer.limit_val_batches=0", "trainer.checkpoint_every_n_steps=6"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
