@@ -79,7 +79,7 @@ def test_sigusr1_requeues_within_seconds_and_resumes_exactly(tmp_path: Path,
     seconds = float(match.group(2))
     print(f"SIGUSR1 -> scontrol requeue: {seconds:.1f} s (saved step {match.group(1)})")
     assert seconds < 30, seconds
-    assert re.search(r"resuming from \S*/hpc_ckpt_1\.ckpt", out), out[-4000:]
+    assert re.search(r"resuming \S+ from \S*/hpc_ckpt_1\.ckpt \(step \d+\)", out), out[-4000:]
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == MAX_STEPS
 
     resumed_at = _assert_every_step_once(run_dir)
@@ -127,7 +127,7 @@ def test_sigterm_saves_and_the_requeued_job_resumes_from_it(tmp_path: Path, demo
     out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=60), job_id, tmp_path)
 
     assert f"job {job_id} restart 1" in out, "the job was not requeued"
-    assert re.search(r"resuming from \S*/hpc_ckpt_1\.ckpt", out), out[-4000:]
+    assert re.search(r"resuming \S+ from \S*/hpc_ckpt_1\.ckpt \(step \d+\)", out), out[-4000:]
     assert most <= 1, f"{most} hpc checkpoints on disk at once"
     first, second = _csv_steps(run_dir)
     saved = int(match.group(1))  # Lightning logs the step that ends at global step s as row s - 1
