@@ -178,3 +178,24 @@ def test_ranks_racing_for_the_run_id_all_get_one(tmp_path: Path, monkeypatch: py
     assert len(ids) == ranks and len(set(ids)) == 1, ids
     assert ids[0] == (tmp_path / RUN_ID_FILE).read_text().strip()
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_ID_FILE]  # no staged file left behind
+
+
+def test_a_wandb_service_gone_ends_wandb_logging_not_the_fit(tmp_path: Path, caplog) -> None:
+    """SLURM's SIGTERM reaches W&B's service process too: the socket error of the next log call is
+    one warning, and later calls do not touch the dead run (the fit must reach its SIGTERM save)."""
+    from mmdiff.run.wandb_run import RunWandbLogger
+
+    calls = []
+
+    class GoneRun:
+        def log(self, data):
+            calls.append(data)
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    logger = RunWandbLogger(project="p", save_dir=str(tmp_path), mode="offline", offline=True)
+    logger._experiment = GoneRun()
+    with caplog.at_level("WARNING", logger="mmdiff.run.wandb_run"):
+        logger.log_metrics({"train/loss": 1.0}, step=3)
+        logger.log_metrics({"train/loss": 0.9}, step=4)
+    assert len(calls) == 1
+    assert [r.getMessage() for r in caplog.records if "W&B stopped answering" in r.getMessage()]

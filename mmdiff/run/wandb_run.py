@@ -12,7 +12,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Set
+from typing import Any, Dict, Mapping, Optional, Set
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -91,6 +91,22 @@ class RunWandbLogger(WandbLogger):
         self._ckpt_callback: ModelCheckpoint | None = None
         # The requeue handler finalizes (and closes the run) before Lightning's own finalize.
         self._finalized = False
+        self._service_gone = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        """Lightning's, except that a W&B service process that has gone away ends W&B logging with
+        one warning instead of failing the fit. SLURM's SIGTERM (preemption, ``scontrol requeue``)
+        reaches every process of the job, W&B's service too, and the fit still has to reach its
+        SIGTERM save; every W&B logging call (images, tables) ends here."""
+        if self._service_gone:
+            return
+        try:
+            super().log_metrics(metrics, step)
+        except OSError as err:  # ConnectionResetError / BrokenPipeError on the service's socket
+            self._service_gone = True
+            log.warning("W&B stopped answering (%s: %s); this run logs nothing more to W&B. Its service "
+                        "process may have had the job's SIGTERM.", type(err).__name__, err)
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """Called by ModelCheckpoint on rank 0 after each file it writes."""

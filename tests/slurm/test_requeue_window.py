@@ -132,3 +132,24 @@ def test_sigterm_saves_and_the_requeued_job_resumes_from_it(tmp_path: Path, demo
     first, second = _csv_steps(run_dir)
     saved = int(match.group(1))  # Lightning logs the step that ends at global step s as row s - 1
     assert first == list(range(saved)) and second == list(range(saved, MAX_STEPS)), (first, second)
+
+
+def test_sigterm_with_wandb_on_still_saves(tmp_path: Path, demo_shards: Path) -> None:
+    """With W&B on, SLURM's SIGTERM also ends W&B's service process; the fit stops logging to W&B
+    with a warning and still saves at a step boundary and exits 143, and the requeued job resumes
+    from that file."""
+    run_dir = tmp_path / "run"
+    job_id = _submit(run_dir, demo_shards, tmp_path)
+    _wait_for_first_checkpoint(job_id, run_dir, tmp_path)
+    time.sleep(2)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=20)
+    while in_queue(job_id):
+        time.sleep(0.2)
+    out = output_of(tmp_path, job_id)
+    assert re.search(r"stopped by SIGTERM after step \d+, saved in \S*hpc_ckpt_1\.ckpt", out), out[-4000:]
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=20)
+    deadline = time.monotonic() + 900
+    while not in_queue(job_id) and time.monotonic() < deadline:  # back in the queue as PENDING
+        time.sleep(0.2)
+    out = _assert_completed(wait_for(job_id, tmp_path, timeout_s=900), job_id, tmp_path)
+    assert re.search(r"resuming \S+ from \S*/hpc_ckpt_1\.ckpt \(step \d+\)", out), out[-4000:]
