@@ -29,6 +29,7 @@ def _fit(tmp: Path, shards: Path, name: str, steps: int, **model) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three fits of 500-1000 steps: ~4 min alone, > 10 min beside other jobs
 def test_demo_captioners_name_the_digit(tmp_path: Path, demo_shards: Path) -> None:
     from mmdiff.inference.api import load
     from mmdiff.inference.caption_files import evaluate_captioner
