@@ -69,7 +69,9 @@ def test_wandb_agent_arguments_reach_the_config(macro: str, capsys) -> None:
     if macro == "args":
         assert command[-2:] == ["--optim.lr=0.00031415926", "--model.caption_dropout=0.2"]
     assert command[4] == "fit" and command[5] == "configs/demo/text_to_image.yaml"
-    argv = ["config", str(REPO / command[5]), *command[6:]]  # `config` prints what `fit` would train with
+    assert "--fresh" in command  # one agent runs one run after another in the same run_dir
+    # `config` prints what `fit` would train with (and takes fit's overrides, not its flags)
+    argv = ["config", str(REPO / command[5]), *[a for a in command[6:] if a != "--fresh"]]
     assert main(argv) == 0, capsys.readouterr().err
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["optim"]["lr"] == 0.00031415926 and cfg["model"]["caption_dropout"] == 0.2
