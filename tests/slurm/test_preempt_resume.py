@@ -67,7 +67,9 @@ def test_sigkilled_job_requeued_resumes_from_newest_checkpoint(tmp_path: Path, d
             _fail_with_output(job_id, tmp_path, "never wrote two periodic checkpoints")
         time.sleep(1)
     time.sleep(2)  # a few steps past the checkpoint: they are lost, nothing else is
-    subprocess.run(["scancel", "--signal=KILL", job_id], check=True, timeout=20)
+    # A node failure: every process of the job dies at once, with no signal to save on. (`scancel
+    # --signal=KILL` cancels the job, and SLURM then sends the ranks SIGTERM first, which saves.)
+    subprocess.run(["pkill", "-KILL", "-f", f"run_dir={run_dir} "], check=True, timeout=20)
     _requeue_when_ended(job_id, tmp_path)
 
     # What the killed start left (the job is pending: nothing writes now).
