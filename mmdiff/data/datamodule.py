@@ -39,7 +39,9 @@ from mmdiff.data.buckets import BucketSet
 from mmdiff.data.decode import DecodeSpec
 from mmdiff.data.probe import probe_rules
 from mmdiff.data.shards import expand_shards, rank_and_world
-from mmdiff.data.streams import POSITION_KEY, TrainStream, ValStream
+from mmdiff.data.streams import POSITION_KEY
+from mmdiff.data.train_stream import TrainStream
+from mmdiff.data.val_stream import ValStream
 from mmdiff.data.tario import ShardError, list_keys
 from mmdiff.errors import DataError, MmdiffError
 

@@ -190,12 +190,12 @@ def test_images_all_below_min_size_stop_before_training(filtered) -> None:
 def test_a_worker_dropping_everything_stops_with_one_line(filtered, tmp_path: Path, monkeypatch) -> None:
     """The probe sees kept samples in the first shard; a later shard the rules drop whole stops the
     worker (after a run of drops, here shortened) instead of reading for ever."""
-    import mmdiff.data.streams as streams
+    import mmdiff.data.train_stream as train_stream
 
     shard, _, _ = filtered
     tiny = [(f"t{i:04d}", {"jpg": image_bytes(i, (8, 8)), "txt": b"a tiny one"}) for i in range(12)]
     late = write_tar(tmp_path / "z-tiny.tar", tiny)
-    monkeypatch.setattr(streams, "_DROPS_IN_A_ROW", 6)
+    monkeypatch.setattr(train_stream, "_DROPS_IN_A_ROW", 6)
     cfg = _cfg(shard, filters=[], train_shards=[str(shard), str(late)], batch_size=4, steps_per_epoch=40)
     with pytest.raises(DataError, match="dropped 6 samples in a row; loosen data.filters / data.min_size"):
         list(ShardDataModule(cfg, seed=0).train_dataloader())
