@@ -70,6 +70,14 @@ def test_load_above_cpus_is_too_noisy_even_when_tight() -> None:
     assert not judge(ratios, per_round=3, rounds=2, load=1.9, cpus=2)["noisy"]
 
 
+def test_a_bench_busy_on_every_core_is_not_its_own_noise() -> None:
+    """The 2-rank DDP bench on 2 CPUs reads a load of ~2.1 on a quiet machine: judged; half a
+    runnable process more than that is another job's."""
+    ratios = [1.0, 1.001, 0.999, 1.0, 1.0005, 0.9995]
+    assert not judge(ratios, per_round=3, rounds=2, load=2.12, cpus=2)["noisy"]
+    assert judge(ratios, per_round=3, rounds=2, load=2.6, cpus=2)["noisy"]
+
+
 def test_one_pair_cannot_be_judged() -> None:
     v = judge([1.02], per_round=1, rounds=1)
     assert v["noisy"] and v["pairs_needed"] is None and "fewer than two pairs" in v["text"]
