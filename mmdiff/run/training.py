@@ -285,10 +285,10 @@ def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> P
                              "`mmdiff fit CONFIG` to continue from it.") from None
         return run_dir
     except BaseException as err:
-        # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
-        # loader workers that got the same signal (SLURM and killpg signal the whole group) die
-        # and fail the fit with a RuntimeError, before or instead of the SIGTERM save: either
-        # way the run was terminated.
+        # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0)
+        # (trainer.sigterm_save: false), and a helper process that got the same signal (SLURM and
+        # killpg signal the whole group; the data module's loader workers ignore it) can fail the
+        # fit before the SIGTERM save: either way the run was terminated.
         sigterm = trainer.received_sigterm or any(
             isinstance(c, RequeueOnSignal) and c.sigterm_received for c in trainer.callbacks)
         if sigterm and not isinstance(err, KeyboardInterrupt):
