@@ -114,6 +114,17 @@ def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> 
     assert all("steps/s" in line and "eta" in line for line in lines)
 
 
+def test_no_progress_line_before_the_first_step_of_a_start(toy_config: Path, caplog) -> None:
+    """With accumulation the first batch of a start (fresh or resumed) ends at the start step, nothing
+    trained yet: no "0.00 steps/s" line for it."""
+    overrides = ["trainer.accumulate_grad_batches=2", "trainer.checkpoint_every_n_steps=2"]
+    with caplog.at_level("INFO", logger="mmdiff.progress"):
+        assert main(["fit", str(toy_config), "trainer.max_steps=2", *overrides]) == 0
+        assert main(["fit", str(toy_config), "trainer.max_steps=4", *overrides]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmdiff.progress"]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2", "3/4", "4/4"], lines
+
+
 class RecordLR(L.Callback):
     """The LR each optimiser step uses, by step."""
 

@@ -100,7 +100,7 @@ def test_sigusr1_saves_at_the_step_boundary_requeues_and_skips_the_end_of_fit(
     calls = _fake_slurm(monkeypatch, tmp_path)
     run = tmp_path / "run"
     spy = SignalMidWindow(signal.SIGUSR1, batch=2)  # the first batch of step 2's window
-    with caplog.at_level("INFO", logger="mmdiff.callbacks.requeue"):
+    with caplog.at_level("INFO", logger="mmdiff"):
         assert _fit_with(spy, monkeypatch, [str(accumulating_config)]) == 0
     # Saved once step 2's window was complete, not at step 1 (mid-window: partial gradients lost).
     assert sorted(p.name for p in run.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
@@ -116,6 +116,10 @@ def test_sigusr1_saves_at_the_step_boundary_requeues_and_skips_the_end_of_fit(
     assert logged == [0, 1], rows
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("requeue: saved step 2")]
     assert len(lines) == 1 and "requeued job 4242" in lines[0] and "s after SIGUSR1" in lines[0], lines
+    # The run's last line says why it stopped and where it continues from, not that it is done.
+    last = [r.getMessage() for r in caplog.records if r.name == "mmdiff.run.training"][-1]
+    assert last == (f"stopped by SIGUSR1 after step 2 for a requeue, saved in {run / 'hpc_ckpt_1.ckpt'}; "
+                    "the next start of this run continues from it")
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_keeps_one_requeue_checkpoint(
