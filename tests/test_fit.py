@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
+import mmdiff.run.training
 from mmdiff.cli import main
+from mmdiff.systems.optim import lr_lambda
 from mmdiff.systems.registry import get_system
 
 from tiny_configs import ToySystem  # registers the toy system
@@ -110,6 +112,45 @@ def test_progress_is_logged_without_a_progress_bar(toy_config: Path, caplog) -> 
     lines = [r.getMessage() for r in caplog.records if r.name == "mmdiff.progress"]
     assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
     assert all("steps/s" in line and "eta" in line for line in lines)
+
+
+def test_no_progress_line_before_the_first_step_of_a_start(toy_config: Path, caplog) -> None:
+    """With accumulation the first batch of a start (fresh or resumed) ends at the start step, nothing
+    trained yet: no "0.00 steps/s" line for it."""
+    overrides = ["trainer.accumulate_grad_batches=2", "trainer.checkpoint_every_n_steps=2"]
+    with caplog.at_level("INFO", logger="mmdiff.progress"):
+        assert main(["fit", str(toy_config), "trainer.max_steps=2", *overrides]) == 0
+        assert main(["fit", str(toy_config), "trainer.max_steps=4", *overrides]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmdiff.progress"]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2", "3/4", "4/4"], lines
+
+
+class RecordLR(L.Callback):
+    """The LR each optimiser step uses, by step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+def test_resume_follows_the_configs_lr_schedule_from_the_restored_step(toy_config: Path, monkeypatch) -> None:
+    """Raising trainer.max_steps (or changing optim.lr) on a resume: the new schedule at the restored step,
+    not the old one's LR (0 at the end of a cosine to min_lr_ratio 0) for the first step."""
+    recorders = []
+
+    def with_recorder(*args, **kwargs):
+        recorders.append(RecordLR())
+        return [*build_callbacks(*args, **kwargs), recorders[-1]]
+
+    build_callbacks = mmdiff.run.training.build_callbacks
+    monkeypatch.setattr(mmdiff.run.training, "build_callbacks", with_recorder)
+    for max_steps, lr in ((6, 0.01), (12, 0.01), (14, 0.02)):
+        assert main(["fit", str(toy_config), f"trainer.max_steps={max_steps}", f"optim.lr={lr}"]) == 0
+    expected = [{s: lr * lr_lambda(s, 0, total, "cosine", 0.0) for s in steps}
+                for steps, total, lr in ((range(6), 6, 0.01), (range(6, 12), 12, 0.01), (range(12, 14), 14, 0.02))]
+    assert [r.lrs for r in recorders] == [pytest.approx(e) for e in expected]
 
 
 def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:

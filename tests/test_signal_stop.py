@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -97,7 +100,7 @@ def test_sigusr1_saves_at_the_step_boundary_requeues_and_skips_the_end_of_fit(
     calls = _fake_slurm(monkeypatch, tmp_path)
     run = tmp_path / "run"
     spy = SignalMidWindow(signal.SIGUSR1, batch=2)  # the first batch of step 2's window
-    with caplog.at_level("INFO", logger="mmdiff.callbacks.requeue"):
+    with caplog.at_level("INFO", logger="mmdiff"):
         assert _fit_with(spy, monkeypatch, [str(accumulating_config)]) == 0
     # Saved once step 2's window was complete, not at step 1 (mid-window: partial gradients lost).
     assert sorted(p.name for p in run.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
@@ -113,6 +116,10 @@ def test_sigusr1_saves_at_the_step_boundary_requeues_and_skips_the_end_of_fit(
     assert logged == [0, 1], rows
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("requeue: saved step 2")]
     assert len(lines) == 1 and "requeued job 4242" in lines[0] and "s after SIGUSR1" in lines[0], lines
+    # The run's last line says why it stopped and where it continues from, not that it is done.
+    last = [r.getMessage() for r in caplog.records if r.name == "mmdiff.run.training"][-1]
+    assert last == (f"stopped by SIGUSR1 after step 2 for a requeue, saved in {run / 'hpc_ckpt_1.ckpt'}; "
+                    "the next start of this run continues from it")
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_keeps_one_requeue_checkpoint(
@@ -134,3 +141,52 @@ def test_sigterm_without_save_stops_as_lightning_does(accumulating_config: Path,
     spy = SignalMidWindow(signal.SIGTERM, batch=2)
     assert _fit_with(spy, monkeypatch, [str(accumulating_config), "trainer.sigterm_save=false"]) == 143
     assert not list((tmp_path / "run").glob("hpc_ckpt_*.ckpt"))
+
+
+def _job_env() -> dict:
+    """This environment without cluster or launcher variables (a SLURM allocation must not leak in)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tests = str(Path(__file__).resolve().parent)
+    env.update(PYTHONPATH=os.pathsep.join([str(Path(tests).parent), tests]), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    return env
+
+
+#: `mmdiff fit` in a process of its own, with the toy system registered.
+_FIT = "import sys, tiny_configs; from mmdiff.cli import main; sys.exit(main(['fit', *sys.argv[1:]]))"
+
+
+def test_sigterm_to_the_whole_process_group_saves_despite_loader_workers(
+        accumulating_config: Path, tmp_path: Path, caplog) -> None:
+    """SLURM's scancel / preemption (and ``kill -TERM -PGID``) signal the loader workers too: they must
+    live on until the main process has saved at the step boundary."""
+    run, log = tmp_path / "run", tmp_path / "fit.log"
+    args = [str(accumulating_config), "data.num_workers=2", "trainer.max_steps=100000",
+            "trainer.accumulate_grad_batches=1", "trainer.val_every_n_steps=100000",
+            "trainer.checkpoint_every_n_steps=100000"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _FIT, *args], env=_job_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # a hang guard, not a timing
+        while "step 3/100000" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no step 3 after 300 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and both workers
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "killed by signal" not in output, output[-3000:]
+    saved = list(run.glob("hpc_ckpt_*.ckpt"))
+    assert len(saved) == 1, output[-3000:]
+    step = _step(saved[0])
+    assert step >= 3 and f"stopped by SIGTERM after step {step}, saved in {saved[0]}" in output
+    # The next start continues from it.
+    with caplog.at_level("INFO", logger="mmdiff.run.resume"):
+        assert main(["fit", *args[:2], f"trainer.max_steps={step + 2}", *args[3:]]) == 0
+    assert f"from {saved[0]} (step {step})" in caplog.text
+    assert _step(run / "checkpoints" / "last.ckpt") == step + 2

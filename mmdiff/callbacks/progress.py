@@ -22,6 +22,9 @@ class ProgressLogCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
         self._start_step = trainer.global_step
+        # No line for the start step: a batch that opens an accumulation window (the first one of
+        # a run, or of a resume) ends at that step, with nothing trained yet, at "0.00 steps/s".
+        self._last_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

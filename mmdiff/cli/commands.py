@@ -29,8 +29,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Imported in the command: `mmdiff --help` and config errors stay free of torch.
     from mmdiff.run.training import fit
 
-    run_dir = fit(cfg, resume=args.resume, fresh=args.fresh)
-    log.info("done: checkpoints in %s", Path(run_dir) / "checkpoints")
+    fit(cfg, resume=args.resume, fresh=args.fresh)  # its last log line says how the run ended
     return 0
 
 

@@ -42,6 +42,7 @@ from mmdiff.data.shards import expand_shards, rank_and_world
 from mmdiff.data.streams import POSITION_KEY
 from mmdiff.data.train_stream import TrainStream
 from mmdiff.data.val_stream import ValStream
+from mmdiff.data.worker_signals import WorkerInit
 from mmdiff.data.tario import ShardError, list_keys
 from mmdiff.errors import DataError, MmdiffError
 
@@ -99,11 +100,25 @@ class _ErrorsUnwrapped:
 
 
 class PassLoader(DataLoader):
-    """A DataLoader that tells its stream about each new pass (``iter``), and unwraps worker errors."""
+    """A DataLoader that tells its stream about each new pass (``iter``), unwraps worker errors, and
+    whose workers live through a job-wide SIGTERM (:mod:`mmdiff.data.worker_signals`)."""
 
     def __iter__(self):  # type: ignore[override]
         self.dataset.new_pass()  # type: ignore[attr-defined]
         return _ErrorsUnwrapped(super().__iter__(), self)
+
+    def _get_iterator(self) -> Any:
+        # The workers start here. The wrapper is set only for this call, so ``worker_init_fn`` stays
+        # what the loader was given or what Lightning installs (its per-worker seeding, added only
+        # where it finds None), and that function still runs in each worker, after the wrapper's.
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        chained = self.worker_init_fn
+        self.worker_init_fn = WorkerInit(chained)
+        try:
+            return super()._get_iterator()
+        finally:
+            self.worker_init_fn = chained
 
 
 class _InOrder:

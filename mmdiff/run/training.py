@@ -283,12 +283,14 @@ def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> P
             _finish_wandb_after_sigterm(loggers)
             raise Terminated(f"stopped by SIGTERM after step {stop.step}, saved in {stop.path}; rerun "
                              "`mmdiff fit CONFIG` to continue from it.") from None
+        log.info("stopped by %s after step %d for a requeue, saved in %s; the next start of this run "
+                 "continues from it", signal.Signals(stop.signum).name, stop.step, stop.path)
         return run_dir
     except BaseException as err:
-        # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0), and
-        # loader workers that got the same signal (SLURM and killpg signal the whole group) die
-        # and fail the fit with a RuntimeError, before or instead of the SIGTERM save: either
-        # way the run was terminated.
+        # After SIGTERM Lightning stops at the next batch with a bare SystemExit (status 0)
+        # (trainer.sigterm_save: false), and a helper process that got the same signal (SLURM and
+        # killpg signal the whole group; the data module's loader workers ignore it) can fail the
+        # fit before the SIGTERM save: either way the run was terminated.
         sigterm = trainer.received_sigterm or any(
             isinstance(c, RequeueOnSignal) and c.sigterm_received for c in trainer.callbacks)
         if sigterm and not isinstance(err, KeyboardInterrupt):
@@ -301,6 +303,7 @@ def fit(cfg: DictConfig, resume: Optional[str] = None, fresh: bool = False) -> P
     if trainer.is_global_zero and trainer.global_step >= cfg.trainer.max_steps:
         # A finished run must not be resumed later from a stale requeue checkpoint.
         prune_hpc_checkpoints(run_dir, keep=0)
+    log.info("done: checkpoints in %s", run_dir / "checkpoints")
     return run_dir
 
 

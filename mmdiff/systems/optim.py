@@ -66,8 +66,29 @@ def configure_adamw(params: ParamGroups, optim: DictConfig, max_steps: int,
         **extra,
     )
     schedule = optim.schedule
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    sched = StepSchedule(
         opt,
         lambda step: lr_lambda(step, optim.warmup_steps, max_steps, schedule, optim.min_lr_ratio),
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class StepSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A per-step ``LambdaLR`` that a resume puts on *this* schedule at the restored step.
+
+    A checkpoint holds the optimiser's LR as the old run's schedule left it, and the scheduler's
+    ``base_lrs``: restored as they are, the first step after a resume would train with the LR of the
+    old ``trainer.max_steps`` (0 at its end, with cosine down to ``min_lr_ratio: 0``) and only the
+    next one with this schedule's. Loading the state keeps the step count only: the LR of every
+    parameter group is this config's (``optim.*``, ``trainer.max_steps``) at the restored step.
+    """
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        base_lrs = list(self.base_lrs)  # from this config's optimiser, before the checkpoint's replace them
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        # Lightning restores the optimisers before the schedulers: the groups' LR is set last, here.
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs
