@@ -178,8 +178,15 @@ def test_rectangular_crop_records_its_offsets() -> None:
     (["data.buckets.enabled=true"], r"^data.buckets gives no bucket: no 64-multiple sides fit an area of 1024 px"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.area=32"], "gives no bucket"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24,20x8]"],
-     r"^data.buckets.sizes entry '20x8' must be WIDTHxHEIGHT with both sides positive multiples of "),
-    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16]"], "entry '16' must be"),
+     r"^data.buckets.sizes entry 20x8 must have both sides multiples of data.buckets.step=8"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[[16,24],[20,8]]"],
+     r"^data.buckets.sizes entry 20x8 must have both sides multiples of "),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16]"],
+     r"^data.buckets.sizes entry 16 is not a size; write 'WIDTHxHEIGHT' or \[WIDTH, HEIGHT\]"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24,[16,24,8]]"],
+     r"^data.buckets.sizes entry \[16, 24, 8\] is not a size"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[{a: 1}]"],
+     "must be a list of plain values"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24]",
       "data.buckets.area=512"], r"data.buckets.sizes lists the buckets, so data.buckets \(area\) would do nothing"),
     (["data.buckets.sizes=[16x24]"], r"data.buckets \(sizes\) is set but data.buckets.enabled is false"),
@@ -196,3 +203,10 @@ def test_bucket_specs_that_cannot_work_are_one_line_errors(overrides: List[str],
 def test_a_bucketed_config_loads() -> None:
     cfg = load_config(DEMO, ["data.buckets.enabled=true", "data.buckets.step=8"])
     assert BucketSet.from_config(cfg.data).sizes == tuple(BUCKETS)
+
+
+def test_listed_buckets_take_both_size_spellings() -> None:
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    for spelling in ("[16x24,[24,16],32X32]", "[[16,24],24x16,[32,32]]"):  # as sampling.sizes takes them
+        cfg = load_config(DEMO, [*on, f"data.buckets.sizes={spelling}"])
+        assert BucketSet.from_config(cfg.data).sizes == ((16, 24), (32, 32), (24, 16))
