@@ -12,13 +12,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmdiff.config.fields import require
 from mmdiff.config.image_sizes import Size, parse_sizes
 
 #: The aspect-ratio limit of a generated bucket set when ``max_aspect`` is null.
 DEFAULT_MAX_ASPECT = 2.0
+
+#: Systems whose training images all go through the CLIP image tower, which takes one fixed square
+#: size: a bucket's non-square batch would reach it squashed (``ClipEncoder.preprocess_images``).
+CLIP_IMAGE_SYSTEMS = ("captioning", "contrastive", "prior")
 
 
 @dataclass
@@ -40,6 +44,18 @@ class BucketConfig:
     @staticmethod
     def check(b: DictConfig, cfg: DictConfig) -> None:
         check_buckets(b, int(cfg.data.image_size))
+        if not b.enabled:
+            return
+        require(cfg.system not in CLIP_IMAGE_SYSTEMS,
+                f"data.buckets cannot be used with system '{cfg.system}': it feeds every training image to "
+                "the CLIP image tower, which takes one square size, so non-square buckets would be squashed; "
+                "set data.buckets.enabled=false (images are then cropped to data.image_size squares).")
+        embeds = OmegaConf.select(cfg, "model.image_embed_conditioning", default="none")
+        require(cfg.system != "text_to_image" or embeds in (None, "none"),
+                f"data.buckets cannot be used with model.image_embed_conditioning={embeds}: the unCLIP "
+                "decoder is conditioned on the CLIP image embedding of each training image, which the "
+                "square CLIP image tower would take squashed; set data.buckets.enabled=false or "
+                "model.image_embed_conditioning=none.")
 
 
 def check_buckets(b: DictConfig, image_size: int) -> None:

@@ -205,6 +205,29 @@ def test_a_bucketed_config_loads() -> None:
     assert BucketSet.from_config(cfg.data).sizes == tuple(BUCKETS)
 
 
+@pytest.mark.parametrize("config, overrides, message", [
+    ("caption_ar.yaml", [], r"^data.buckets cannot be used with system 'captioning': it feeds every training image to the CLIP image tower"),
+    ("clip.yaml", [], r"^data.buckets cannot be used with system 'contrastive'"),
+    ("prior.yaml", [], r"^data.buckets cannot be used with system 'prior'"),
+    ("text_to_image.yaml", ["model.image_embed_conditioning=time"],
+     r"^data.buckets cannot be used with model.image_embed_conditioning=time: the unCLIP decoder"),
+])
+def test_systems_feeding_the_square_clip_image_tower_refuse_buckets(config: str, overrides: List[str],
+                                                                   message: str) -> None:
+    path = Path(DEMO).with_name(config)
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    load_config(path, overrides)  # square: fine
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, [*overrides, *on])
+    assert "\n" not in str(err.value) and "set data.buckets.enabled=false" in str(err.value)
+
+
+def test_systems_without_a_clip_image_input_keep_buckets() -> None:
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    for config in ("text_to_image.yaml", "vae.yaml"):
+        assert load_config(Path(DEMO).with_name(config), on).data.buckets.enabled
+
+
 def test_listed_buckets_take_both_size_spellings() -> None:
     on = ["data.buckets.enabled=true", "data.buckets.step=8"]
     for spelling in ("[16x24,[24,16],32X32]", "[[16,24],24x16,[32,32]]"):  # as sampling.sizes takes them
