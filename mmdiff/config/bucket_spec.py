@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmdiff.config.fields import require
+from mmdiff.config.image_sizes import Size, parse_sizes
 
 #: The aspect-ratio limit of a generated bucket set when ``max_aspect`` is null.
 DEFAULT_MAX_ASPECT = 2.0
 
-Size = Tuple[int, int]  # (width, height)
+#: Systems whose training images all go through the CLIP image tower, which takes one fixed square
+#: size: a bucket's non-square batch would reach it squashed (``ClipEncoder.preprocess_images``).
+CLIP_IMAGE_SYSTEMS = ("captioning", "contrastive", "prior")
 
 
 @dataclass
@@ -34,13 +37,25 @@ class BucketConfig:
     step: int = 64
     # Largest long/short side ratio of a generated set; null = 2.0.
     max_aspect: Optional[float] = None
-    # An explicit set instead: ["WIDTHxHEIGHT", ...], e.g. ["832x1216", "1024x1024"] (then area
-    # and max_aspect stay null).
-    sizes: List[str] = field(default_factory=list)
+    # An explicit set instead: "WIDTHxHEIGHT" strings or [WIDTH, HEIGHT] pairs (config/image_sizes.py),
+    # e.g. ["832x1216", [1024, 1024]] (then area and max_aspect stay null).
+    sizes: List[Any] = field(default_factory=list)
 
     @staticmethod
     def check(b: DictConfig, cfg: DictConfig) -> None:
         check_buckets(b, int(cfg.data.image_size))
+        if not b.enabled:
+            return
+        require(cfg.system not in CLIP_IMAGE_SYSTEMS,
+                f"data.buckets cannot be used with system '{cfg.system}': it feeds every training image to "
+                "the CLIP image tower, which takes one square size, so non-square buckets would be squashed; "
+                "set data.buckets.enabled=false (images are then cropped to data.image_size squares).")
+        embeds = OmegaConf.select(cfg, "model.image_embed_conditioning", default="none")
+        require(cfg.system != "text_to_image" or embeds in (None, "none"),
+                f"data.buckets cannot be used with model.image_embed_conditioning={embeds}: the unCLIP "
+                "decoder is conditioned on the CLIP image embedding of each training image, which the "
+                "square CLIP image tower would take squashed; set data.buckets.enabled=false or "
+                "model.image_embed_conditioning=none.")
 
 
 def check_buckets(b: DictConfig, image_size: int) -> None:
@@ -57,11 +72,10 @@ def check_buckets(b: DictConfig, image_size: int) -> None:
             f"data.buckets.sizes lists the buckets, so data.buckets ({shaping}) would do nothing; "
             "remove one of them.")
     if listed:
-        for text in b.sizes:
-            size = parse_size(text)
-            require(size is not None and all(side > 0 and side % b.step == 0 for side in size),
-                    f"data.buckets.sizes entry '{text}' must be WIDTHxHEIGHT with both sides positive "
-                    f"multiples of data.buckets.step={b.step}, e.g. '{8 * b.step}x{12 * b.step}'.")
+        for width, height in parse_sizes(b.sizes, "data.buckets.sizes"):
+            require(width % b.step == 0 and height % b.step == 0,
+                    f"data.buckets.sizes entry {width}x{height} must have both sides multiples of "
+                    f"data.buckets.step={b.step}, e.g. '{8 * b.step}x{12 * b.step}'.")
         return
     area = b.area if b.area is not None else image_size ** 2
     require(area > 0, f"data.buckets.area must be positive, got {area}.")
@@ -71,14 +85,6 @@ def check_buckets(b: DictConfig, image_size: int) -> None:
             f"data.buckets gives no bucket: no {b.step}-multiple sides fit an area of {area} px "
             f"within an aspect ratio of {b.max_aspect or DEFAULT_MAX_ASPECT}; raise data.buckets.area "
             "or lower data.buckets.step.")
-
-
-def parse_size(text: str) -> Optional[Size]:
-    """(width, height) of ``"WIDTHxHEIGHT"``, or None when it is not of that form."""
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        return None
-    return int(parts[0]), int(parts[1])
 
 
 def generated_sizes(area: int, step: int, max_aspect: float) -> List[Size]:
@@ -96,7 +102,7 @@ def bucket_sizes(b: DictConfig, image_size: int) -> List[Size]:
     if not b.enabled:
         return []
     if len(b.sizes) > 0:
-        listed = {parse_size(text) for text in b.sizes}
-        return sorted((s for s in listed if s is not None), key=lambda s: (s[0] / s[1], s[0]))
+        listed = set(parse_sizes(b.sizes, "data.buckets.sizes"))
+        return sorted(listed, key=lambda s: (s[0] / s[1], s[0]))
     area = int(b.area) if b.area is not None else int(image_size) ** 2
     return generated_sizes(area, int(b.step), float(b.max_aspect or DEFAULT_MAX_ASPECT))

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
 from mmdiff.config.fields import choice, require
+from mmdiff.config.image_sizes import parse_sizes
 from mmdiff.diffusion.options import SamplingOptions
 from mmdiff.errors import ConfigError
 
@@ -111,8 +112,9 @@ class SamplingConfig(SamplingOptions):
     prompts: List[str] = field(default_factory=list)
     seed: int = 0
     every_n_steps: int = 500
-    # text_to_image previews: one grid per [width, height] (empty: one grid at data.image_size square).
-    sizes: List[List[int]] = field(default_factory=list)
+    # text_to_image previews: one grid per size, "WIDTHxHEIGHT" or [WIDTH, HEIGHT] (config/image_sizes.py;
+    # empty: one grid at data.image_size square).
+    sizes: List[Any] = field(default_factory=list)
 
     @staticmethod
     def check(s: DictConfig, cfg: DictConfig) -> None:
@@ -122,11 +124,9 @@ class SamplingConfig(SamplingOptions):
             raise ConfigError(str(err)) from None
         require(not s.sizes or cfg.system == "text_to_image",
                 f"sampling.sizes is for text_to_image previews; system '{cfg.system}' samples no images: remove it.")
-        for size in s.sizes:
-            require(len(size) == 2 and all(int(v) > 0 for v in size),
-                    f"sampling.sizes entries are [width, height] in pixels, got {list(size)}.")
+        sizes = parse_sizes(s.sizes, "sampling.sizes")
         multiple = built_size_multiple(cfg)
-        for width, height in s.sizes if multiple is not None else ():
+        for width, height in sizes if multiple is not None else ():
             problem = sample_size_problem(int(width), int(height), multiple)
             require(problem is None, f"sampling.sizes: {problem}")
         require(

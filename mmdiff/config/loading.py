@@ -73,7 +73,8 @@ def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
         if isinstance(want, ListConfig) and not isinstance(got, ListConfig) and got._value() is not None:
             raise ConfigError(f"'{dotted}' in {source} must be a list, got {_shown(got)}.")
         if isinstance(want, ListConfig) and isinstance(got, ListConfig) and any(
-            isinstance(item, DictConfig) or (isinstance(item, ListConfig) and not _holds_lists(want))
+            isinstance(item, DictConfig)
+            or (isinstance(item, ListConfig) and not (_holds_lists(want) or _holds_anything(want)))
             for item in got._iter_ex(resolve=False)
         ):  # schema lists hold plain values (or lists of them); OmegaConf would let a mapping in
             raise ConfigError(f"'{dotted}' in {source} must be a list of plain values, got {_shown(got)}.")
@@ -88,6 +89,12 @@ def _check_shapes(schema_node: Any, raw: Any, prefix: str, source: str) -> None:
 def _holds_lists(node: ListConfig) -> bool:
     """Whether a schema list's items are lists themselves (``List[List[int]]``)."""
     return typing.get_origin(node._metadata.element_type) is list
+
+
+def _holds_anything(node: ListConfig) -> bool:
+    """Whether a schema list's items may be plain values or lists (``List[Any]``: the size lists,
+    whose entries their section's check parses)."""
+    return node._metadata.element_type is typing.Any
 
 
 def _choices(section: DictConfig, key: Any) -> Tuple[str, ...]:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from mmdiff.config import VarianceType
 from mmdiff.config.diffusion import sample_size_problem
+from mmdiff.config.image_sizes import parse_sizes
 from mmdiff.data.precomputed import check_against, find_precompute_dir
 from mmdiff.diffusion import GaussianDiffusion, SamplingOptions
 from mmdiff.config.pipeline import read_pipeline_info
@@ -115,8 +116,8 @@ class TextToImageSystem(System):
         # Sampled sides must pass every U-Net down-sampling whole, in latent cells.
         unet_factor = 2 ** sum(1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None))
         self.size_multiple = self.vae_factor * unet_factor
-        for width, height in cfg.sampling.sizes:
-            problem = sample_size_problem(int(width), int(height), self.size_multiple)
+        for width, height in parse_sizes(cfg.sampling.sizes, "sampling.sizes"):
+            problem = sample_size_problem(width, height, self.size_multiple)
             if problem:
                 raise ConfigError(f"sampling.sizes: {problem}")
         extra = {"pipeline": parts.meta} if parts is not None else {}
@@ -565,7 +566,7 @@ class TextToImageSystem(System):
         prompts = list(self.cfg.sampling.prompts)
         if not prompts:
             return {}
-        sizes = [(int(w), int(h)) for w, h in self.cfg.sampling.sizes]
+        sizes = parse_sizes(self.cfg.sampling.sizes, "sampling.sizes")
         previews = {}
         for width, height in sizes or [(None, None)]:
             rows = [self.sample(prompts, seed=self.cfg.sampling.seed + r, width=width, height=height)

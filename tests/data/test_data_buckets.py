@@ -178,8 +178,15 @@ def test_rectangular_crop_records_its_offsets() -> None:
     (["data.buckets.enabled=true"], r"^data.buckets gives no bucket: no 64-multiple sides fit an area of 1024 px"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.area=32"], "gives no bucket"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24,20x8]"],
-     r"^data.buckets.sizes entry '20x8' must be WIDTHxHEIGHT with both sides positive multiples of "),
-    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16]"], "entry '16' must be"),
+     r"^data.buckets.sizes entry 20x8 must have both sides multiples of data.buckets.step=8"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[[16,24],[20,8]]"],
+     r"^data.buckets.sizes entry 20x8 must have both sides multiples of "),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16]"],
+     r"^data.buckets.sizes entry 16 is not a size; write 'WIDTHxHEIGHT' or \[WIDTH, HEIGHT\]"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24,[16,24,8]]"],
+     r"^data.buckets.sizes entry \[16, 24, 8\] is not a size"),
+    (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[{a: 1}]"],
+     "must be a list of plain values"),
     (["data.buckets.enabled=true", "data.buckets.step=8", "data.buckets.sizes=[16x24]",
       "data.buckets.area=512"], r"data.buckets.sizes lists the buckets, so data.buckets \(area\) would do nothing"),
     (["data.buckets.sizes=[16x24]"], r"data.buckets \(sizes\) is set but data.buckets.enabled is false"),
@@ -196,3 +203,33 @@ def test_bucket_specs_that_cannot_work_are_one_line_errors(overrides: List[str],
 def test_a_bucketed_config_loads() -> None:
     cfg = load_config(DEMO, ["data.buckets.enabled=true", "data.buckets.step=8"])
     assert BucketSet.from_config(cfg.data).sizes == tuple(BUCKETS)
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("caption_ar.yaml", [], r"^data.buckets cannot be used with system 'captioning': it feeds every training image to the CLIP image tower"),
+    ("clip.yaml", [], r"^data.buckets cannot be used with system 'contrastive'"),
+    ("prior.yaml", [], r"^data.buckets cannot be used with system 'prior'"),
+    ("text_to_image.yaml", ["model.image_embed_conditioning=time"],
+     r"^data.buckets cannot be used with model.image_embed_conditioning=time: the unCLIP decoder"),
+])
+def test_systems_feeding_the_square_clip_image_tower_refuse_buckets(config: str, overrides: List[str],
+                                                                   message: str) -> None:
+    path = Path(DEMO).with_name(config)
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    load_config(path, overrides)  # square: fine
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, [*overrides, *on])
+    assert "\n" not in str(err.value) and "set data.buckets.enabled=false" in str(err.value)
+
+
+def test_systems_without_a_clip_image_input_keep_buckets() -> None:
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    for config in ("text_to_image.yaml", "vae.yaml"):
+        assert load_config(Path(DEMO).with_name(config), on).data.buckets.enabled
+
+
+def test_listed_buckets_take_both_size_spellings() -> None:
+    on = ["data.buckets.enabled=true", "data.buckets.step=8"]
+    for spelling in ("[16x24,[24,16],32X32]", "[[16,24],24x16,[32,32]]"):  # as sampling.sizes takes them
+        cfg = load_config(DEMO, [*on, f"data.buckets.sizes={spelling}"])
+        assert BucketSet.from_config(cfg.data).sizes == ((16, 24), (32, 32), (24, 16))

@@ -49,11 +49,49 @@ def test_bench_runs_every_section_and_writes_json(tiny_cfg_path: Path, precomput
     assert data["sampling"]["sampler"] == "dpmpp_2m"
     assert data["memory"]["cpu_peak_rss_mb"] > 0
     assert {"overhead_online<=1.10", "overhead_precomputed<=1.10", "precomputed_speedup>=1.3",
-            "loader_headroom>=3", "fit_precomputed_speedup>=1.3",
+            "loader_headroom>=3", "loader_buckets>=0.8", "fit_precomputed_speedup>=1.3",
             "precomputed_speedup_cpu_time>=1.3"} <= set(data["targets"])
     assert data["train"]["online"]["framework"]["step_cpu_s"] > 0
     table = format_table(result)
     assert "(a) framework" in table and "too noisy to judge" in table and "s/image" in table and "load average" in table
+
+
+def test_loader_reads_the_shards_square_and_with_buckets_side_by_side(tiny_cfg_path: Path) -> None:
+    import statistics
+
+    from mmdiff.jobs.bench import bench_loader, format_table, targets
+    from mmdiff.jobs.bench.spread import grouped_ratios
+
+    cfg = load_config(tiny_cfg_path)
+    loader = bench_loader(cfg, batches=4, warmup=1, bucket_step=4, block=2)
+    b = loader["buckets"]
+    square, bucketed = b["square"], b["buckets"]
+    assert square["batches"] == bucketed["batches"] == 4 and b["ratio"]["n"] == 2
+    assert bucketed["sizes"] == [[12, 20], [16, 16], [20, 12]]  # 16² pixels in multiples of 4
+    assert bucketed["batches_by_shape"] == {"16x16": 4}  # the digits are square
+    assert square["pair"] == bucketed["pair"] == [0, 0, 1, 1]  # a a b b · b b a a: two pairs
+    pair_ratios = grouped_ratios(square["batch_times_s"], square["pair"], bucketed["batch_times_s"], bucketed["pair"])
+    assert b["throughput_ratio"] == statistics.median(pair_ratios)  # square / bucketed time, pair by pair
+    for ratio, met in ((0.79, False), (0.8, True), (1.2, True)):
+        result = {"loader": {**loader, "buckets": {**b, "throughput_ratio": ratio}}}
+        assert targets(result) == {"loader_buckets>=0.8": met}
+    table = format_table({"environment": {"device": "cpu", "torch": "x", "threads": 1},
+                          "config": {"name": "t", "batch_size": 8, "image_size": 16, "precision": "32"},
+                          "loader": loader})
+    assert f"buckets/square {b['throughput_ratio']:.3f}" in table and "12x20, 16x16, 20x12" in table
+
+
+def test_loader_with_buckets_uses_the_configs_set_and_reports_a_bad_step(tiny_cfg_path: Path) -> None:
+    from mmdiff.jobs.bench import bench_loader, bucket_data, square_data, targets
+
+    cfg = load_config(tiny_cfg_path, ["data.buckets.enabled=true", "data.buckets.sizes=[16x16,24x16]",
+                                      "data.buckets.step=8"])
+    assert bucket_data(cfg.data, 4) is cfg.data  # the config's own set, not one made for the bench
+    off = square_data(cfg.data)
+    assert not off.buckets.enabled and list(off.buckets.sizes) == []
+    loader = bench_loader(load_config(tiny_cfg_path), batches=2, warmup=1, bucket_step=64)  # no 64-multiple fits 16²
+    assert "no bucket" in loader["buckets"]["error"] and loader["by_workers"]["0"]["images_per_s"] > 0
+    assert targets({"loader": loader}) == {}
 
 
 def test_bench_cli_one_section(tiny_cfg_path: Path, tmp_path: Path, capsys) -> None:

@@ -1,123 +1,101 @@
-"""Text-to-image at any size: training on batches of several shapes, previews per ``sampling.sizes``
-entry, ``mmdiff sample --width --height``, and the one-line refusal of sizes the model cannot take."""
+"""Text-to-image at any size: a fit through the real ShardDataModule on mixed-aspect shards with
+aspect-ratio buckets (one-shape batches of several shapes), previews per ``sampling.sizes`` entry,
+``mmdiff sample --width --height``, and the one-line refusal of sizes the model cannot take."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
-import lightning as L
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
 
 import mmdiff.callbacks.previews as image_callback
-import mmdiff.run.training as training
 from mmdiff.cli import main
 from mmdiff.config import load_config
 from mmdiff.errors import ConfigError
+from mmdiff.systems.text_to_image import TextToImageSystem
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "data"))
+from datakit import mixed_aspect_shards  # noqa: E402
 from tiny_configs import tiny_t2i_config  # noqa: E402
 
-# (height, width) of the training batches, in turn: square, portrait, landscape.
-BATCH_SHAPES = [(16, 16), (24, 16), (16, 24)]
-# [width, height] of the previews: landscape, portrait, square.
-PREVIEW_SIZES = [[24, 16], [16, 24], [16, 16]]
-
-
-class MixedShapes(L.LightningDataModule):
-    """Endless captioned batches whose image shape changes from one batch to the next (the shape of
-    a bucketed stream's output), each shape a smooth pattern of its own."""
-
-    def __init__(self, batch_size: int = 4) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.seen: List[Tuple[int, int]] = []
-
-    def _batches(self, count: int = 10_000) -> Iterator[Dict[str, object]]:
-        g = torch.Generator().manual_seed(0)
-        for step in range(count):
-            h, w = BATCH_SHAPES[step % len(BATCH_SHAPES)]
-            self.seen.append((h, w))
-            coarse = torch.rand(self.batch_size, 3, 4, 4, generator=g) * 2 - 1
-            image = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-            yield {"image": image, "caption": [f"a pattern {h}x{w}"] * self.batch_size,
-                   "original_size": torch.tensor([[2 * h, 2 * w]] * self.batch_size),
-                   "crop_top_left": torch.zeros(self.batch_size, 2, dtype=torch.long)}
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self._batches, 10_000), batch_size=None)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self._batches, len(BATCH_SHAPES)), batch_size=None)
-
-
-class _Batches(IterableDataset):
-    def __init__(self, batches, count: int) -> None:
-        self.batches, self.count = batches, count
-
-    def __iter__(self) -> Iterator[Dict[str, object]]:
-        return self.batches(self.count)
-
-    def __len__(self) -> int:  # sized, as the shard stream's loaders are
-        return self.count
-
+# The buckets, "WxH": square, landscape, portrait (sides multiples of the tiny model's 4 px).
+BUCKETS = ["16x16", "24x16", "16x24"]
+# The previews, in both spellings sampling.sizes takes: landscape, portrait, square.
+PREVIEW_SIZES = [[24, 16], "16x24", [16, 16]]
+PREVIEW_NAMES = ["24x16", "16x24", "16x16"]
 
 PREVIEWS: Dict[str, List[torch.Tensor]] = {}
-DATA: List[MixedShapes] = []
+BATCHES: List[Tuple[Tuple[int, ...], torch.Tensor]] = []  # (image shape, original sizes) per training step
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, demo_shards: Path) -> Path:
-    """A tiny text-to-image fit on the mixed-shape batches, with previews at three sizes."""
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny text-to-image fit on mixed-aspect shards (portrait, landscape, square, tiny) through
+    the real ShardDataModule with buckets on, previews at three sizes."""
     tmp = tmp_path_factory.mktemp("sizes")
+    train, _ = mixed_aspect_shards(tmp / "train", n=24, shards=1, seed=0)  # one shard: every kind in turn
+    val, _ = mixed_aspect_shards(tmp / "val", n=12, shards=1, seed=1)
     config = tiny_t2i_config(
-        tmp, demo_shards, run="mixed",
-        model={"vae": {"pretrained": None, "block_out_channels": [32, 32], "scale_estimate_batches": 3},
-               "clip": {"pretrained": None}, "unet": {"block_out_channels": [32, 32], "attention_head_dim": 8},
-               "ema_decay": 0.9},
-        sampling={"prompts": ["a pattern 16x24"], "steps": 2, "every_n_steps": 3, "sizes": PREVIEW_SIZES},
-        trainer={"max_steps": 6, "val_every_n_steps": 3, "limit_val_batches": 3, "checkpoint_every_n_steps": 3},
+        tmp, tmp, run="mixed",
+        data={"train_shards": [str(p) for p in train], "val_shards": [str(p) for p in val], "batch_size": 2,
+              "val_batch_size": 4, "num_workers": 0, "steps_per_epoch": 100, "image_size": 16, "shuffle_buffer": 8,
+              "buckets": {"enabled": True, "step": 8, "sizes": BUCKETS}},
+        sampling={"prompts": ["picture 7"], "steps": 2, "every_n_steps": 2, "sizes": PREVIEW_SIZES},
+        trainer={"max_steps": 4, "val_every_n_steps": 2, "limit_val_batches": 10, "checkpoint_every_n_steps": 4},
     )
     unpack = image_callback.unpack_preview
+    step = TextToImageSystem.training_step
 
     def recording(value, default_nrow):
         images, nrow, captions = unpack(value, default_nrow)
         PREVIEWS.setdefault(f"{images.shape[-1]}x{images.shape[-2]}", []).append(images.detach().clone())
         return images, nrow, captions
 
-    def mixed_data(cfg):
-        DATA.append(MixedShapes())
-        return DATA[-1]
+    def recording_step(self, batch, batch_idx):
+        BATCHES.append((tuple(batch["image"].shape), batch["original_size"].clone()))
+        return step(self, batch, batch_idx)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(image_callback, "unpack_preview", recording)
-        patch.setattr(training, "build_datamodule", mixed_data)
+        patch.setattr(TextToImageSystem, "training_step", recording_step)
         assert main(["fit", str(config)]) == 0
     return tmp / "mixed"
 
 
-def test_fit_on_mixed_shape_batches_trains_with_finite_losses(trained: Path) -> None:
+def test_fit_on_bucketed_shards_trains_on_one_shape_batches_of_three_shapes(trained: Path) -> None:
     import csv
 
-    assert {shape for data in DATA for shape in data.seen} == set(BATCH_SHAPES)
+    sizes = [(int(w), int(h)) for w, h in (size.split("x") for size in BUCKETS)]
+
+    def nearest(h: int, w: int) -> Tuple[int, int]:  # the nearest aspect ratio, computed here
+        return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h)))
+
+    assert len(BATCHES) == 4
+    for shape, original in BATCHES:  # one bucket per batch: that of every image in it
+        assert shape[:2] == (2, 3) and (shape[3], shape[2]) in sizes
+        assert all(nearest(h, w) == (shape[3], shape[2]) for h, w in original.tolist())
+    assert {(shape[3], shape[2]) for shape, _ in BATCHES} == set(sizes)  # all three buckets trained on
     (metrics,) = trained.rglob("metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    val = [float(row["val/loss"]) for row in rows if row.get("val/loss")]  # a pass over all three shapes
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    val = [float(row["val/loss"]) for row in rows if row.get("val/loss")]  # whole passes over the bucketed val shard
     assert len(val) == 2 and all(torch.isfinite(torch.tensor(val)))
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
-    assert float(ckpt["state_dict"]["latent_scale"]) > 0  # estimated over batches of three shapes
+    assert float(ckpt["state_dict"]["latent_scale"]) > 0  # estimated over bucketed batches
 
 
 def test_previews_come_at_every_configured_size(trained: Path) -> None:
-    assert sorted(PREVIEWS) == sorted(f"{w}x{h}" for w, h in PREVIEW_SIZES)
-    for (width, height) in PREVIEW_SIZES:
+    assert sorted(PREVIEWS) == sorted(PREVIEW_NAMES)
+    for width, height in ((int(w), int(h)) for w, h in (name.split("x") for name in PREVIEW_NAMES)):
         grids = PREVIEWS[f"{width}x{height}"]
-        assert len(grids) >= 3  # steps 0, 3 and 6
+        assert len(grids) >= 3  # steps 0, 2 and 4
         for images in grids:
             assert images.shape == (4, 3, height, width)
             assert torch.isfinite(images).all() and float(images.std()) > 0.01
@@ -157,11 +135,14 @@ def test_sample_refuses_a_size_the_model_cannot_take_in_one_line(trained: Path, 
 def test_sampling_sizes_are_checked_with_the_config(tmp_path: Path, demo_shards: Path) -> None:
     config = tiny_t2i_config(tmp_path, demo_shards)
     assert load_config(config, ["sampling.sizes=[[24,16],[16,32]]"]).sampling.sizes == [[24, 16], [16, 32]]
+    assert load_config(config, ["sampling.sizes=[24x16,[16,32]]"]).sampling.sizes == ["24x16", [16, 32]]
     for bad, message in (("[[18,16]]", "sampling.sizes: width 18 is not a positive multiple of 4"),
-                         ("[[16]]", r"sampling.sizes entries are \[width, height\]"),
-                         ("[[16,0]]", r"sampling.sizes entries are \[width, height\]"),
+                         ("[18x16]", "sampling.sizes: width 18 is not a positive multiple of 4"),
+                         ("[[16]]", r"^sampling.sizes entry \[16\] is not a size; write 'WIDTHxHEIGHT' or "),
+                         ("[[16,0]]", r"^sampling.sizes entry \[16, 0\] is not a size"),
+                         ("[16x]", r"^sampling.sizes entry '16x' is not a size"),
                          ("[{a: 1}]", "must be a list of plain values"),
-                         ("[16,16]", "'sampling.sizes' in the command line must be a list of lists, got \\[16, 16\\]")):
+                         ("[16,16]", r"^sampling.sizes entry 16 is not a size")):
         with pytest.raises(ConfigError, match=message):
             load_config(config, [f"sampling.sizes={bad}"])
     with pytest.raises(ConfigError, match="sampling.sizes is for text_to_image previews"):

@@ -27,7 +27,9 @@
   is online/precomputed step time of (a).
 * **loader** — the config's ``ShardDataModule`` alone: images/s decoded and augmented with no
   workers (one process: the per-worker rate) and with ``data.num_workers``, against the images/s
-  the framework step consumes (``headroom``).
+  the framework step consumes (``headroom``); and, interleaved in blocks without workers, the same
+  shards read square and with aspect-ratio buckets (the config's set, or one of ``image_size``²
+  pixels in multiples of the model's size multiple): ``buckets.throughput_ratio``.
 * **flops** — ``torch.utils.flop_counter`` FLOPs per image of the U-Net's training step
   (forward + backward), of one U-Net call and of the frozen encoders; achieved FLOP/s, and on a
   GPU MFU against the device's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`).
@@ -54,7 +56,7 @@ from mmdiff.jobs.bench.callback_gate import CallbackGate, interleaved_schedule
 from mmdiff.jobs.bench.ddp_callbacks import bench_ddp_callbacks, step_callbacks
 from mmdiff.jobs.bench.driver import DEFAULT_SECTIONS, PRESETS, SECTIONS, environment, pick_bench_device, run_bench, targets
 from mmdiff.jobs.bench.flops import PEAK_BF16_TFLOPS, add_achieved, bench_flops, count_flops, peak_bf16_tflops
-from mmdiff.jobs.bench.loader import bench_fit, bench_loader, precomputed_data
+from mmdiff.jobs.bench.loader import bench_fit, bench_loader, bucket_data, bucket_rows, precomputed_data, square_data
 from mmdiff.jobs.bench.report import format_table, write_json
 from mmdiff.jobs.bench.sampling_speed import bench_sampling
 from mmdiff.jobs.bench.spread import judge, summary
@@ -63,7 +65,7 @@ from mmdiff.jobs.bench.steps import PlainLoop, StepTimer, bench_train, framework
 __all__ = [
     "CallbackGate", "DEFAULT_SECTIONS", "StepTimer", "bench_ddp_callbacks", "bench_system", "interleaved_schedule",
     "step_callbacks", "PEAK_BF16_TFLOPS", "PRESETS", "PlainLoop", "interleave_order", "interleaved_steps", "judge", "summary", "SECTIONS", "add_achieved", "bench_fit", "bench_flops", "bench_loader",
-    "bench_sampling", "bench_train", "count_flops", "environment", "format_table", "framework_steps",
+    "bench_sampling", "bench_train", "bucket_data", "bucket_rows", "square_data", "count_flops", "environment", "format_table", "framework_steps",
     "make_batch", "peak_bf16_tflops", "pick_bench_device", "plain_steps", "precomputed_batch", "use_stored_arrays",
     "precomputed_data", "run_bench", "targets", "write_json",
 ]

@@ -140,8 +140,8 @@ def _run(cfg: DictConfig, *, steps: int, warmup: int, rounds: int, block: int, s
     if "loader" in sections:
         log.info("bench: data loader")
         try:
-            result["loader"] = bench_loader(cfg, batches=loader_batches, warmup=2,
-                                            precomputed_dir=precomputed_dir)
+            result["loader"] = bench_loader(cfg, batches=loader_batches, warmup=2, precomputed_dir=precomputed_dir,
+                                            bucket_step=system.size_multiple, block=block)
         except MmdiffError as err:  # e.g. shards behind `pipe:` commands this machine cannot run
             log.warning("bench: data loader skipped: %s", err)
             result["loader"] = {"error": str(err)}
@@ -197,6 +197,8 @@ def targets(result: Dict[str, Any]) -> Dict[str, Any]:
     ld = result.get("loader")
     if ld and "headroom_online" in ld:
         out["loader_headroom>=3"] = ld["headroom_online"] >= 3.0
+    if ld and "throughput_ratio" in ld.get("buckets", {}):
+        out["loader_buckets>=0.8"] = ld["buckets"]["throughput_ratio"] >= 0.8
     ft = result.get("fit")
     if ft and "precomputed_speedup" in ft:
         out["fit_precomputed_speedup>=1.3"] = ft["precomputed_speedup"] >= 1.3

@@ -1,9 +1,11 @@
-"""The real data pipeline: images/s of the config's ShardDataModule alone, and ``Trainer.fit``
-with it (its workers running alongside the step)."""
+"""The real data pipeline: images/s of the config's ShardDataModule alone (and with aspect-ratio
+buckets beside the square path, interleaved), and ``Trainer.fit`` with it (its workers running
+alongside the step)."""
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -13,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from mmdiff.data.datamodule import ShardDataModule
 from mmdiff.data.precomputed import check_against, read_metadata
 from mmdiff.errors import MmdiffError
-from mmdiff.jobs.bench.steps import framework_steps
+from mmdiff.jobs.bench.spread import grouped_ratios, summary
+from mmdiff.jobs.bench.steps import framework_steps, interleave_order
 from mmdiff.jobs.bench.timing import train_row
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,60 @@ def _loader_rows(data_cfg: DictConfig, workers_list: Sequence[int], seed: int, *
     return rows
 
 
+def square_data(data_cfg: DictConfig) -> DictConfig:
+    """``data:`` with aspect-ratio buckets off (every image resized and cropped to image_size²)."""
+    off = {"enabled": False, "area": None, "max_aspect": None, "sizes": []}
+    return OmegaConf.merge(data_cfg, {"buckets": off})  # type: ignore[return-value]
+
+
+def bucket_data(data_cfg: DictConfig, step: int) -> DictConfig:
+    """``data:`` with aspect-ratio buckets on: the config's own set when it has one, else the set of
+    an ``image_size``² pixel budget with sides multiples of ``step`` (the sizes the model takes)."""
+    if data_cfg.buckets.enabled:
+        return data_cfg
+    return OmegaConf.merge(data_cfg, {"buckets": {"enabled": True, "step": int(step)}})  # type: ignore[return-value]
+
+
+def bucket_rows(data_cfg: DictConfig, step: int, seed: int, *, batches: int, warmup: int,
+                block: int = 2) -> Dict[str, Any]:
+    """The square loader and the bucketed one (:func:`bucket_data`) over the same shards, without
+    workers, read in alternating blocks of ``block`` batches (``a a b b · b b a a …``, as the
+    training rows) so both see the same machine state; every batch is timed. ``ratio`` is the
+    median over pairs of square / bucketed batch time: the bucketed loader's images/s relative
+    to the square one's (the batch size is the same)."""
+    sides = {"square": square_data(data_cfg), "buckets": bucket_data(data_cfg, step)}
+    pairs = max(1, batches // block)
+    epoch = {"num_workers": 0, "steps_per_epoch": warmup + pairs * block + 8}
+    modules = {name: ShardDataModule(OmegaConf.merge(data, epoch), seed=seed) for name, data in sides.items()}
+    iters = {}
+    for name, dm in modules.items():
+        dm.setup("fit")
+        iters[name] = iter(dm.train_dataloader())
+        for _ in range(warmup):  # shuffle-buffer fill (and, with buckets, the shape buffers)
+            next(iters[name])
+    times: Dict[str, list] = {name: [] for name in sides}
+    groups: Dict[str, list] = {name: [] for name in sides}
+    images: Counter = Counter()
+    shapes: Counter = Counter()
+    for side, pair in interleave_order(pairs, block):
+        name = "square" if side == "a" else "buckets"
+        start = time.perf_counter()
+        batch = next(iters[name])
+        times[name].append(time.perf_counter() - start)
+        groups[name].append(pair)
+        images[name] += len(batch["caption"])
+        if name == "buckets":
+            shapes["x".join(str(v) for v in batch["image"].shape[:-3:-1])] += 1  # WxH
+    del iters
+    ratios = grouped_ratios(times["square"], groups["square"], times["buckets"], groups["buckets"])
+    rows = {name: {"images_per_s": images[name] / sum(times[name]), "batch_s": summary(times[name])["median"],
+                   "batches": len(times[name]), "batch_times_s": times[name], "pair": groups[name]}
+            for name in sides}
+    rows["buckets"].update({"sizes": modules["buckets"].buckets.describe(), "batches_by_shape": dict(shapes)})
+    return {**rows, "ratio": summary(ratios), "throughput_ratio": summary(ratios)["median"], "block": block,
+            "what": "0 workers, square vs bucketed batches read in alternating blocks from the same shards"}
+
+
 def precomputed_data(data_cfg: DictConfig, folder: str | Path) -> DictConfig:
     """``data:`` reading an ``mmdiff precompute`` folder instead of the image shards."""
     folder = Path(folder).expanduser().resolve()
@@ -49,10 +106,11 @@ def precomputed_data(data_cfg: DictConfig, folder: str | Path) -> DictConfig:
         "caption_key": "txt", "array_keys": list(meta["array_keys"])})
 
 
-def bench_loader(cfg: DictConfig, *, batches: int, warmup: int,
-                 precomputed_dir: Optional[str] = None) -> Dict[str, Any]:
+def bench_loader(cfg: DictConfig, *, batches: int, warmup: int, precomputed_dir: Optional[str] = None,
+                 bucket_step: Optional[int] = None, block: int = 2) -> Dict[str, Any]:
     """Images/s of the config's ShardDataModule alone, without workers and with data.num_workers
-    (and of the same loader over an ``mmdiff precompute`` folder, when given)."""
+    (and of the same loader over an ``mmdiff precompute`` folder, when given); with
+    ``bucket_step``, the square and the bucketed loader side by side (:func:`bucket_rows`)."""
     workers = sorted({0, int(cfg.data.num_workers)})
     rows = _loader_rows(cfg.data, workers, cfg.seed, batches=batches, warmup=warmup)
     out = {"by_workers": rows, "per_worker_images_per_s": rows["0"]["images_per_s"],
@@ -60,6 +118,13 @@ def bench_loader(cfg: DictConfig, *, batches: int, warmup: int,
     if precomputed_dir:
         out["precomputed_by_workers"] = _loader_rows(precomputed_data(cfg.data, precomputed_dir), workers,
                                                      cfg.seed, batches=batches, warmup=warmup)
+    if bucket_step:
+        try:
+            out["buckets"] = bucket_rows(cfg.data, bucket_step, cfg.seed, batches=batches, warmup=warmup,
+                                         block=block)
+        except MmdiffError as err:  # e.g. no bucket fits image_size² at this step: the rest still stands
+            log.warning("bench: loader with buckets skipped: %s", err)
+            out["buckets"] = {"error": str(err)}
     return out
 
 

@@ -75,6 +75,7 @@ def format_table(result: Dict[str, Any]) -> str:
             lines.append(f"  {r['workers']} worker(s): {r['images_per_s']:.0f} img/s")
         for r in ld.get("precomputed_by_workers", {}).values():
             lines.append(f"  {r['workers']} worker(s), precomputed shards: {r['images_per_s']:.0f} img/s")
+        lines += _bucket_lines(ld.get("buckets"))
         if "consumed_online_images_per_s" in ld:
             lines.append(f"  training consumes {ld['consumed_online_images_per_s']:.0f} img/s online, "
                          f"{ld['consumed_precomputed_images_per_s']:.0f} img/s precomputed; "
@@ -107,6 +108,20 @@ def format_table(result: Dict[str, Any]) -> str:
     if result.get("targets"):
         lines.append("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()))
     return "\n".join(lines)
+
+
+def _bucket_lines(b: Optional[Dict[str, Any]]) -> List[str]:
+    """The loader's square-vs-buckets lines (none when it did not run)."""
+    if not b:
+        return []
+    if "error" in b:
+        return [f"  with buckets: skipped ({b['error']})"]
+    q, sq, bk = b["ratio"], b["square"], b["buckets"]
+    sizes = ", ".join(f"{w}x{h}" for w, h in bk["sizes"])
+    shapes = ", ".join(f"{k} ×{v}" for k, v in bk["batches_by_shape"].items())
+    return [f"  0 workers, interleaved in blocks of {b['block']}: square {sq['images_per_s']:.0f} img/s, "
+            f"buckets {bk['images_per_s']:.0f} img/s (buckets {sizes}; batches {shapes})",
+            f"  buckets/square {b['throughput_ratio']:.3f} (IQR {q['q1']:.3f}–{q['q3']:.3f} over {q['n']} pairs)"]
 
 
 def _ddp_callbacks_lines(dc: Optional[Dict[str, Any]]) -> List[str]:
