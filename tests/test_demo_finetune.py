@@ -2,10 +2,8 @@
 its skip/error behaviour, and (slow) every stage end to end on a toy demo."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -13,18 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tiny_configs import REPO, load_tool, tiny_t2i_config
 
 
 @pytest.fixture(scope="module")
 def tool() -> Any:
-    """tools/demo_finetune.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("mmdiff_demo_finetune_tool", REPO / "tools" / "demo_finetune.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("demo_finetune")
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -126,9 +118,6 @@ def test_judge_turns_new_concept_samples_back_before_reading_them(tool: Any) -> 
 @pytest.mark.slow
 def test_every_stage_on_a_toy_demo(tool: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Toy demo t2i checkpoint → export → shards → 2 LoRA steps → judged before/after → metrics file."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_configs import tiny_t2i_config
-
     from mmdiff.config import load_config
     from mmdiff.data.writers import write_demo_shards
     from mmdiff.run.training import fit

@@ -2,7 +2,6 @@
 ``parallel`` run at once, each gets its thread count, a failure stops the demo naming the log."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -10,18 +9,12 @@ from typing import Any, List
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tiny_configs import REPO, load_tool
 
 
 @pytest.fixture(scope="module")
 def tool() -> Any:
-    """tools/demo_stages.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("mmdiff_demo_stages_tool", REPO / "tools" / "demo_stages.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("demo_stages")
 
 
 def _marker(out: Path, name: str, sleep: float = 0.3) -> List[str]:
@@ -92,10 +85,7 @@ def demo(monkeypatch: Any, tmp_path: Path) -> Any:
     """tools/demo.py as a module, run from an empty folder (its runs/ and data/ are relative)."""
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     monkeypatch.chdir(tmp_path)
-    spec = importlib.util.spec_from_file_location("mmdiff_demo_tool", REPO / "tools" / "demo.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("demo")
     monkeypatch.setattr(module, "T2I", str(REPO / module.T2I))
     monkeypatch.setattr(module, "FITS", [(n, str(REPO / c), needs) for n, c, needs in module.FITS])
     return module

@@ -13,30 +13,13 @@ from mmdiff.cli import main
 from mmdiff.systems.optim import lr_lambda
 from mmdiff.systems.registry import get_system
 
-from tiny_configs import ToySystem  # registers the toy system
+import tiny_configs
+from tiny_configs import ToySystem, add_fit_callback  # registers the toy system
 
 
 @pytest.fixture
 def toy_config(tmp_path: Path, demo_shards: Path) -> Path:
-    cfg = {
-        "name": "toy",
-        "system": "toy",
-        "run_dir": str(tmp_path / "run"),
-        "data": {
-            "train_shards": str(demo_shards / "train-*.tar"),
-            "val_shards": str(demo_shards / "val-*.tar"),
-            "batch_size": 16,
-            "num_workers": 0,
-            "steps_per_epoch": 4,
-        },
-        "trainer": {"max_steps": 6, "accelerator": "cpu", "devices": "1", "val_every_n_steps": 3,
-                    "limit_val_batches": 2, "checkpoint_every_n_steps": 3, "log_every_n_steps": 1,
-                    "enable_progress_bar": False},
-        "logger": {"kind": "csv"},
-    }
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_configs.toy_config(tmp_path, demo_shards, data={"batch_size": 16}, trainer={"limit_val_batches": 2})
 
 
 def test_registry_knows_toy() -> None:
@@ -163,10 +146,7 @@ def test_sigterm_stop_exits_143(toy_config: Path, monkeypatch, capsys) -> None:
             if trainer.global_step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    import mmdiff.run.training
-
-    build_callbacks = mmdiff.run.training.build_callbacks
-    monkeypatch.setattr(mmdiff.run.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), Terminate()])
+    add_fit_callback(monkeypatch, Terminate())
     previous = signal.getsignal(signal.SIGTERM)
     try:
         code = main(["fit", str(toy_config)])
@@ -185,11 +165,8 @@ class _RecordValidation(L.Callback):
 
 
 def _validation_steps(toy_config: Path, monkeypatch, *overrides: str) -> list:
-    import mmdiff.run.training
-
     record = _RecordValidation()
-    build_callbacks = mmdiff.run.training.build_callbacks
-    monkeypatch.setattr(mmdiff.run.training, "build_callbacks", lambda *a, **k: [*build_callbacks(*a, **k), record])
+    add_fit_callback(monkeypatch, record)
     assert main(["fit", str(toy_config), *overrides]) == 0
     return record.steps
 
@@ -243,8 +220,6 @@ def test_fit_hides_expected_library_warnings_and_keeps_others(toy_config: Path, 
 
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-    import mmdiff.run.training
-
     class FrozenPartAndOtherWarnings(L.Callback):
         def setup(self, trainer, pl_module, stage) -> None:
             pl_module.head.eval()  # as a frozen encoder is: Lightning warns about it at the start of training
@@ -254,9 +229,7 @@ def test_fit_hides_expected_library_warnings_and_keeps_others(toy_config: Path, 
             warnings.warn_explicit("another Lightning warning", PossibleUserWarning, "fit_loop.py", 1,
                                    module="lightning.pytorch.loops.fit_loop")
 
-    build_callbacks = mmdiff.run.training.build_callbacks
-    monkeypatch.setattr(mmdiff.run.training, "build_callbacks",
-                        lambda *a, **k: [*build_callbacks(*a, **k), FrozenPartAndOtherWarnings()])
+    add_fit_callback(monkeypatch, FrozenPartAndOtherWarnings())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["fit", str(toy_config)]) == 0

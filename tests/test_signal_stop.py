@@ -14,31 +14,16 @@ from typing import List, Tuple
 import lightning as L
 import pytest
 import torch
-import yaml
 
-import mmdiff.run.training
 from mmdiff.cli import main
 
-from tiny_configs import ToySystem  # noqa: F401  (registers the toy system)
+from tiny_configs import add_fit_callback, toy_config
 
 
 @pytest.fixture
 def accumulating_config(tmp_path: Path, demo_shards: Path) -> Path:
     """Toy run: 2 batches per optimiser step, validation due after every step."""
-    cfg = {
-        "name": "toy",
-        "system": "toy",
-        "run_dir": str(tmp_path / "run"),
-        "data": {"train_shards": str(demo_shards / "train-*.tar"), "val_shards": str(demo_shards / "val-*.tar"),
-                 "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4},
-        "trainer": {"max_steps": 6, "accelerator": "cpu", "devices": "1", "accumulate_grad_batches": 2,
-                    "val_every_n_steps": 1, "limit_val_batches": 1, "checkpoint_every_n_steps": 3,
-                    "log_every_n_steps": 1, "enable_progress_bar": False},
-        "logger": {"kind": "csv"},
-    }
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return toy_config(tmp_path, demo_shards, trainer={"accumulate_grad_batches": 2, "val_every_n_steps": 1})
 
 
 class SignalMidWindow(L.Callback):
@@ -65,9 +50,7 @@ class SignalMidWindow(L.Callback):
 
 
 def _fit_with(callback: L.Callback, monkeypatch: pytest.MonkeyPatch, args: List[str]) -> int:
-    build_callbacks = mmdiff.run.training.build_callbacks
-    monkeypatch.setattr(mmdiff.run.training, "build_callbacks",
-                        lambda *a, **k: [*build_callbacks(*a, **k), callback])
+    add_fit_callback(monkeypatch, callback)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return main(["fit", *args])

@@ -7,33 +7,20 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-import yaml
 
 from mmdiff.cli import main
 from mmdiff.run import wandb_run
 from mmdiff.run.wandb_run import RUN_ID_FILE, wandb_run_id
 
-from tiny_configs import ToySystem  # noqa: F401  (registers the toy system)
+from tiny_configs import toy_config
 from wandb_offline import read_run
 
 
 @pytest.fixture
 def toy_wandb(tmp_path: Path, demo_shards: Path) -> Path:
-    cfg = {
-        "name": "toy-exp",
-        "system": "toy",
-        "run_dir": str(tmp_path / "run"),
-        "data": {"train_shards": str(demo_shards / "train-*.tar"), "val_shards": str(demo_shards / "val-*.tar"),
-                 "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4},
-        "sampling": {"every_n_steps": 100000},
-        "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": "1", "val_every_n_steps": 100000,
-                    "limit_val_batches": 1, "checkpoint_every_n_steps": 3, "log_every_n_steps": 1,
-                    "enable_progress_bar": False},
-        "logger": {"kind": "wandb", "mode": "offline"},
-    }
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return toy_config(tmp_path, demo_shards, name="toy-exp", sampling={"every_n_steps": 100000},
+                      trainer={"max_steps": 3, "val_every_n_steps": 100000},
+                      logger={"kind": "wandb", "mode": "offline"})
 
 
 def _runs(run_dir: Path) -> List[Dict[str, Any]]:

@@ -14,20 +14,7 @@ from conftest import HERE, clean_env, free_port
 from multiproc import run_all
 from mmdiff.cli import main
 
-from tiny_configs import ToySystem  # noqa: F401  (registers the toy system)
-
-
-def _toy_config(tmp_path: Path, shards: Path) -> Path:
-    cfg = {"name": "toy", "system": "toy", "run_dir": str(tmp_path / "run"),
-           "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
-                    "batch_size": 8, "num_workers": 0, "steps_per_epoch": 4},
-           "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": "1", "val_every_n_steps": 100,
-                       "limit_val_batches": 1, "checkpoint_every_n_steps": 3, "keep_last_n": -1,
-                       "log_every_n_steps": 1, "enable_progress_bar": False},
-           "logger": {"kind": "csv"}}
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tiny_configs import toy_config
 
 
 def _two_ranks(config: Path, logs: Path, rank0_delay: float, *args: str) -> List[str]:
@@ -43,7 +30,8 @@ def _files(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_ranks_resume_alike_and_rank_zero_alone_moves_for_fresh(tmp_path: Path, digits16: Path) -> None:
-    config, run = _toy_config(tmp_path, digits16), tmp_path / "run"
+    config = toy_config(tmp_path, digits16, trainer={"max_steps": 3, "val_every_n_steps": 100, "keep_last_n": -1})
+    run = tmp_path / "run"
     assert main(["fit", str(config), "optim.lr=0.01"]) == 0
     earlier = _files(run)
 
