@@ -70,6 +70,8 @@ def test_single_string_becomes_list(tmp_path: Path) -> None:
         ("data.image_size=31", "data.image_size"),
         ("system=nope", "unknown system"),
         ("data.caption_key=caption", "data.caption_key"),
+        ("data.random_shift=-1", "data.random_shift"),
+        ("data.random_shift=32", "data.random_shift"),
     ],
 )
 def test_absurd_values_are_errors(tmp_path: Path, override: str, key: str) -> None:

@@ -32,6 +32,10 @@ class DataConfig:
     image_size: int = 32
     crop: str = choice(Crop.center)
     random_flip: bool = False
+    # Training only: move each image by up to this many pixels each way (padded by edge replication,
+    # cropped back to its size; mmdiff.data.transforms.shift_image), drawn from the sample's own
+    # augmentation rng; 0 = off. Translation augmentation for images that fill their square (digits).
+    random_shift: int = 0
     # "txt" reads the caption member; "json:FIELD" reads FIELD of the json member (a string, or a
     # list of strings: one drawn per sample, seeded).
     caption_key: str = "txt"
@@ -61,6 +65,10 @@ class DataConfig:
     @staticmethod
     def check(d: DictConfig, cfg: DictConfig) -> None:
         require(d.image_size > 0, f"data.image_size must be positive, got {d.image_size}.")
+        require(
+            0 <= d.random_shift < d.image_size,
+            f"data.random_shift must be between 0 and data.image_size - 1 pixels, got {d.random_shift}.",
+        )
         require(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}.")
         require(d.val_batch_size > 0, f"data.val_batch_size must be positive, got {d.val_batch_size}.")
         require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}.")

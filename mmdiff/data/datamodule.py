@@ -344,6 +344,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=int(c.shuffle_buffer),
             random_crop=c.crop == Crop.random,
             random_flip=bool(c.random_flip),
+            random_shift=int(c.random_shift),
             rank=rank,
             world=world,
             seed=self.seed,

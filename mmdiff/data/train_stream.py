@@ -37,7 +37,7 @@ class _SlotStream:
 
     * shard order: round ``n`` visits the slot's shards in ``permutation(n)``;
     * shuffle buffer: the ``i``-th sample read replaces buffer entry ``mix(..., i) % size``;
-    * augmentation: the ``k``-th sample out of the buffer is cropped/flipped with its own rng,
+    * augmentation: the ``k``-th sample out of the buffer is cropped/flipped/shifted with its own rng,
       and its caption drawn (when it has several) with another;
     * buckets: raw samples wait in one buffer per shape (the bucket, from the image header:
       :class:`ShapeBuffers`) and are decoded when their buffer fills, so the batches are a pure
@@ -80,8 +80,7 @@ class _SlotStream:
         return [int(i) for i in rng.permutation(np.array(self.slot.shard_ids))]
 
     def _aug_rng(self, k: int) -> Optional[np.random.Generator]:
-        t = self.ds.transform
-        if not (t.random_crop or t.random_flip):
+        if not self.ds.transform.is_random:
             return None
         return np.random.default_rng([*self.seeds, 2, k])
 
@@ -303,11 +302,11 @@ class TrainStream(BatchStream):
                  steps_per_epoch: int, shuffle_buffer: int = 1000, random_crop: bool = False,
                  random_flip: bool = False, rank: int = 0, world: int = 1, seed: int = 0,
                  num_workers: int = 0, epoch: int = 0, resume: Optional[Dict[str, Any]] = None,
-                 buckets: Optional[BucketSet] = None) -> None:
+                 buckets: Optional[BucketSet] = None, random_shift: int = 0) -> None:
         super().__init__(urls, spec, image_size, batch_size, rank, world, seed, num_workers, buckets)
         self.steps_per_epoch = steps_per_epoch
         self.shuffle_buffer = shuffle_buffer
-        self.transform = ImageTransform(image_size, random_crop, random_flip)
+        self.transform = ImageTransform(image_size, random_crop, random_flip, random_shift)
         self.start_epoch = epoch  # the generation new streams are seeded with
         self.next_epoch = epoch  # passes started so far (checkpointed by the DataModule)
         self.resume = resume  # per-worker positions after `resume["consumed"]` batches, or None

@@ -1,4 +1,5 @@
-"""Image preprocessing: resize to cover the target, crop (centre or random), optional flip, to [-1, 1].
+"""Image preprocessing: resize to cover the target, crop (centre or random), optional flip, optional
+random shift, to [-1, 1].
 
 The target is ``size``×``size`` (the square path) or, with aspect-ratio buckets, a per-image
 (width, height) passed to :meth:`ImageTransform.apply`.
@@ -7,6 +8,12 @@ The target is ``size``×``size`` (the square path) or, with aspect-ratio buckets
 wants them (the recipe of diffusers' ``train_text_to_image_sdxl.py``): ``original_size`` (h, w)
 before resizing, and ``crop_top_left`` (top, left) of the crop in the resized image, with ``left``
 mirrored (``resized_width - left - crop_width``) when the crop was flipped.
+
+A random shift of up to ``N`` pixels (``data.random_shift``) moves the crop's content by ``dy, dx``
+in [-N, N]: the image is padded by ``N`` pixels of edge replication and cropped back to its size at a
+random offset. It is the translation augmentation for images that fill their square (a square image
+resized to cover a square crops nothing, and a flip changes what a digit is); ``crop_top_left`` then
+says where the shifted window lies in the resized image (it may be negative or past the edge).
 """
 from __future__ import annotations
 
@@ -56,6 +63,21 @@ def _crop(img: Image.Image, top: int, left: int, width: int, height: int) -> Ima
     return img.crop((left, top, left + width, top + height))
 
 
+def shift_image(img: Image.Image, rng: np.random.Generator, max_shift: int) -> Tuple[Image.Image, int, int]:
+    """``img`` padded by ``max_shift`` pixels of edge replication and cropped back to its size at a
+    random offset (two draws: left, then top, each in [0, 2·max_shift]); also (dy, dx), how far the
+    window moved from the image's own, each in [-max_shift, max_shift]."""
+    left = int(rng.integers(0, 2 * max_shift + 1))
+    top = int(rng.integers(0, 2 * max_shift + 1))
+    dy, dx = top - max_shift, left - max_shift
+    if dy == 0 and dx == 0:
+        return img, 0, 0
+    array = np.asarray(img.convert("RGB"))  # RGB, as to_tensor makes it anyway: a palette has no edge
+    padded = np.pad(array, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    window = padded[top : top + img.height, left : left + img.width]
+    return Image.fromarray(np.ascontiguousarray(window)), dy, dx
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image → float32 tensor 3×H×W in [-1, 1]."""
     array = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -72,12 +94,21 @@ class Transformed:
 
 
 class ImageTransform:
-    """Resize + crop + flip + to tensor. Random choices come from the ``rng`` passed per call."""
+    """Resize + crop + flip + shift + to tensor. Random choices come from the ``rng`` passed per call."""
 
-    def __init__(self, size: int, random_crop: bool = False, random_flip: bool = False) -> None:
+    def __init__(self, size: int, random_crop: bool = False, random_flip: bool = False,
+                 random_shift: int = 0) -> None:
+        if random_shift < 0:
+            raise ValueError(f"random_shift must be >= 0 pixels, got {random_shift}.")
         self.size = size
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.random_shift = random_shift
+
+    @property
+    def is_random(self) -> bool:
+        """True when :meth:`apply` draws from its ``rng`` (a random crop, flip or shift)."""
+        return self.random_crop or self.random_flip or self.random_shift > 0
 
     def __call__(self, img: Image.Image, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         """The image only, 3×size×size in [-1, 1] (:meth:`apply` also gives its sizes)."""
@@ -90,8 +121,8 @@ class ImageTransform:
         size, for an image decoded at reduced scale (a JPEG draft) whose file was larger;
         ``target`` (width, height) replaces the square ``size``×``size`` (an aspect-ratio bucket).
 
-        The random draws are exactly those of the crop and the flip, in that order, so recording
-        the sizes changes no data stream.
+        The random draws are exactly those of the crop, the flip and the shift, in that order (the
+        shift draws nothing when ``random_shift`` is 0), so recording the sizes changes no data stream.
         """
         original = (int(original_size[0]), int(original_size[1])) if original_size else (img.height, img.width)
         width, height = target if target is not None else (self.size, self.size)
@@ -104,6 +135,9 @@ class ImageTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             # The same pixels are the crop at the mirrored offset of the flipped resized image.
             left = resized_width - left - width
+        if self.random_shift > 0 and rng is not None:
+            img, dy, dx = shift_image(img, rng, self.random_shift)
+            top, left = top + dy, left + dx
         return Transformed(to_tensor(img), original, (top, left))
 
 

@@ -311,9 +311,9 @@ def precompute(
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ConfigError(f"unknown split(s) {unknown}; choose from {list(SPLITS)}.")
-    if cfg.data.crop != "center" or cfg.data.random_flip:
-        log.warning("data.crop/random_flip augment images; precomputed latents are of centre crops, "
-                    "without flips")
+    if cfg.data.crop != "center" or cfg.data.random_flip or cfg.data.random_shift:
+        log.warning("data.crop/random_flip/random_shift augment images; precomputed latents are of "
+                    "centre crops, without flips or shifts")
     batch_size = int(batch_size or cfg.data.val_batch_size)
     if batch_size < 1:
         raise ConfigError(f"the precompute batch size must be positive, got {batch_size}.")

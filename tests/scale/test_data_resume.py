@@ -68,7 +68,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> List[Path]:
 @pytest.mark.parametrize("workers, stop", [(0, 5), (2, 5), (2, 8), (3, 10)])
 def test_resumed_stream_continues_the_uninterrupted_one(shards, workers: int, stop: int) -> None:
     cfg = data_cfg(train_shards=[str(p) for p in shards], num_workers=workers, batch_size=3, image_size=16,
-                   steps_per_epoch=7, shuffle_buffer=12, crop="random", random_flip=True)
+                   steps_per_epoch=7, shuffle_buffer=12, crop="random", random_flip=True, random_shift=2)
     total = 17  # 2 passes and a bit: the resumed run crosses pass boundaries too
     straight = _take(ShardDataModule(cfg, seed=3).train_dataloader(), total)
     head, tail, _ = _resume(cfg, 3, stop, total)
