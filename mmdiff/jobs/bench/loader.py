@@ -88,12 +88,12 @@ def bucket_rows(data_cfg: DictConfig, step: int, seed: int, *, batches: int, war
         if name == "buckets":
             shapes["x".join(str(v) for v in batch["image"].shape[:-3:-1])] += 1  # WxH
     del iters
-    ratios = grouped_ratios(times["square"], groups["square"], times["buckets"], groups["buckets"])
+    ratio = summary(grouped_ratios(times["square"], groups["square"], times["buckets"], groups["buckets"]))
     rows = {name: {"images_per_s": images[name] / sum(times[name]), "batch_s": summary(times[name])["median"],
                    "batches": len(times[name]), "batch_times_s": times[name], "pair": groups[name]}
             for name in sides}
     rows["buckets"].update({"sizes": modules["buckets"].buckets.describe(), "batches_by_shape": dict(shapes)})
-    return {**rows, "ratio": summary(ratios), "throughput_ratio": summary(ratios)["median"], "block": block,
+    return {**rows, "ratio": ratio, "throughput_ratio": ratio["median"], "block": block,
             "what": "0 workers, square vs bucketed batches read in alternating blocks from the same shards"}
 
 
