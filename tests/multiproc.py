@@ -6,17 +6,28 @@ logs and warnings it blocks in ``write()``, rank 0 then blocks in the next colle
 reports a hang that is its own. On a timeout every process is sent SIGUSR2 first (the Python
 workers register ``faulthandler`` for it and print every thread's stack), and the failure shows
 the tail of each log. ``free_port`` hands out the port of a run's rank-0 store.
+
+A ``python WORKER.py ARGS`` command starts warm: forked from a multiprocessing forkserver that has
+imported torch, Lightning and mmdiff once. Each fresh interpreter spent about 10 CPU seconds on
+those imports, most of a tiny rank's work and most of the default run's multi-rank tests. Forked,
+the worker runs as ``python WORKER.py`` would (``__main__``, its argv and environment, its folder on
+``sys.path``, its own session and log) from an interpreter in which nothing but imports has run.
 """
 from __future__ import annotations
 
+import io
+import multiprocessing
 import os
 import random
+import runpy
 import signal
 import socket
 import subprocess
+import sys
 import time
+from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import Dict, List, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 import pytest
 
@@ -53,11 +64,79 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {start}-{start + _BLOCK - 1}")
 
 
-def _stop(proc: subprocess.Popen, sig: int) -> None:
+# What the worker scripts import; the forkserver imports them once, its children start with them.
+_WARM_MODULES = ["lightning", "torch.distributed.fsdp", "mmdiff.systems.text_to_image", "mmdiff.run.training",
+                 "mmdiff.run.strategies", "mmdiff.data.datamodule", "mmdiff.callbacks.requeue"]
+_forkserver: Optional[BaseContext] = None
+
+
+def _warm_context() -> BaseContext:
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(_WARM_MODULES)
+    return _forkserver
+
+
+def _run_script(script: str, args: List[str], env: Dict[str, str], log: str) -> None:
+    """In the forked child: become ``python script args`` with ``env``, writing to ``log``."""
+    os.setsid()  # like Popen(start_new_session=True): _stop signals the worker and its children
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True)
+    # the forkserver made itself this process's start method; a script's own DataLoader workers etc.
+    # start the way they would in `python script.py` (the platform's default)
+    multiprocessing.set_start_method(None, force=True)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [script, *args]
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+class _Forked:
+    """A forkserver child with the parts of ``subprocess.Popen`` that run_all uses."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self.process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.exitcode
+
+    def poll(self) -> Optional[int]:
+        return self.process.exitcode
+
+    def wait(self) -> Optional[int]:
+        self.process.join()
+        return self.process.exitcode
+
+
+Started = Union[subprocess.Popen, _Forked]
+
+
+def _start(command: Sequence[str], env: Dict[str, str], log: Path) -> Started:
+    if len(command) >= 2 and command[0] == sys.executable and command[1].endswith(".py"):
+        log.write_text("")  # there even when the child fails before it gets to its script
+        process = _warm_context().Process(target=_run_script, args=(command[1], list(command[2:]), env, str(log)))
+        process.start()
+        return _Forked(process)
+    with open(log, "w") as out:
+        return subprocess.Popen(list(command), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: Started, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the whole session: torchrun's and Lightning's children too
-    except ProcessLookupError:
-        pass
+    except ProcessLookupError:  # gone, or a forked worker not yet in its own session
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def run_all(commands: Sequence[Sequence[str]], log_dir: Path, env: Dict[str, str], timeout: float) -> List[str]:
@@ -69,13 +148,11 @@ def run_all(commands: Sequence[Sequence[str]], log_dir: Path, env: Dict[str, str
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / f"process{i}.log" for i in range(len(commands))]
-    procs: List[subprocess.Popen] = []
+    procs: List[Started] = []
     failed: List[int] = []
     try:
         for command, log in zip(commands, logs):
-            with open(log, "w") as out:
-                procs.append(subprocess.Popen(list(command), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
+            procs.append(_start(command, env, log))
         deadline = time.monotonic() + timeout
         while any(proc.poll() is None for proc in procs):
             failed = [i for i, proc in enumerate(procs) if proc.returncode not in (None, 0)]

@@ -87,7 +87,8 @@ def test_contrastive_checkpoint_is_a_clip(clip_run: Path) -> None:
     ckpt = clip_run / "checkpoints" / "last.ckpt"
     state = load_clip_state(ckpt)
     assert "logit_scale" in state and "visual.conv1.weight" in state
-    cfg = load_config(REPO / "configs/demo/caption_ar.yaml", [f"model.clip.pretrained={ckpt}"])
+    cfg = load_config(REPO / "configs/demo/caption_ar.yaml",
+                      [f"model.clip.pretrained={ckpt}", "model.clip.freeze=true"])
     clip = ClipEncoder.from_config(cfg.model.clip)
     assert torch.equal(clip.model.visual.conv1.weight, state["visual.conv1.weight"])
     assert clip.frozen and not any(p.requires_grad for p in clip.parameters())

@@ -14,6 +14,9 @@ from diffusion_docs import write_section
 from mmdiff.diffusion import GaussianDiffusion, NoiseSchedule
 from mmdiff.diffusion.toy import GaussianMixture2D, sliced_wasserstein
 
+# make test (pytest-xdist): one worker runs this module, so its module fixture (the sampler table) is built once
+pytestmark = pytest.mark.xdist_group("mog_table")
+
 log = logging.getLogger(__name__)
 N = 4000
 SW_MAX, MODE_MAX = 0.05, 0.03

@@ -19,6 +19,10 @@ from mmdiff.models.clip import ClipEncoder
 
 from interopkit import REPO, tiny_config
 
+# make test (pytest-xdist): one worker runs this module, so its module fixtures (Inception weights and
+# features) are built once
+pytestmark = pytest.mark.xdist_group("image_metrics")
+
 
 def tiny_clip(seed: int = 0) -> ClipEncoder:
     torch.manual_seed(seed)
