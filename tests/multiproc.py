@@ -15,7 +15,7 @@ the worker runs as ``python WORKER.py`` would (``__main__``, its argv and enviro
 """
 from __future__ import annotations
 
-import io
+import functools
 import multiprocessing
 import os
 import random
@@ -67,15 +67,13 @@ def free_port() -> int:
 # What the worker scripts import; the forkserver imports them once, its children start with them.
 _WARM_MODULES = ["lightning", "torch.distributed.fsdp", "mmdiff.systems.text_to_image", "mmdiff.run.training",
                  "mmdiff.run.strategies", "mmdiff.data.datamodule", "mmdiff.callbacks.requeue"]
-_forkserver: Optional[BaseContext] = None
 
 
+@functools.cache
 def _warm_context() -> BaseContext:
-    global _forkserver
-    if _forkserver is None:
-        _forkserver = multiprocessing.get_context("forkserver")
-        _forkserver.set_forkserver_preload(_WARM_MODULES)
-    return _forkserver
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_WARM_MODULES)
+    return context
 
 
 def _run_script(script: str, args: List[str], env: Dict[str, str], log: str) -> None:
@@ -85,8 +83,8 @@ def _run_script(script: str, args: List[str], env: Dict[str, str], log: str) -> 
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True)
-    sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered: a timeout shows a current log tail
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     # the forkserver made itself this process's start method; a script's own DataLoader workers etc.
     # start the way they would in `python script.py` (the platform's default)
     multiprocessing.set_start_method(None, force=True)
@@ -109,7 +107,7 @@ class _Forked:
         return self.process.exitcode
 
     def poll(self) -> Optional[int]:
-        return self.process.exitcode
+        return self.returncode
 
     def wait(self) -> Optional[int]:
         self.process.join()
